@@ -1,0 +1,142 @@
+"""The engine's exceptions, in one hierarchy.
+
+::
+
+    EngineError
+    ├── ChildStalled               a child missed its heartbeat deadline
+    ├── ForcedShutdown             the runtime cancelled work it had asked to stop
+    └── SupervisorError
+        ├── ChildStartError        a child failed before it reported ready
+        └── RestartIntensityExceeded
+                                   too many restarts within the period
+
+Errors that cross a boundary are translated there and chained with
+``raise ... from exc``, so the original cause is never lost. Where trio's own
+names fit (``trio.ClosedResourceError``, ``trio.TooSlowError``) the engine
+raises those instead of inventing new ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+
+
+class EngineError(Exception):
+    """Root of every error the engine raises on its own account."""
+
+
+class SupervisorError(EngineError):
+    """A supervisor could not do what it was asked."""
+
+
+class ChildStartError(SupervisorError):
+    """A child failed, or exited, before it reported that it was ready.
+
+    Raised by :meth:`Supervisor.start` on the first start of a child; the
+    child's own exception is chained as ``__cause__``.
+
+    Attributes:
+        child: the name of the child.
+    """
+
+    def __init__(self, child: str, message: str) -> None:
+        super().__init__(f"child {child!r} failed to start: {message}")
+        self.child = child
+
+
+class ChildStalled(EngineError):
+    """A supervised child did not call :func:`engine.heartbeat` in time.
+
+    The watchdog cancels the child and records this error as the reason,
+    so it appears as the child's ``last_error`` and counts as an abnormal
+    exit for its restart policy.
+
+    Attributes:
+        child: the name of the child.
+        stall_after: the configured limit, in seconds.
+        silent_for: seconds since the last heartbeat when it was cancelled.
+    """
+
+    def __init__(self, child: str, stall_after: float, silent_for: float) -> None:
+        super().__init__(
+            f"child {child!r} stalled: no heartbeat for {silent_for:.3f} s "
+            f"(stall_after={stall_after:g} s)"
+        )
+        self.child = child
+        self.stall_after = stall_after
+        self.silent_for = silent_for
+
+
+@attrs.frozen
+class FailureRecord:
+    """One failure of a child, as kept for restart-intensity reports.
+
+    Attributes:
+        at: ``trio.current_time()`` of the failure.
+        child: the name of the child that failed.
+        error: ``"ExceptionType: message"`` of what it raised, or of its stall.
+    """
+
+    at: float
+    child: str
+    error: str
+
+
+class RestartIntensityExceeded(SupervisorError):
+    """A supervisor had to restart more than ``max_restarts`` times within ``period``.
+
+    The supervisor cancels all its children and raises this from its
+    ``async with`` block; in a tree, the parent sees it as a failure of the
+    child that ran the supervisor, and applies its own policy.
+
+    Attributes:
+        supervisor: the supervisor's name.
+        child: the child whose failure broke the limit.
+        max_restarts: the configured limit.
+        period: the configured window, in seconds.
+        failures: the recent failures that counted, oldest first.
+    """
+
+    def __init__(
+        self,
+        supervisor: str,
+        child: str,
+        max_restarts: int,
+        period: float,
+        failures: Sequence[FailureRecord],
+    ) -> None:
+        recent = "; ".join(f"{f.child} at t={f.at:g}: {f.error}" for f in failures)
+        super().__init__(
+            f"supervisor {supervisor!r} gave up: child {child!r} needed restart number "
+            f"{max_restarts + 1} within {period:g} s (max_restarts={max_restarts}). "
+            f"Recent failures: {recent}"
+        )
+        self.supervisor = supervisor
+        self.child = child
+        self.max_restarts = max_restarts
+        self.period = period
+        self.failures = tuple(failures)
+
+
+class ForcedShutdown(EngineError):
+    """The runtime had to cancel work after asking it to stop.
+
+    Raised by :func:`engine.run` when the grace period expired, or a second
+    stop signal arrived, before ``main`` returned on its own.
+
+    Attributes:
+        reason: why the stop was forced, in words.
+        signal: the number of the signal that started the stop, if any.
+    """
+
+    def __init__(self, reason: str, signal: int | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.signal = signal
+
+    @property
+    def exit_status(self) -> int:
+        """The conventional exit status: ``128 + signal``, or 1 without a signal."""
+        return 128 + self.signal if self.signal is not None else 1

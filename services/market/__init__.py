@@ -1,0 +1,1 @@
+"""The market-data service built on the engine (``python -m services.market``)."""

@@ -1,0 +1,54 @@
+"""The README tour and the supervision page's example run and show what they claim."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "docs" / "examples"
+
+
+def _run_example(name: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.subprocess
+def test_readme_tour_runs_and_is_quoted_verbatim() -> None:
+    source = (EXAMPLES / "tour.py").read_text()
+    body = source[source.index("import itertools") :]
+    assert body.strip() in (ROOT / "README.md").read_text()
+    result = _run_example("tour.py")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "service/watchlist: running, restarts=0, stalls=0"
+    assert lines[1] == "service/ticker: running, restarts=0, stalls=0"
+    # The hung refresh was cut by the cycle deadline and later runs went on.
+    assert "timeouts=1 last_error=TooSlowError: cycle deadline of 0.05 s expired" in lines[2]
+    assert lines[3] == "stopped: received SIGTERM"
+
+
+@pytest.mark.subprocess
+def test_supervision_example_runs() -> None:
+    result = _run_example("supervision_tree.py")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "indicators: ema and rsi running"
+    by_path = {line.split(":")[0]: line for line in lines[1:]}
+    # The flaky feed failed twice at startup, was retried, and is now ready.
+    assert "state=running ready=True restarts=2" in by_path["market/feed"]
+    # The hung watchlist was cancelled by its watchdog at least once.
+    assert "stalls=0" not in by_path["market/watchlist"]
+    assert "ChildStalled" in by_path["market/watchlist"]
+    # The nested supervisor is listed under the child that runs it.
+    assert "state=running" in by_path["market/indicators/ema"]
+    assert "after cancel: ['stopped', 'stopped', 'stopped']" in lines
