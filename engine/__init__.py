@@ -8,13 +8,25 @@ public is re-exported here; the implementation lives in private modules.
 from __future__ import annotations
 
 from ._backoff import Backoff as Backoff
+from ._channels import ChannelStatistics as ChannelStatistics
+from ._channels import ReceiveChannel as ReceiveChannel
+from ._channels import SendChannel as SendChannel
+from ._channels import open_channel as open_channel
+from ._consumers import Consumers as Consumers
+from ._consumers import ConsumerStatistics as ConsumerStatistics
+from ._consumers import consume as consume
 from ._exceptions import ChildStalled as ChildStalled
 from ._exceptions import ChildStartError as ChildStartError
 from ._exceptions import EngineError as EngineError
 from ._exceptions import FailureRecord as FailureRecord
 from ._exceptions import ForcedShutdown as ForcedShutdown
 from ._exceptions import RestartIntensityExceeded as RestartIntensityExceeded
+from ._exceptions import SubscriberDisconnected as SubscriberDisconnected
 from ._exceptions import SupervisorError as SupervisorError
+from ._hub import Hub as Hub
+from ._hub import HubStatistics as HubStatistics
+from ._hub import Subscription as Subscription
+from ._hub import SubscriptionStatistics as SubscriptionStatistics
 from ._periodic import Cycle as Cycle
 from ._periodic import CycleStatistics as CycleStatistics
 from ._periodic import every as every
@@ -30,23 +42,35 @@ from ._watchdog import heartbeat as heartbeat
 
 __all__ = [
     "Backoff",
+    "ChannelStatistics",
     "ChildStalled",
     "ChildStartError",
     "ChildState",
     "ChildStatistics",
+    "ConsumerStatistics",
+    "Consumers",
     "Cycle",
     "CycleStatistics",
     "EngineError",
     "FailureRecord",
     "ForcedShutdown",
+    "Hub",
+    "HubStatistics",
+    "ReceiveChannel",
     "RestartIntensityExceeded",
+    "SendChannel",
     "Shutdown",
+    "SubscriberDisconnected",
+    "Subscription",
+    "SubscriptionStatistics",
     "Supervisor",
     "SupervisorError",
     "SupervisorStatistics",
+    "consume",
     "current_shutdown",
     "every",
     "heartbeat",
+    "open_channel",
     "open_supervisor",
     "run",
 ]

@@ -5,6 +5,7 @@
     EngineError
     ├── ChildStalled               a child missed its heartbeat deadline
     ├── ForcedShutdown             the runtime cancelled work it had asked to stop
+    ├── SubscriberDisconnected     a hub subscriber fell too far behind
     └── SupervisorError
         ├── ChildStartError        a child failed before it reported ready
         └── RestartIntensityExceeded
@@ -140,3 +141,26 @@ class ForcedShutdown(EngineError):
     def exit_status(self) -> int:
         """The conventional exit status: ``128 + signal``, or 1 without a signal."""
         return 128 + self.signal if self.signal is not None else 1
+
+
+class SubscriberDisconnected(EngineError):
+    """A hub subscription with ``overflow="disconnect"`` fell behind and was cut off.
+
+    Raised by the subscription's ``receive`` (and so ends its ``async for``)
+    once the messages it had buffered before the overflow are consumed.
+
+    Attributes:
+        patterns: the topic patterns of the subscription.
+        maxsize: its buffer's bound.
+        lost: messages published to it that it will never see: the one that
+            did not fit and every later one, until this was raised.
+    """
+
+    def __init__(self, patterns: tuple[str, ...], maxsize: int, lost: int) -> None:
+        super().__init__(
+            f"subscriber to {', '.join(patterns)} disconnected: its queue of {maxsize} was "
+            f"full; {lost} message{'s' if lost != 1 else ''} lost"
+        )
+        self.patterns = patterns
+        self.maxsize = maxsize
+        self.lost = lost

@@ -52,3 +52,17 @@ def test_supervision_example_runs() -> None:
     # The nested supervisor is listed under the child that runs it.
     assert "state=running" in by_path["market/indicators/ema"]
     assert "after cancel: ['stopped', 'stopped', 'stopped']" in lines
+
+
+@pytest.mark.subprocess
+def test_channels_example_accounts_for_every_message() -> None:
+    result = _run_example("channels_feed.py")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        # 999 BTC trades (trade 13 failed): 50 queued and delivered, 949 lost.
+        "stuck client: subscriber to trades.BTC disconnected: its queue of 50 was full; "
+        "949 messages lost",
+        "ingest: sent=2000 delivered=2000 dropped=0",
+        "processors: processed=1999 errors=1 (ValueError: malformed trade 13)",
+        "dashboard: kept the newest 100, dropped the rest",
+    ]
