@@ -8,6 +8,14 @@ public is re-exported here; the implementation lives in private modules.
 from __future__ import annotations
 
 from ._backoff import Backoff as Backoff
+from ._batch import Batch as Batch
+from ._batch import BatchStatistics as BatchStatistics
+from ._batch import Outcome as Outcome
+from ._batch import Status as Status
+from ._batch import map_batch as map_batch
+from ._batch import run_batch as run_batch
+from ._bridgestats import BridgeStatistics as BridgeStatistics
+from ._bridgestats import bridge_statistics as bridge_statistics
 from ._channels import ChannelStatistics as ChannelStatistics
 from ._channels import ReceiveChannel as ReceiveChannel
 from ._channels import SendChannel as SendChannel
@@ -21,8 +29,10 @@ from ._exceptions import EngineError as EngineError
 from ._exceptions import FailureRecord as FailureRecord
 from ._exceptions import ForcedShutdown as ForcedShutdown
 from ._exceptions import RestartIntensityExceeded as RestartIntensityExceeded
+from ._exceptions import SerializationError as SerializationError
 from ._exceptions import SubscriberDisconnected as SubscriberDisconnected
 from ._exceptions import SupervisorError as SupervisorError
+from ._exceptions import WorkerCrashed as WorkerCrashed
 from ._hub import Hub as Hub
 from ._hub import HubStatistics as HubStatistics
 from ._hub import Subscription as Subscription
@@ -30,6 +40,10 @@ from ._hub import SubscriptionStatistics as SubscriptionStatistics
 from ._periodic import Cycle as Cycle
 from ._periodic import CycleStatistics as CycleStatistics
 from ._periodic import every as every
+from ._processes import ProcessPool as ProcessPool
+from ._processes import ProcessPoolStatistics as ProcessPoolStatistics
+from ._processes import open_process_pool as open_process_pool
+from ._processes import to_process as to_process
 from ._runtime import Shutdown as Shutdown
 from ._runtime import current_shutdown as current_shutdown
 from ._runtime import run as run
@@ -38,10 +52,16 @@ from ._statistics import ChildStatistics as ChildStatistics
 from ._statistics import SupervisorStatistics as SupervisorStatistics
 from ._supervisor import Supervisor as Supervisor
 from ._supervisor import open_supervisor as open_supervisor
+from ._threads import ThreadIterator as ThreadIterator
+from ._threads import iterate_in_thread as iterate_in_thread
+from ._threads import to_thread as to_thread
 from ._watchdog import heartbeat as heartbeat
 
 __all__ = [
     "Backoff",
+    "Batch",
+    "BatchStatistics",
+    "BridgeStatistics",
     "ChannelStatistics",
     "ChildStalled",
     "ChildStartError",
@@ -56,21 +76,35 @@ __all__ = [
     "ForcedShutdown",
     "Hub",
     "HubStatistics",
+    "Outcome",
+    "ProcessPool",
+    "ProcessPoolStatistics",
     "ReceiveChannel",
     "RestartIntensityExceeded",
     "SendChannel",
+    "SerializationError",
     "Shutdown",
+    "Status",
     "SubscriberDisconnected",
     "Subscription",
     "SubscriptionStatistics",
     "Supervisor",
     "SupervisorError",
     "SupervisorStatistics",
+    "ThreadIterator",
+    "WorkerCrashed",
+    "bridge_statistics",
     "consume",
     "current_shutdown",
     "every",
     "heartbeat",
+    "iterate_in_thread",
+    "map_batch",
     "open_channel",
+    "open_process_pool",
     "open_supervisor",
     "run",
+    "run_batch",
+    "to_process",
+    "to_thread",
 ]

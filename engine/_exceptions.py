@@ -6,6 +6,8 @@
     ├── ChildStalled               a child missed its heartbeat deadline
     ├── ForcedShutdown             the runtime cancelled work it had asked to stop
     ├── SubscriberDisconnected     a hub subscriber fell too far behind
+    ├── SerializationError         an argument or result could not be pickled
+    ├── WorkerCrashed              a worker process died during a call
     └── SupervisorError
         ├── ChildStartError        a child failed before it reported ready
         └── RestartIntensityExceeded
@@ -19,6 +21,7 @@ raises those instead of inventing new ones.
 
 from __future__ import annotations
 
+import signal as signal_module
 from collections.abc import Sequence
 
 import attrs
@@ -45,6 +48,10 @@ class ChildStartError(SupervisorError):
     def __init__(self, child: str, message: str) -> None:
         super().__init__(f"child {child!r} failed to start: {message}")
         self.child = child
+        self._message = message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.child, self._message))
 
 
 class ChildStalled(EngineError):
@@ -68,6 +75,9 @@ class ChildStalled(EngineError):
         self.child = child
         self.stall_after = stall_after
         self.silent_for = silent_for
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.child, self.stall_after, self.silent_for))
 
 
 @attrs.frozen
@@ -120,6 +130,10 @@ class RestartIntensityExceeded(SupervisorError):
         self.period = period
         self.failures = tuple(failures)
 
+    def __reduce__(self) -> tuple[object, ...]:
+        args = (self.supervisor, self.child, self.max_restarts, self.period, self.failures)
+        return (type(self), args)
+
 
 class ForcedShutdown(EngineError):
     """The runtime had to cancel work after asking it to stop.
@@ -136,6 +150,9 @@ class ForcedShutdown(EngineError):
         super().__init__(reason)
         self.reason = reason
         self.signal = signal
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.reason, self.signal))
 
     @property
     def exit_status(self) -> int:
@@ -164,3 +181,54 @@ class SubscriberDisconnected(EngineError):
         self.patterns = patterns
         self.maxsize = maxsize
         self.lost = lost
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.patterns, self.maxsize, self.lost))
+
+
+class SerializationError(EngineError):
+    """An argument or a result of a process call could not be pickled.
+
+    Attributes:
+        direction: ``"argument"`` or ``"result"``.
+    """
+
+    def __init__(self, direction: str, detail: str) -> None:
+        super().__init__(f"cannot pickle the {direction}: {detail}")
+        self.direction = direction
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.direction, self.detail))
+
+
+class WorkerCrashed(EngineError):
+    """A worker process died while it ran a call: a signal, ``os._exit``, a segfault.
+
+    Attributes:
+        exit_code: its exit status, when it exited.
+        signal: the number of the signal that killed it, when one did.
+    """
+
+    def __init__(self, what: str, *, exit_code: int | None, signal: int | None) -> None:
+        if signal is not None:
+            try:
+                how = f"killed by {signal_module.Signals(signal).name}"
+            except ValueError:
+                how = f"killed by signal {signal}"
+        elif exit_code is not None:
+            how = f"exited with status {exit_code}"
+        else:
+            how = "died"
+        super().__init__(f"worker process {how} while {what}")
+        self.what = what
+        self.exit_code = exit_code
+        self.signal = signal
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only arguments: rebuild through a helper that takes them positionally.
+        return (_worker_crashed, (self.what, self.exit_code, self.signal))
+
+
+def _worker_crashed(what: str, exit_code: int | None, signal: int | None) -> WorkerCrashed:
+    return WorkerCrashed(what, exit_code=exit_code, signal=signal)

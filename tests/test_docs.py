@@ -66,3 +66,26 @@ def test_channels_example_accounts_for_every_message() -> None:
         "processors: processed=1999 errors=1 (ValueError: malformed trade 13)",
         "dashboard: kept the newest 100, dropped the rest",
     ]
+
+
+@pytest.mark.subprocess
+def test_batch_example_gives_one_outcome_per_symbol() -> None:
+    result = _run_example("batch_scan.py")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "symbol 13: error (no klines for symbol 13)" in lines
+    assert "symbol 77: timeout (item deadline of 1 s expired)" in lines
+    assert "outcomes: {'error': 1, 'ok': 598, 'timeout': 1}" in lines
+    assert "progress reported: 600 times, last 600" in lines
+    assert "oversold symbols: 85" in lines
+
+
+@pytest.mark.subprocess
+def test_bridges_example_keeps_the_loop_live() -> None:
+    result = _run_example("bridges_pubsub.py")
+    assert result.returncode == 0, result.stderr
+    received, live, closed = result.stdout.splitlines()
+    assert received.startswith("received 1000 messages, up to ")
+    assert int(received.split("up to ")[1].split()[0]) > 1  # batches, not one per wakeup
+    assert live == "the loop stayed live: True"
+    assert closed == "source closed in its own thread: engine iterator"

@@ -49,6 +49,7 @@ def test_public_surface() -> None:
         "Snapshot",
         "Step",
         "Stopwatch",
+        "VirtualBridge",
         "assert_no_task_leaks",
         "find_leaks",
     ]

@@ -3,6 +3,8 @@
 * :class:`Stopwatch`: exact elapsed trio time, for virtual-clock assertions.
 * :class:`Scripted` with :class:`Finish`, :class:`Fail` and :class:`Hang`:
   an async fake whose calls take scripted (virtual) time and are recorded.
+* :class:`VirtualBridge`: a ``map_batch`` bridge whose items take declared
+  virtual time, so item deadlines are tested in milliseconds.
 * :class:`Snapshot` and :func:`find_leaks`: threads and child processes left
   behind; :func:`assert_no_task_leaks`: tasks left behind.
 
@@ -14,6 +16,7 @@ This package does not import pytest.
 
 from __future__ import annotations
 
+from ._bridge import VirtualBridge as VirtualBridge
 from ._clock import Stopwatch as Stopwatch
 from ._leaks import LeakedProcess as LeakedProcess
 from ._leaks import LeakedThread as LeakedThread
@@ -42,6 +45,7 @@ __all__ = [
     "Snapshot",
     "Step",
     "Stopwatch",
+    "VirtualBridge",
     "assert_no_task_leaks",
     "find_leaks",
 ]

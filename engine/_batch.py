@@ -1,0 +1,495 @@
+"""map_batch: a function over many items, with exactly one outcome per item.
+
+Seed 000 waited on thread-pool futures whose ``wait_for`` never fired and
+made more chunks than workers; seed 002 asked for 2,500 symbols with a 60 s
+per-symbol timeout recorded as an error, per-symbol exceptions recorded, a
+progress callback and a pool owned by a context manager. Here:
+
+- every item ends as exactly one of ok, error, timeout, crashed, cancelled;
+- an item's deadline starts when a worker takes it, never while it queues;
+- never more calls in flight than ``workers``;
+- small items travel in chunks, sized from measured run times, so dispatch
+  cost is amortised; a chunk that times out or whose worker dies is split
+  and its items re-run one by one first in line, so each still gets its own
+  true outcome, and a hung item is reported within about twice its deadline.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import math
+import os
+import pickle
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Generic, TypeVar
+
+import attrs
+import trio
+
+from ._batch_runners import AsyncRunner, ChunkReport, ProcessRunner, Runner, ThreadRunner
+from ._bridgestats import tally
+from ._channels import ReceiveChannel, SendChannel, open_channel
+from ._exceptions import SerializationError
+from ._processes import _DEFAULT, ProcessPool, pickle_call, to_process
+from ._validation import check_choice, check_count, check_duration
+
+logger = logging.getLogger("engine.batch")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Aim for calls of about this much work: long enough to amortise ~150 µs of
+# dispatch, short enough that workers finish together at the end.
+_TARGET_CALL_SECONDS = 0.05
+_MAX_CHUNK = 256
+
+
+class Status(enum.StrEnum):
+    """How one item of a batch ended."""
+
+    OK = "ok"
+    """The function returned; ``value`` holds the result."""
+    ERROR = "error"
+    """The function raised (or the item or result could not be pickled)."""
+    TIMEOUT = "timeout"
+    """Its deadline fired; ``error`` is a ``trio.TooSlowError``."""
+    CRASHED = "crashed"
+    """Its worker process died running it; ``error`` is a ``WorkerCrashed``."""
+    CANCELLED = "cancelled"
+    """The batch was cancelled before it finished."""
+
+
+@attrs.frozen
+class Outcome(Generic[T, R]):
+    """The one outcome of one item.
+
+    Attributes:
+        index: the item's position in the input.
+        item: the item.
+        status: see :class:`Status`.
+        value: the result, when ``status`` is ``ok``.
+        error: the exception, for ``error``, ``timeout`` and ``crashed``.
+        queued: seconds from the batch's start until a worker took the item
+            (its last attempt).
+        ran: seconds the item ran, measured where it ran (0 if it never did).
+        attempts: 2 when its chunk failed and it was re-run on its own.
+    """
+
+    index: int
+    item: T
+    status: Status
+    value: R | None = None
+    error: BaseException | None = None
+    queued: float = 0.0
+    ran: float = 0.0
+    attempts: int = 1
+
+    @property
+    def ok(self) -> bool:
+        """Whether the function returned a value."""
+        return self.status is Status.OK
+
+    def unwrap(self) -> R:
+        """The value, or raise the error (``trio.Cancelled`` is never stored here).
+
+        Raises:
+            BaseException: the item's error; for ``cancelled``, ``trio.TooSlowError``
+                would mislead, so a ``RuntimeError`` says it was cancelled.
+        """
+        if self.status is Status.OK:
+            return self.value  # type: ignore[return-value]  # set whenever status is OK
+        if self.error is not None:
+            raise self.error
+        raise RuntimeError(f"item {self.index} was cancelled before it finished")
+
+
+@attrs.frozen
+class BatchStatistics:
+    """A snapshot of a batch.
+
+    Attributes:
+        total: items in the batch.
+        completed: items with an outcome other than cancelled.
+        ok, error, timeout, crashed, cancelled: outcomes so far, by status.
+        in_flight: calls running now (never more than ``workers``).
+        calls: calls made so far (chunks and single re-runs).
+        split_chunks: chunks that failed as a whole and were re-run item by item.
+    """
+
+    total: int
+    completed: int
+    ok: int
+    error: int
+    timeout: int
+    crashed: int
+    cancelled: int
+    in_flight: int
+    calls: int
+    split_chunks: int
+
+
+class Batch(Generic[T, R]):
+    """What :func:`map_batch` yields: iterate it for outcomes in completion order."""
+
+    def __init__(
+        self,
+        fn: Callable[[T], Any],
+        items: list[T],
+        runner: Runner,
+        *,
+        workers: int,
+        item_deadline: float,
+        chunk_size: int | None,
+        on_progress: Callable[[int, int], object] | None,
+    ) -> None:
+        self._fn = fn
+        self._items = items
+        self._runner = runner
+        self._workers = workers
+        self._deadline = item_deadline
+        self._chunk_size = chunk_size
+        self._on_progress = on_progress
+        self._results: list[Outcome[T, R] | None] = [None] * len(items)
+        self._counts: collections.Counter[Status] = collections.Counter()
+        self._attempts = [1] * len(items)
+        self._queued = [0.0] * len(items)
+        self._next = 0  # first item never dispatched
+        self._retry: collections.deque[int] = collections.deque()  # single re-runs, first
+        self._resume: collections.deque[list[int]] = collections.deque()  # never started
+        self._work_changed = trio.Event()
+        self._in_flight = 0
+        self._calls = 0
+        self._split = 0
+        self._per_item: float | None = None  # measured seconds per item
+        self._started_at = 0.0
+        self._cancel_scope = trio.CancelScope()
+        self._send: SendChannel[Outcome[T, R]]
+        self._receive: ReceiveChannel[Outcome[T, R]]
+        self._send, self._receive = open_channel(max(1, len(items)))
+
+    # -- the public side ---------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[Outcome[T, R]]:
+        return self._receive
+
+    def results(self) -> list[Outcome[T, R]]:
+        """Every outcome, in input order; complete once the batch's block has ended.
+
+        Raises:
+            RuntimeError: some item has no outcome yet (the batch still runs).
+        """
+        missing = sum(1 for r in self._results if r is None)
+        if missing:
+            raise RuntimeError(f"the batch is still running: {missing} items have no outcome yet")
+        return [r for r in self._results if r is not None]
+
+    def cancel(self) -> None:
+        """Stop the batch: running calls are cancelled, unfinished items end ``cancelled``."""
+        self._cancel_scope.cancel()
+
+    def statistics(self) -> BatchStatistics:
+        """A frozen snapshot of the batch's progress."""
+        counts = self._counts
+        return BatchStatistics(
+            total=len(self._items),
+            completed=sum(counts.values()) - counts[Status.CANCELLED],
+            ok=counts[Status.OK],
+            error=counts[Status.ERROR],
+            timeout=counts[Status.TIMEOUT],
+            crashed=counts[Status.CRASHED],
+            cancelled=counts[Status.CANCELLED],
+            in_flight=self._in_flight,
+            calls=self._calls,
+            split_chunks=self._split,
+        )
+
+    # -- running -------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        self._started_at = trio.current_time()
+        try:
+            with self._cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    for number in range(self._workers):
+                        nursery.start_soon(self._worker, name=f"batch worker {number}")
+        finally:
+            for index, result in enumerate(self._results):
+                if result is None:
+                    self._finish(index, Status.CANCELLED)
+            self._send.close()
+
+    async def _worker(self) -> None:
+        while True:
+            chunk = self._take()
+            if chunk is None:
+                if self._in_flight == 0:
+                    return
+                await self._work_changed.wait()
+                continue
+            if not chunk:
+                continue  # every item of it failed to pickle
+            self._in_flight += 1
+            self._calls += 1
+            now = trio.current_time()
+            for index, _ in chunk:
+                self._queued[index] = now - self._started_at
+            try:
+                report = await self._runner.run(self._fn, chunk, self._deadline)
+            finally:
+                self._in_flight -= 1
+                self._notify()
+            self._absorb(chunk, report)
+
+    def _notify(self) -> None:
+        self._work_changed.set()
+        self._work_changed = trio.Event()
+
+    def _take(self) -> list[tuple[int, Any]] | None:
+        if self._retry:
+            return self._prepare([self._retry.popleft()])
+        if self._resume:
+            return self._prepare(self._resume.popleft())
+        if self._next >= len(self._items):
+            return None
+        size = self._size()
+        indices = list(range(self._next, min(self._next + size, len(self._items))))
+        self._next += len(indices)
+        return self._prepare(indices)
+
+    def _size(self) -> int:
+        if not self._runner.chunked:
+            return 1
+        if self._chunk_size is not None:
+            return self._chunk_size
+        if self._per_item is None:
+            return 1  # the first calls measure how long an item takes
+        budget = _TARGET_CALL_SECONDS
+        if math.isfinite(self._deadline):
+            budget = min(budget, self._deadline / 4)
+        size = int(budget / max(self._per_item, 1e-7))
+        # Near the end, split what is left evenly so the workers finish together.
+        remaining = len(self._items) - self._next
+        fair = math.ceil(remaining / self._workers)
+        return max(1, min(size, _MAX_CHUNK, fair))
+
+    def _prepare(self, indices: list[int]) -> list[tuple[int, Any]]:
+        """The chunk to send; items that cannot travel to a process end as errors here."""
+        if not isinstance(self._runner, ProcessRunner):
+            return [(i, self._items[i]) for i in indices]
+        chunk = []
+        for index in indices:
+            item = self._items[index]
+            try:
+                chunk.append((index, pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)))
+            except Exception as exc:
+                error = SerializationError("argument", f"item {index}: {item!r:.80} ({exc})")
+                error.__cause__ = exc
+                self._finish(index, Status.ERROR, error=error)
+        return chunk
+
+    def _absorb(self, chunk: list[tuple[int, Any]], report: ChunkReport) -> None:
+        for done in report.finished:
+            status = Status.OK if done.ok else Status.ERROR
+            self._finish(done.index, status, value=done.value, error=done.error, ran=done.ran)
+        if report.finished:
+            ran = sum(d.ran for d in report.finished) / len(report.finished)
+            self._per_item = ran if self._per_item is None else 0.7 * self._per_item + 0.3 * ran
+        for index, ran in report.timed_out:
+            self._finish(index, Status.TIMEOUT, error=report.failure, ran=ran)
+        if report.not_started:
+            self._resume.append(report.not_started)
+        if report.unknown:
+            if len(chunk) == 1:
+                (index,) = report.unknown
+                if isinstance(report.failure, trio.TooSlowError):
+                    self._finish(index, Status.TIMEOUT, error=report.failure, ran=self._deadline)
+                else:
+                    self._finish(index, Status.CRASHED, error=report.failure)
+            else:
+                # Which item hung or crashed the worker is unknown, and so are the
+                # results of the others: each runs again alone, before anything else.
+                self._split += 1
+                logger.warning(
+                    "a chunk of %d items failed (%s); re-running them one by one",
+                    len(chunk),
+                    report.failure,
+                )
+                for index in report.unknown:
+                    self._attempts[index] += 1
+                self._retry.extend(report.unknown)
+        self._notify()
+
+    def _finish(
+        self,
+        index: int,
+        status: Status,
+        *,
+        value: object = None,
+        error: BaseException | None = None,
+        ran: float = 0.0,
+    ) -> None:
+        if self._results[index] is not None:
+            raise AssertionError(f"engine bug: item {index} of a batch finished twice")
+        outcome: Outcome[T, R] = Outcome(
+            index=index,
+            item=self._items[index],
+            status=status,
+            value=value,  # type: ignore[arg-type]  # R by construction when OK
+            error=error,
+            queued=self._queued[index],
+            ran=ran,
+            attempts=self._attempts[index],
+        )
+        self._results[index] = outcome
+        self._counts[status] += 1
+        tally().count_batch_outcome(str(status))
+        self._send.send_nowait(outcome)
+        if status is not Status.CANCELLED and self._on_progress is not None:
+            completed = sum(self._counts.values()) - self._counts[Status.CANCELLED]
+            self._on_progress(completed, len(self._items))
+
+
+class Bridge(enum.StrEnum):
+    """Where the items of a batch run."""
+
+    PROCESS = "process"
+    THREAD = "thread"
+    ASYNC = "async"
+
+
+def map_batch(
+    fn: Callable[[T], Any],
+    items: Iterable[T],
+    *,
+    workers: int | None = None,
+    bridge: str | object = "process",
+    item_deadline: float = math.inf,
+    on_progress: Callable[[int, int], object] | None = None,
+    chunk_size: int | None = None,
+    pool: ProcessPool | None = None,
+) -> AbstractAsyncContextManager[Batch[T, Any]]:
+    """Run ``fn`` over ``items`` with one outcome per item.
+
+    ::
+
+        async with engine.map_batch(scan, symbols, workers=4, item_deadline=60) as batch:
+            async for outcome in batch:          # completion order
+                ...
+        outcomes = batch.results()               # input order, one per item
+
+    Like a nursery, the block ends when every item has an outcome; wrap it
+    in ``trio.fail_after`` / ``move_on_after`` to bound the whole batch, or
+    call ``batch.cancel()``. However the block ends, ``batch.results()``
+    then holds exactly one outcome per item (``cancelled`` for unfinished
+    ones) and no worker is left running.
+
+    Args:
+        fn: for ``"process"`` and ``"thread"``, a plain function of one item
+            (for processes: picklable, defined at module level); for
+            ``"async"``, an async function.
+        items: the inputs; read once, up front.
+        workers: the most calls in flight at once. Defaults to the pool's
+            size (process), the CPU count (thread), or 10 (async).
+        bridge: ``"process"`` (CPU-bound work), ``"thread"`` (blocking I/O),
+            ``"async"`` (trio code), or a test bridge such as
+            :class:`engine.testing.VirtualBridge`.
+        item_deadline: seconds an item may run, counted from when a worker
+            takes it; ``math.inf`` (default) for none.
+        on_progress: called as ``on_progress(completed, total)`` in the
+            trio thread after each item completes.
+        chunk_size: items per call; ``None`` (default) sizes chunks from
+            measured run times. Ignored for ``"async"``.
+        pool: the process pool to use; defaults to the run's default pool.
+
+    Returns:
+        An async context manager yielding the :class:`Batch`.
+
+    Raises:
+        ValueError: at call time, for a bad number or bridge (named).
+    """
+    listed = list(items)
+    deadline = check_duration("item_deadline", item_deadline)
+    if chunk_size is not None:
+        check_count("chunk_size", chunk_size, minimum=1)
+    if workers is not None:
+        check_count("workers", workers, minimum=1)
+    if on_progress is not None and not callable(on_progress):
+        raise TypeError(f"on_progress must be callable, got {on_progress!r}")
+    if isinstance(bridge, str):
+        kind = check_choice("bridge", bridge, Bridge)
+        if kind is Bridge.PROCESS:
+            pickle_call(fn, ())  # a lambda or a local function fails here, not in a worker
+    elif hasattr(bridge, "run") and hasattr(bridge, "chunked"):
+        kind = None
+    else:
+        raise ValueError(
+            f"bridge must be 'process', 'thread', 'async' or a bridge object, got {bridge!r}"
+        )
+    return _open_batch(fn, listed, kind, bridge, workers, deadline, on_progress, chunk_size, pool)
+
+
+@asynccontextmanager
+async def _open_batch(
+    fn: Any,
+    items: list[Any],
+    kind: Bridge | None,
+    bridge: object,
+    workers: int | None,
+    deadline: float,
+    on_progress: Callable[[int, int], object] | None,
+    chunk_size: int | None,
+    pool: ProcessPool | None,
+) -> AsyncIterator[Batch[Any, Any]]:
+    runner: Runner
+    if kind is Bridge.PROCESS:
+        if pool is None:
+            pool = await _default_pool()
+        count = workers or pool.workers
+        runner = ProcessRunner(pool)
+    elif kind is Bridge.THREAD:
+        count = workers or os.cpu_count() or 1
+        runner = ThreadRunner(trio.CapacityLimiter(count))
+    elif kind is Bridge.ASYNC:
+        count = workers or 10
+        runner = AsyncRunner()
+    else:
+        runner = bridge  # type: ignore[assignment]  # checked for run/chunked above
+        count = workers or 1
+    batch: Batch[Any, Any] = Batch(
+        fn,
+        items,
+        runner,
+        workers=count,
+        item_deadline=deadline,
+        chunk_size=chunk_size,
+        on_progress=on_progress,
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batch._run)
+        yield batch
+
+
+async def _default_pool() -> ProcessPool:
+    await to_process(os.getpid)  # opens (and warms one worker of) the run's default pool
+    pool = _DEFAULT.get().pool
+    assert pool is not None
+    return pool
+
+
+async def run_batch(
+    fn: Callable[[T], Any],
+    items: Iterable[T],
+    **options: Any,
+) -> list[Outcome[T, Any]]:
+    """``map_batch`` collected: every outcome, in input order.
+
+    Takes the same keyword arguments as :func:`map_batch`. To keep the
+    outcomes of a batch that is cancelled from outside, use
+    :func:`map_batch` and ``batch.results()`` after its block.
+    """
+    async with map_batch(fn, items, **options) as batch:
+        pass
+    return batch.results()

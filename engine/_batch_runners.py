@@ -1,0 +1,233 @@
+"""How one chunk of a batch runs on each bridge, and what comes back (private).
+
+A runner takes a chunk (a list of ``(index, item)``) and a per-item deadline,
+runs it, and reports per item: finished (ok or error, with its run time),
+timed out for certain, not started, or of unknown fate (the worker was killed
+or died with the results inside it; the batch re-runs those one by one).
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from ._exceptions import SerializationError, WorkerCrashed
+from ._processes import ProcessPool, pickle_call
+from ._threads import to_thread
+
+
+@attrs.define
+class Finished:
+    index: int
+    ok: bool
+    value: object
+    error: BaseException | None
+    ran: float
+
+
+@attrs.define
+class ChunkReport:
+    finished: list[Finished] = attrs.Factory(list)
+    timed_out: list[tuple[int, float]] = attrs.Factory(list)  # (index, ran) known to be hung
+    not_started: list[int] = attrs.Factory(list)
+    unknown: list[int] = attrs.Factory(list)  # fate lost with the worker
+    failure: BaseException | None = None  # why the unknown ones are unknown
+
+
+class Runner(Protocol):
+    """What the batch needs of a bridge."""
+
+    chunked: bool  # whether chunks of more than one item make sense
+
+    async def run(self, fn: Any, chunk: list[tuple[int, Any]], deadline: float) -> ChunkReport: ...
+
+
+def chunk_deadline(deadline: float, size: int) -> float:
+    """How long a call of ``size`` items may run in a worker that cannot report progress.
+
+    A lone item gets its full deadline. A chunk gets half: if it runs out, its
+    items run again one by one, and a hung one is then cut at most
+    ``deadline / 2`` + (its chunk-mates' run time) + ``deadline`` after its
+    first dispatch; chunks are sized to a quarter of the deadline, so that is
+    within twice the deadline.
+    """
+    return deadline if size == 1 else deadline / 2
+
+
+def too_slow(deadline: float) -> trio.TooSlowError:
+    return trio.TooSlowError(f"item deadline of {deadline:g} s expired")
+
+
+# -- processes -----------------------------------------------------------------
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The exception itself if it survives pickling, else a stand-in that says what it was."""
+    try:
+        pickle.loads(pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception:
+        return RuntimeError(f"{type(exc).__qualname__}: {exc} (the original could not be pickled)")
+    return exc
+
+
+def run_chunk_in_worker(
+    fn: Callable[[Any], object], payloads: list[bytes]
+) -> list[tuple[bool, object, float]]:
+    """Worker side: each item's outcome, its run time, and its result pickled alone."""
+    results: list[tuple[bool, object, float]] = []
+    for payload in payloads:
+        started = time.perf_counter()
+        try:
+            value = fn(pickle.loads(payload))
+        except Exception as exc:
+            results.append((False, _portable(exc), time.perf_counter() - started))
+            continue
+        ran = time.perf_counter() - started
+        try:
+            results.append((True, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), ran))
+        except Exception as exc:
+            error = SerializationError("result", f"of item: {type(value).__name__} ({exc})")
+            results.append((False, error, ran))
+    return results
+
+
+@attrs.define
+class ProcessRunner:
+    pool: ProcessPool
+    chunked: bool = True
+
+    async def run(self, fn: Any, chunk: list[tuple[int, Any]], deadline: float) -> ChunkReport:
+        report = ChunkReport()
+        payload = pickle_call(run_chunk_in_worker, (fn, [item for _, item in chunk]))
+        async with self.pool._limiter:
+            await self.pool._ensure_idle_worker()
+            # A started worker is ours: the deadline starts now.
+            with trio.move_on_after(chunk_deadline(deadline, len(chunk))) as scope:
+                try:
+                    data = await self.pool._dispatch(payload, fn, kill_on_cancel=True)
+                except WorkerCrashed as exc:
+                    report.failure = exc
+            if scope.cancelled_caught:
+                report.failure = too_slow(deadline)
+            if report.failure is not None:
+                # Still holding the slot: replace the lost worker now, so the
+                # next item's deadline does not pay for a process start.
+                await self.pool._replace_lost_worker()
+                report.unknown = [index for index, _ in chunk]
+                return report
+        for (index, _), (ok, value, ran) in zip(chunk, pickle.loads(data), strict=True):
+            if ok:
+                assert isinstance(value, bytes)
+                report.finished.append(Finished(index, True, pickle.loads(value), None, ran))
+            else:
+                assert isinstance(value, BaseException)
+                report.finished.append(Finished(index, False, None, value, ran))
+        return report
+
+
+# -- threads ---------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class _ThreadChunk:
+    """Shared by the thread running a chunk and the task watching its deadlines."""
+
+    clock: trio.abc.Clock
+    position: int = 0  # index into the chunk of the item running now
+    item_started: float = 0.0
+    abandoned: bool = False
+    finished: list[Finished] = attrs.Factory(list)
+    lock: threading.Lock = attrs.Factory(threading.Lock)
+
+
+@attrs.define
+class ThreadRunner:
+    limiter: trio.CapacityLimiter
+    chunked: bool = True
+    # The batch's own limiter bounds its threads; trio's default one (40) must not.
+    unlimited: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(math.inf))
+
+    async def run(self, fn: Any, chunk: list[tuple[int, Any]], deadline: float) -> ChunkReport:
+        state = _ThreadChunk(clock=trio.lowlevel.current_clock())
+
+        def work() -> None:
+            for position, (index, item) in enumerate(chunk):
+                with state.lock:
+                    if state.abandoned:
+                        return
+                    state.position = position
+                    state.item_started = state.clock.current_time()
+                started = time.perf_counter()
+                try:
+                    result = Finished(index, True, fn(item), None, 0.0)
+                except Exception as exc:
+                    result = Finished(index, False, None, exc, 0.0)
+                result.ran = time.perf_counter() - started
+                with state.lock:
+                    if not state.abandoned:
+                        state.finished.append(result)
+
+        async with self.limiter:  # a thread is ours: deadlines start now
+            state.item_started = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch, state, deadline, nursery.cancel_scope)
+                await to_thread(work, limiter=self.unlimited)
+                nursery.cancel_scope.cancel()
+        report = ChunkReport(finished=state.finished)
+        if state.abandoned:
+            report.timed_out = [(chunk[state.position][0], deadline)]
+            report.not_started = [index for index, _ in chunk[state.position + 1 :]]
+            report.failure = too_slow(deadline)
+        return report
+
+    @staticmethod
+    async def _watch(state: _ThreadChunk, deadline: float, scope: trio.CancelScope) -> None:
+        if not math.isfinite(deadline):
+            return
+        while True:
+            with state.lock:
+                due = state.item_started + deadline
+                position = state.position
+            await trio.sleep_until(due)
+            with state.lock:
+                if state.position == position and state.item_started + deadline <= due:
+                    state.abandoned = True  # the thread stops before its next item
+                    break
+        scope.cancel()  # the hung thread is abandoned, and counted as such
+
+
+# -- async functions ----------------------------------------------------------------
+
+
+@attrs.define
+class AsyncRunner:
+    chunked: bool = False
+
+    async def run(
+        self, fn: Callable[[Any], Awaitable[object]], chunk: list[tuple[int, Any]], deadline: float
+    ) -> ChunkReport:
+        report = ChunkReport()
+        for index, item in chunk:
+            started = trio.current_time()
+            with trio.move_on_after(deadline) as scope:
+                try:
+                    value = await fn(item)
+                except Exception as exc:
+                    ran = trio.current_time() - started
+                    report.finished.append(Finished(index, False, None, exc, ran))
+                    continue
+            ran = trio.current_time() - started
+            if scope.cancelled_caught:
+                report.timed_out.append((index, ran))
+            else:
+                report.finished.append(Finished(index, True, value, None, ran))
+        if report.timed_out:
+            report.failure = too_slow(deadline)
+        return report

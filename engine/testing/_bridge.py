@@ -1,0 +1,84 @@
+"""A map_batch bridge that runs items in virtual time, as a process bridge would."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+
+from .._batch_runners import ChunkReport, Finished, chunk_deadline, too_slow
+from .._exceptions import WorkerCrashed
+
+
+@attrs.define(eq=False)
+class VirtualBridge:
+    """Pass as ``engine.map_batch(..., bridge=VirtualBridge(...))`` to test deadlines fast.
+
+    Each item "takes" ``duration(item)`` seconds of trio time (``math.inf``
+    hangs it) and then returns ``fn(item)``, called inline; an item for
+    which ``crashes(item)`` is true kills its "worker" when it starts. Chunks
+    behave exactly as on the process bridge: a chunk that runs past its
+    deadline, or whose worker dies, loses its results and is re-run item by
+    item. Under ``autojump_clock`` a batch with 60 s deadlines runs in
+    milliseconds with exact, asserted times.
+
+    Args:
+        duration: virtual seconds each item takes.
+        crashes: which items kill their worker; none by default.
+
+    Attributes:
+        calls: the item indices of every call, in dispatch order.
+        max_in_flight: the most calls that ran at once.
+    """
+
+    duration: Callable[[Any], float]
+    crashes: Callable[[Any], bool] = attrs.field(default=lambda item: False)
+    chunked: bool = attrs.field(default=True, init=False)
+    calls: list[list[int]] = attrs.field(factory=list, init=False)
+    max_in_flight: int = attrs.field(default=0, init=False)
+    _in_flight: int = attrs.field(default=0, init=False)
+
+    async def run(
+        self, fn: Callable[[Any], object], chunk: list[tuple[int, Any]], deadline: float
+    ) -> ChunkReport:
+        """Run one call of ``chunk`` (called by the batch; not for users)."""
+        self.calls.append([index for index, _ in chunk])
+        self._in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        try:
+            return await self._run(fn, chunk, deadline)
+        finally:
+            self._in_flight -= 1
+
+    async def _run(
+        self, fn: Callable[[Any], object], chunk: list[tuple[int, Any]], deadline: float
+    ) -> ChunkReport:
+        limit = chunk_deadline(deadline, len(chunk))
+        # Results stay in the "worker" until the call returns: a crash or a
+        # kill loses all of them, as it would in a real process.
+        report = ChunkReport()
+        elapsed = 0.0
+        for index, item in chunk:
+            if self.crashes(item):
+                await trio.sleep(elapsed)
+                return ChunkReport(
+                    unknown=[i for i, _ in chunk],
+                    failure=WorkerCrashed(
+                        f"running item {index} (virtual)", exit_code=None, signal=9
+                    ),
+                )
+            took = self.duration(item)
+            if elapsed + took > limit:
+                # Past the deadline the worker is killed, taking all results with it.
+                await trio.sleep(limit if math.isfinite(limit) else math.inf)
+                return ChunkReport(unknown=[i for i, _ in chunk], failure=too_slow(deadline))
+            elapsed += took
+            try:
+                report.finished.append(Finished(index, True, fn(item), None, took))
+            except Exception as exc:
+                report.finished.append(Finished(index, False, None, exc, took))
+        await trio.sleep(elapsed)
+        return report

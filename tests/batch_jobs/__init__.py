@@ -1,0 +1,1 @@
+"""Module-level functions that worker processes can import by name, for the bridge tests."""

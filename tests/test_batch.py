@@ -1,0 +1,338 @@
+"""map_batch: one true outcome per item, whatever goes wrong, on every bridge."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import psutil
+import pytest
+import trio
+import trio.testing
+
+import engine
+import engine.testing
+from tests.batch_jobs.jobs import behave, indicators, parse_order_line, square
+
+
+def live_children() -> set[int]:
+    """Live worker processes (not multiprocessing's resource tracker, not zombies)."""
+    found = set()
+    for child in psutil.Process().children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
+                found.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+@pytest.fixture
+async def pool() -> engine.ProcessPool:  # type: ignore[misc]  # an async generator fixture
+    async with engine.open_process_pool(2) as opened:
+        await opened.warm()
+        yield opened
+
+
+async def test_every_fault_gets_its_own_true_outcome(pool: engine.ProcessPool) -> None:
+    items: list[Any] = [("ok", i) for i in range(40)]
+    faults = {
+        5: ("raise", 5),
+        12: ("sleep", 12),
+        19: ("spin", 19),
+        23: ("kill", 23),
+        30: ("exit", 30),
+        34: ("unpicklable_result", 34),
+    }
+    for index, fault in faults.items():
+        items[index] = fault
+    items.append(threading.Lock())  # an argument that cannot travel to a process
+
+    with trio.fail_after(30):
+        outcomes = await engine.run_batch(behave, items, pool=pool, item_deadline=1.5, chunk_size=8)
+
+    assert len(outcomes) == len(items)
+    assert [o.index for o in outcomes] == list(range(len(items)))
+    statuses = {o.index: o.status for o in outcomes if o.status != engine.Status.OK}
+    assert statuses == {
+        5: "error",
+        12: "timeout",
+        19: "timeout",
+        23: "crashed",
+        30: "crashed",
+        34: "error",
+        40: "error",
+    }
+    for outcome in outcomes:
+        if outcome.ok:
+            assert outcome.value == outcome.item[1] ** 2
+    assert isinstance(outcomes[5].error, ValueError)
+    assert isinstance(outcomes[12].error, trio.TooSlowError)
+    assert isinstance(outcomes[23].error, engine.WorkerCrashed)
+    assert outcomes[23].error.signal == 9
+    assert isinstance(outcomes[30].error, engine.WorkerCrashed)
+    assert outcomes[30].error.exit_code == 3
+    assert isinstance(outcomes[34].error, engine.SerializationError)
+    assert outcomes[34].error.direction == "result"
+    assert isinstance(outcomes[40].error, engine.SerializationError)
+    assert outcomes[40].error.direction == "argument"
+    # A raising item is caught in the worker: its chunk-mates never re-ran.
+    assert outcomes[4].attempts == 1
+    # A hung or crashing item's chunk-mates re-ran alone and got their real results.
+    assert outcomes[13].attempts == 2
+    assert outcomes[13].ok
+
+
+async def test_a_hung_item_is_reported_within_twice_its_deadline(pool: engine.ProcessPool) -> None:
+    deadline = 1.5
+    items = [("ok", i) for i in range(30)]
+    items[17] = ("sleep", 17)
+    seen: dict[int, float] = {}
+    started = trio.current_time()
+    with trio.fail_after(20):
+        async with engine.map_batch(
+            behave, items, pool=pool, item_deadline=deadline, chunk_size=30
+        ) as batch:
+            async for outcome in batch:
+                seen[outcome.index] = trio.current_time() - started
+    outcome = batch.results()[17]
+    assert outcome.status == engine.Status.TIMEOUT
+    # Dispatched at once (a warm pool); reported no later than twice its deadline.
+    assert seen[17] <= 2 * deadline
+    assert outcome.ran == deadline
+    assert all(o.ok for o in batch.results() if o.index != 17)
+
+
+async def test_cancelling_a_batch_midway_leaves_one_outcome_each_and_no_worker() -> None:
+    items = [("ok", i) for i in range(6)] + [("sleep", i) for i in range(6, 10)]
+    async with engine.open_process_pool(2) as pool:
+        await pool.warm()
+        workers = live_children()
+        with trio.move_on_after(1.0):
+            async with engine.map_batch(behave, items, pool=pool, chunk_size=1) as batch:
+                pass
+        outcomes = batch.results()
+        assert len(outcomes) == len(items)
+        counts = Counter(o.status for o in outcomes)
+        assert counts == {"ok": 6, "cancelled": 4}
+        # The two workers stuck in sleep(3600) were killed; new ones are not running jobs.
+        assert not (workers & live_children())
+        assert engine.bridge_statistics().workers_killed == 2
+        assert batch.statistics().in_flight == 0
+    assert not live_children()
+
+
+async def test_seed_000_shape_never_more_calls_than_workers_and_completes() -> None:
+    # 25,352 order-log lines on 4 workers: the batch that hung forever in seed 000.
+    lines = [json.dumps({"oid": i, "px": 100 + i % 50, "status": "filled"}) for i in range(25_352)]
+    lines[100] = "{truncated"
+    most_in_flight = 0
+    batch_box: list[engine.Batch[str, Any]] = []
+
+    def progress(done: int, total: int) -> None:
+        nonlocal most_in_flight
+        most_in_flight = max(most_in_flight, batch_box[0].statistics().in_flight)
+
+    with trio.fail_after(60):
+        async with (
+            engine.open_process_pool(4) as pool,
+            engine.map_batch(
+                parse_order_line, lines, workers=4, pool=pool, on_progress=progress
+            ) as batch,
+        ):
+            batch_box.append(batch)
+    outcomes = batch.results()
+    assert len(outcomes) == 25_352
+    assert all(o.ok for o in outcomes)
+    assert sum(1 for o in outcomes if o.value is None) == 1  # the malformed line, counted
+    assert 1 <= most_in_flight <= 4
+    # Chunked: far fewer calls than lines.
+    assert batch.statistics().calls < 25_352 / 20
+
+
+# -- seed 002's acceptance table, row by row ----------------------------------------------
+
+
+async def test_seed_002_row_2500_symbols_complete_well_within_30_seconds() -> None:
+    started = time.perf_counter()
+    async with engine.open_process_pool(2) as pool:
+        outcomes = await engine.run_batch(indicators, range(2_500), pool=pool, item_deadline=60)
+    assert time.perf_counter() - started < 30
+    assert [o.status for o in outcomes] == [engine.Status.OK] * 2_500
+    assert set(outcomes[0].value) == {"close", "macd", "signal", "rsi14"}  # type: ignore[arg-type]
+
+
+async def test_seed_002_row_a_60s_timeout_is_recorded_and_the_batch_continues(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async def fetch(symbol: str) -> str:
+        await trio.sleep(3600 if symbol == "HUNG" else 1)
+        return symbol.lower()
+
+    symbols = ["AAA", "HUNG", "BBB", "CCC"]
+    outcomes = await engine.run_batch(fetch, symbols, bridge="async", workers=2, item_deadline=60)
+    assert [o.status for o in outcomes] == ["ok", "timeout", "ok", "ok"]
+    assert str(outcomes[1].error) == "item deadline of 60 s expired"
+    assert outcomes[1].ran == 60
+    # Worker 1: AAA (1 s) then BBB, CCC (1 s each); worker 2: HUNG, cut at exactly 60 s.
+    assert trio.current_time() == 60
+    assert outcomes[3].queued == 2  # its deadline started when a worker took it, at t=2
+
+
+async def test_seed_002_row_an_exception_is_recorded_and_the_batch_continues(
+    pool: engine.ProcessPool,
+) -> None:
+    outcomes = await engine.run_batch(behave, [("ok", 1), ("raise", 2), ("ok", 3)], pool=pool)
+    assert [o.status for o in outcomes] == ["ok", "error", "ok"]
+    assert str(outcomes[1].error) == "bad item 2"
+    with pytest.raises(ValueError, match="bad item 2"):
+        outcomes[1].unwrap()
+
+
+async def test_seed_002_row_the_pool_lives_exactly_as_long_as_its_block() -> None:
+    before = live_children()
+    async with engine.open_process_pool(2) as pool:
+        await pool.warm()
+        assert len(live_children() - before) == 2
+        await engine.run_batch(square, range(10), pool=pool)
+    assert live_children() == before
+
+
+async def test_seed_002_row_progress_fires_once_per_completed_symbol(
+    pool: engine.ProcessPool,
+) -> None:
+    calls: list[tuple[int, int]] = []
+    await engine.run_batch(square, range(50), pool=pool, on_progress=lambda *a: calls.append(a))
+    assert calls == [(i, 50) for i in range(1, 51)]
+
+
+async def test_seed_002_row_worker_count_is_configurable_and_defaults_to_cpus(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    running = 0
+    most = 0
+
+    async def job(item: int) -> int:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await trio.sleep(1)
+        running -= 1
+        return item
+
+    await engine.run_batch(job, range(9), bridge="async", workers=3)
+    assert most == 3
+    assert trio.current_time() == 3  # nine one-second items, three at a time
+
+
+async def test_the_default_pool_size_is_the_cpu_count() -> None:
+    async with engine.open_process_pool() as default_pool:
+        assert default_pool.workers == (os.cpu_count() or 1)
+
+
+# -- the thread bridge ---------------------------------------------------------------------
+
+
+async def test_thread_bridge_cuts_a_hung_item_and_keeps_its_chunk_mates() -> None:
+    release = threading.Event()
+
+    def work(item: int) -> int:
+        if item == 3:
+            release.wait(30)  # hung
+        return item * 10
+
+    try:
+        with trio.fail_after(10):
+            outcomes = await engine.run_batch(
+                work, range(8), bridge="thread", workers=1, chunk_size=8, item_deadline=0.3
+            )
+    finally:
+        release.set()
+    assert [o.status for o in outcomes] == ["ok"] * 3 + ["timeout"] + ["ok"] * 4
+    assert [o.value for o in outcomes if o.ok] == [0, 10, 20, 40, 50, 60, 70]
+    # Exactly the hung item timed out; nothing else ran twice.
+    assert all(o.attempts == 1 for o in outcomes)
+    assert engine.bridge_statistics().threads_abandoned == 1
+
+
+async def test_small_items_are_chunked_to_amortise_dispatch(pool: engine.ProcessPool) -> None:
+    async with engine.map_batch(square, range(2_000), pool=pool) as batch:
+        pass
+    assert [o.value for o in batch.results()] == [i * i for i in range(2_000)]
+    assert batch.statistics().calls < 100
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"workers": 0}, ValueError, "workers must be >= 1"),
+        ({"item_deadline": 0}, ValueError, "item_deadline must be > 0"),
+        ({"chunk_size": 0}, ValueError, "chunk_size must be >= 1"),
+        ({"bridge": "carrier-pigeon"}, ValueError, "bridge must be one of"),
+        ({"on_progress": 5}, TypeError, "on_progress must be callable"),
+    ],
+)
+def test_map_batch_rejects_bad_arguments_at_call_time(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        engine.map_batch(square, [1], **kwargs)
+
+
+def test_a_process_batch_of_a_lambda_fails_at_call_time() -> None:
+    with pytest.raises(engine.SerializationError, match="the function"):
+        engine.map_batch(lambda x: x, [1])
+
+
+# -- virtual time: the chunk logic with declared durations -----------------------------------
+
+
+async def test_virtual_bridge_splits_a_hung_chunk_within_twice_the_deadline(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    bridge = engine.testing.VirtualBridge(duration=lambda item: math.inf if item == 3 else 1.0)
+    reported: dict[int, float] = {}
+    async with engine.map_batch(
+        square, range(10), bridge=bridge, workers=1, chunk_size=10, item_deadline=60
+    ) as batch:
+        async for outcome in batch:
+            reported[outcome.index] = trio.current_time()
+    outcomes = batch.results()
+    # The chunk is cut at 30 s (half the deadline); its items re-run alone: 0-2 take
+    # 3 s, then item 3 is cut at 33 + 60 = 93 s, within 2 x 60 of its dispatch.
+    assert reported[3] == 93
+    assert outcomes[3].status == engine.Status.TIMEOUT
+    assert [o.value for o in outcomes if o.ok] == [i * i for i in range(10) if i != 3]
+    assert all(o.attempts == 2 for o in outcomes)
+    assert trio.current_time() == 99
+    assert bridge.calls[0] == list(range(10))
+    assert bridge.calls[1:] == [[i] for i in range(10)]
+
+
+async def test_virtual_bridge_crash_is_isolated_to_its_item(autojump_clock: trio.abc.Clock) -> None:
+    bridge = engine.testing.VirtualBridge(duration=lambda item: 1.0, crashes=lambda item: item == 5)
+    outcomes = await engine.run_batch(
+        square, range(10), bridge=bridge, workers=2, chunk_size=10, item_deadline=60
+    )
+    assert [o.status for o in outcomes] == ["ok"] * 5 + ["crashed"] + ["ok"] * 4
+    assert isinstance(outcomes[5].error, engine.WorkerCrashed)
+    assert bridge.max_in_flight == 2
+
+
+async def test_virtual_bridge_60s_deadlines_start_when_a_worker_takes_the_item(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    durations = {"A": 50.0, "B": 50.0, "C": 50.0, "D": 70.0}
+    bridge = engine.testing.VirtualBridge(duration=durations.__getitem__)
+    outcomes = await engine.run_batch(
+        str.lower, list(durations), bridge=bridge, workers=2, item_deadline=60
+    )
+    # A and B run 0-50; C and D are taken at 50: C ends at 100, D is cut at 110.
+    assert [o.status for o in outcomes] == ["ok", "ok", "ok", "timeout"]
+    assert [o.queued for o in outcomes] == [0, 0, 50, 50]
+    assert trio.current_time() == 110
