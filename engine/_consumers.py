@@ -9,7 +9,6 @@ and go on, or fail the whole group.
 from __future__ import annotations
 
 import enum
-import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
@@ -17,6 +16,7 @@ from typing import Generic, TypeVar
 import attrs
 import trio
 
+from ._names import callable_name, describe_error
 from ._validation import check_choice, check_count, check_name
 from ._watchdog import attach, detach, heartbeat
 
@@ -74,12 +74,6 @@ class _Tally:
     last_error_at: float | None = None
 
 
-def _default_name(handler: Callable[..., object]) -> str:
-    target = handler.func if isinstance(handler, functools.partial) else handler
-    name = getattr(target, "__qualname__", None)
-    return name if isinstance(name, str) else type(target).__qualname__
-
-
 @attrs.define(eq=False, init=False, on_setattr=attrs.setters.frozen)
 class Consumers(Generic[T]):
     """A group of workers that take messages from one channel and handle them.
@@ -121,7 +115,7 @@ class Consumers(Generic[T]):
             handler=handler,
             workers=check_count("workers", workers, minimum=1),
             on_error=check_choice("on_error", on_error, OnError),
-            name=check_name("name", _default_name(handler) if name is None else name),
+            name=check_name("name", callable_name(handler) if name is None else name),
         )
 
     def statistics(self) -> ConsumerStatistics:
@@ -190,7 +184,7 @@ class Consumers(Generic[T]):
     def _record_error(self, exc: Exception) -> None:
         tally = self._tally
         tally.errors += 1
-        tally.last_error = f"{type(exc).__name__}: {exc}"
+        tally.last_error = describe_error(exc)
         tally.last_error_at = trio.current_time()
         logger.error(
             "consumer group %r: handler failed (%d errors so far, on_error=%s): %s",

@@ -11,7 +11,6 @@ was the only guard.
 from __future__ import annotations
 
 import enum
-import functools
 import inspect
 import logging
 import math
@@ -21,6 +20,7 @@ from typing import NoReturn, TypeVarTuple
 import attrs
 import trio
 
+from ._names import callable_name, describe_error
 from ._validation import check_choice, check_duration, check_name
 from ._watchdog import attach, detach, heartbeat
 
@@ -132,17 +132,6 @@ class _Grid:
         return index
 
 
-def _default_name(fn: Callable[..., object]) -> str:
-    # A partial is named by what it wraps, a callable object by its class.
-    target = fn.func if isinstance(fn, functools.partial) else fn
-    qualname = getattr(target, "__qualname__", None)
-    return qualname if isinstance(qualname, str) else type(target).__qualname__
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
 @attrs.define(eq=False, init=False, on_setattr=attrs.setters.frozen)
 class Cycle:
     """An async function run once per tick of a drift-free grid.
@@ -214,7 +203,7 @@ class Cycle:
             interval=interval,
             cycle_deadline=check_duration("cycle_deadline", deadline),
             overrun=check_choice("overrun", overrun, OverrunPolicy),
-            name=check_name("name", _default_name(fn) if name is None else name),
+            name=check_name("name", callable_name(fn) if name is None else name),
         )
 
     def statistics(self) -> CycleStatistics:
@@ -309,7 +298,7 @@ class Cycle:
             with trio.move_on_at(started + self.cycle_deadline) as scope:
                 await awaitable
         except Exception as exc:
-            self._record_failure(_describe(exc), exc)
+            self._record_failure(describe_error(exc), exc)
             return due + (trio.current_time() - started)
         finally:
             self._end(started)

@@ -23,6 +23,7 @@ import trio
 
 from ._backoff import Backoff
 from ._exceptions import ChildStalled, ChildStartError, FailureRecord, RestartIntensityExceeded
+from ._names import describe_error
 from ._statistics import ChildState, ChildStatistics, SupervisorStatistics
 from ._validation import check_choice, check_count, check_duration, check_name
 from ._watchdog import RunContext, attach, current_run, detach, format_task_tree
@@ -129,10 +130,6 @@ class _ReadySignal:
         if self.run.ready:
             raise RuntimeError("called 'started' twice on the same task status")
         self.supervisor._mark_ready(self.child, self.run, value)
-
-
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
 
 
 class Supervisor:
@@ -249,7 +246,7 @@ class Supervisor:
         if run.ready:
             return run.value
         cause = run.stall or run.error
-        reason = _describe(cause) if cause else "returned before calling task_status.started()"
+        reason = describe_error(cause) if cause else "returned before calling task_status.started()"
         raise ChildStartError(name, reason) from cause
 
     async def stop(self, name: str) -> None:
@@ -443,7 +440,7 @@ class Supervisor:
             logger.info(
                 "child %r ended (%s), restart=%s: not restarted",
                 child.spec.name,
-                _describe(error) if error is not None else "returned",
+                describe_error(error) if error is not None else "returned",
                 child.spec.restart,
                 extra={"supervisor": self._name, "child": child.spec.name},
             )
@@ -458,7 +455,7 @@ class Supervisor:
 
     def _record_failure(self, child: _Child, run: _Run, error: BaseException, now: float) -> None:
         child.failures += 1
-        child.last_error = _describe(error)
+        child.last_error = describe_error(error)
         child.last_error_at = now
         self._failures.append(FailureRecord(now, child.spec.name, child.last_error))
         if run.stall is None:  # a stall was logged, with its stack, by the watchdog

@@ -32,13 +32,6 @@ def live_children() -> set[int]:
     return found
 
 
-@pytest.fixture
-async def pool() -> engine.ProcessPool:  # type: ignore[misc]  # an async generator fixture
-    async with engine.open_process_pool(2) as opened:
-        await opened.warm()
-        yield opened
-
-
 async def test_every_fault_gets_its_own_true_outcome(pool: engine.ProcessPool) -> None:
     items: list[Any] = [("ok", i) for i in range(40)]
     faults = {

@@ -77,13 +77,6 @@ async def test_a_real_thread_call_does_not_let_the_virtual_clock_jump(
 # -- to_process and pools -------------------------------------------------------------
 
 
-@pytest.fixture
-async def pool() -> engine.ProcessPool:  # type: ignore[misc]  # an async generator fixture
-    async with engine.open_process_pool(2) as opened:
-        await opened.warm()
-        yield opened
-
-
 async def test_pool_runs_calls_and_closes_its_workers(pool: engine.ProcessPool) -> None:
     assert await pool.run(square, 7) == 49
     pids = {await pool.run(pid) for _ in range(6)}
