@@ -37,6 +37,13 @@ from ._hub import Hub as Hub
 from ._hub import HubStatistics as HubStatistics
 from ._hub import Subscription as Subscription
 from ._hub import SubscriptionStatistics as SubscriptionStatistics
+from ._logging import configure_logging as configure_logging
+from ._loopwatch import LoopStall as LoopStall
+from ._loopwatch import LoopStatistics as LoopStatistics
+from ._loopwatch import LoopWatch as LoopWatch
+from ._loopwatch import open_loop_watch as open_loop_watch
+from ._ops import OpsServer as OpsServer
+from ._ops import serve_ops as serve_ops
 from ._periodic import Cycle as Cycle
 from ._periodic import CycleStatistics as CycleStatistics
 from ._periodic import every as every
@@ -76,6 +83,10 @@ __all__ = [
     "ForcedShutdown",
     "Hub",
     "HubStatistics",
+    "LoopStall",
+    "LoopStatistics",
+    "LoopWatch",
+    "OpsServer",
     "Outcome",
     "ProcessPool",
     "ProcessPoolStatistics",
@@ -94,6 +105,7 @@ __all__ = [
     "ThreadIterator",
     "WorkerCrashed",
     "bridge_statistics",
+    "configure_logging",
     "consume",
     "current_shutdown",
     "every",
@@ -101,10 +113,12 @@ __all__ = [
     "iterate_in_thread",
     "map_batch",
     "open_channel",
+    "open_loop_watch",
     "open_process_pool",
     "open_supervisor",
     "run",
     "run_batch",
+    "serve_ops",
     "to_process",
     "to_thread",
 ]

@@ -1,0 +1,307 @@
+"""The rules behind the probes, the metrics collector and the log formatters, without a server."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from collections.abc import Iterator
+
+import attrs
+import pytest
+import trio
+import trio.lowlevel
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+import engine
+from engine._metrics import _BUILDERS, EngineCollector, Families, builds
+from engine._probes import Kind, Problem, liveness, readiness, to_jsonable, verdict_body
+
+
+def child(name: str, state: str = "running", **changes: object) -> engine.ChildStatistics:
+    fields: dict[str, object] = {
+        "name": name,
+        "state": engine.ChildState(state),
+        "restart": "permanent",
+        "ready": state == "running",
+        "restarts": 0,
+        "failures": 0,
+        "stalls": 0,
+        "stall_after": math.inf,
+        "last_error": None,
+        "last_error_at": None,
+        "started_at": 0.0 if state in ("starting", "running") else None,
+        "heartbeat_age": 0.5 if state in ("starting", "running") else None,
+    }
+    fields.update(changes)
+    return engine.ChildStatistics(**fields)  # type: ignore[arg-type]  # built from a dict
+
+
+def tree(*children: engine.ChildStatistics, failed: bool = False) -> engine.SupervisorStatistics:
+    return engine.SupervisorStatistics(
+        name="root",
+        strategy="one_for_one",
+        max_restarts=3,
+        period=5.0,
+        restarts_in_period=0,
+        failed=failed,
+        taken_at=100.0,
+        children=children,
+    )
+
+
+def kinds(problems: list[Problem]) -> list[tuple[str, str | None]]:
+    return [(p.kind.value, p.subject) for p in problems]
+
+
+def test_healthy_tree_has_no_problems() -> None:
+    stats = tree(child("feed", stall_after=10.0), child("done", "stopped"))
+    assert liveness(stats) == []
+    assert readiness(stats, stopping=None) == []
+    assert liveness(None) == readiness(None, stopping=None) == []
+
+
+def test_liveness_rules() -> None:
+    stats = tree(
+        child("stuck", stall_after=2.0, heartbeat_age=3.5),
+        child("beating", stall_after=2.0, heartbeat_age=1.0),
+        child("dead", "failed", last_error="OSError: refused"),
+        child("oneoff", "failed", restart="temporary", last_error="ValueError: x"),
+        child("waiting", "backing_off"),
+        failed=True,
+    )
+    problems = liveness(stats)
+    assert kinds(problems) == [
+        ("supervisor_failed", "root"),
+        ("child_stalled", "root/stuck"),
+        ("child_failed", "root/dead"),
+    ]
+    stalled = problems[1]
+    assert (stalled.seconds, stalled.limit) == (3.5, 2.0)
+    assert stalled.message == (
+        "child 'root/stuck' stalled: no heartbeat for 3.50 s (limit 2 s); "
+        "its watchdog is cancelling it"
+    )
+    assert problems[2].error == "OSError: refused"
+
+
+def test_readiness_adds_children_not_ready_and_stopping() -> None:
+    stats = tree(
+        child("feed", "starting"),
+        child("refresher", "backing_off", last_error="TimeoutError: slow"),
+        child("oneoff", "failed", restart="transient", last_error="ValueError: x"),
+        child("ok"),
+    )
+    problems = readiness(stats, stopping="received SIGTERM")
+    assert kinds(problems) == [
+        ("stopping", None),
+        ("not_ready", "root/feed"),
+        ("not_ready", "root/refresher"),
+    ]
+    assert problems[0].message == "stopping: received SIGTERM"
+    assert (
+        problems[2].message
+        == "child 'root/refresher' is restarting (last error: TimeoutError: slow)"
+    )
+
+
+def test_nested_supervisors_are_judged_with_their_paths() -> None:
+    inner = engine.SupervisorStatistics(
+        name="indicators",
+        strategy="one_for_all",
+        max_restarts=1,
+        period=1.0,
+        restarts_in_period=2,
+        failed=True,
+        taken_at=100.0,
+        children=(child("ema", "failed", last_error="KeyError: 'x'"),),
+    )
+    stats = tree(child("scans", attached=(inner,)))
+    assert kinds(liveness(stats)) == [
+        ("supervisor_failed", "root/scans/indicators"),
+        ("child_failed", "root/scans/ema"),
+    ]
+
+
+def test_verdict_body_and_json_conversion() -> None:
+    status, body = verdict_body([], loop=None)
+    assert (status, json.loads(body)) == (
+        200,
+        {"status": "ok", "reasons": [], "problems": [], "loop": None},
+    )
+    status, body = verdict_body(liveness(tree(failed=True)))
+    decoded = json.loads(body)
+    assert status == 503
+    assert decoded["status"] == "failing"
+    assert decoded["problems"][0]["kind"] == Kind.SUPERVISOR_FAILED.value
+    converted = to_jsonable(tree(child("feed")))
+    assert isinstance(converted, dict)
+    feed = converted["children"][0]
+    assert (feed["type"], feed["state"], feed["stall_after"]) == (
+        "ChildStatistics",
+        "running",
+        None,
+    )
+    assert to_jsonable({"x": (1.5, math.nan, {1, 2})}) == {"x": [1.5, None, "{1, 2}"]}
+
+
+@attrs.frozen
+class PoolStatistics:
+    name: str
+    busy: int
+    limit: float
+    healthy: bool
+
+
+class Source:
+    def __init__(self, stats: object) -> None:
+        self.stats = stats
+
+    def statistics(self) -> object:
+        return self.stats
+
+
+def scrape(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+    }
+
+
+async def test_collector_builds_from_fresh_snapshots_and_falls_back_for_new_types() -> None:
+    cycle = engine.CycleStatistics(
+        name="refresh", interval=60.0, cycle_deadline=math.inf, overrun_policy="skip", runs=4,
+        successes=3, failures=1, timeouts=1, overruns=2, skipped_ticks=2, late_starts=0,
+        running=False, last_started_at=1.0, last_success_at=2.0, last_failure_at=3.0,
+        last_error="TooSlowError: x", last_duration=0.25, next_tick_at=None,
+    )  # fmt: skip
+    stats = tree(child("watchlist", stall_after=30.0, restarts=2, attached=(cycle,)))
+    pool = Source(PoolStatistics("pool", busy=3, limit=math.inf, healthy=True))
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(Source(stats), {"pool": pool}, None))
+    page = scrape(registry)
+
+    assert page[("engine_child_restarts_total", frozenset({("child", "root/watchlist")}))] == 2
+    assert (
+        page[("engine_child_stall_after_seconds", frozenset({("child", "root/watchlist")}))] == 30
+    )
+    label = frozenset({("cycle", "root/watchlist/refresh")})
+    assert page[("engine_cycle_overruns_total", label)] == 2
+    assert page[("engine_cycle_last_duration_seconds", label)] == 0.25
+    # No builder for PoolStatistics yet: its finite numbers are still gauges.
+    assert page[("engine_pool_busy", frozenset({("source", "pool")}))] == 3
+    assert page[("engine_pool_healthy", frozenset({("source", "pool")}))] == 1
+    assert not any(name == "engine_pool_limit" for name, _ in page)
+
+    # A builder makes it a first-class citizen, and scrapes see fresh values.
+    @builds(PoolStatistics)
+    def _pool(families: Families, name: str, stats: PoolStatistics) -> None:
+        families.counter("engine_pool_jobs", "Jobs run", {"pool": name}, stats.busy * 10)
+
+    pool.stats = PoolStatistics("pool", busy=4, limit=1.0, healthy=True)
+    try:
+        page = scrape(registry)
+    finally:
+        del _BUILDERS[PoolStatistics]
+    assert page[("engine_pool_jobs_total", frozenset({("pool", "pool")}))] == 40
+    assert ("engine_pool_busy", frozenset({("source", "pool")})) not in page
+
+
+async def test_collector_reports_channels_hubs_and_the_loop() -> None:
+    send, receive = engine.open_channel[int](4, overflow="drop_newest")
+    for i in range(6):
+        send.send_nowait(i)
+    hub = engine.Hub[int](name="trades")
+    registry = CollectorRegistry()
+    async with engine.open_loop_watch() as watch, hub.subscribe("t.>", maxsize=1) as _:
+        registry.register(EngineCollector(None, {"ticks": send, "trades": hub}, watch))
+        hub.publish_nowait("t.a", 1)
+        hub.publish_nowait("t.b", 2)
+        page = scrape(registry)
+    await receive.aclose()
+    await send.aclose()
+    ticks = frozenset({("channel", "ticks")})
+    assert page[("engine_channel_sent_total", ticks)] == 6
+    assert page[("engine_channel_dropped_total", ticks)] == 2
+    assert page[("engine_channel_depth", ticks)] == 4
+    trades = frozenset({("hub", "trades")})
+    assert page[("engine_hub_published_total", trades)] == 2
+    assert page[("engine_hub_subscriptions", trades)] == 1
+    assert page[("engine_hub_subscription_drops", trades)] == 1
+    assert page[("engine_loop_stall_threshold_seconds", frozenset())] == 0.1
+    assert page[("engine_loop_stalls_total", frozenset())] == 0
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    level = root.level
+    handler = engine.configure_logging("INFO", stream=stream)
+    yield stream
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def test_text_logs_carry_component_and_context_and_no_secrets(log_stream: io.StringIO) -> None:
+    log = logging.getLogger("engine.supervisor")
+    log.warning(
+        "connecting to %s",
+        "redis://feed:hunter2@cache:6379/0",
+        extra={
+            "child": "feed",
+            "restarts": 2,
+            "api_key": "AKIA-SECRET",
+            "Authorization": "Bearer x",
+        },
+    )
+    line = log_stream.getvalue()
+    assert (
+        " WARNING engine.supervisor [child=feed restarts=2 api_key=*** Authorization=***]: " in line
+    )
+    assert line.rstrip().endswith("connecting to redis://feed:***@cache:6379/0")
+    assert "hunter2" not in line
+    assert "AKIA" not in line
+
+
+def test_json_logs_are_one_object_per_line(log_stream: io.StringIO) -> None:
+    engine.configure_logging("WARNING", json=True, stream=log_stream)  # replaces, not adds
+    assert sum(1 for h in logging.getLogger().handlers if h.get_name() == "engine") == 1
+    log = logging.getLogger("engine.loop")
+    log.info("not shown")
+    try:
+        raise RuntimeError("boom at https://u:pw@example.com")
+    except RuntimeError:
+        log.exception("stalled", extra={"task": "feed", "password": "pw"})
+    (line,) = log_stream.getvalue().splitlines()[-1:]
+    entry = json.loads(line)
+    assert (entry["level"], entry["logger"], entry["message"]) == (
+        "ERROR",
+        "engine.loop",
+        "stalled",
+    )
+    assert (entry["task"], entry["password"]) == ("feed", "***")
+    assert "https://u:***@example.com" in entry["exception"]
+    assert "not shown" not in log_stream.getvalue()
+
+
+def test_configure_logging_rejects_unknown_levels() -> None:
+    with pytest.raises(ValueError, match="level must be one of"):
+        engine.configure_logging("LOUD")
+
+
+async def test_loop_statistics_are_plain_values() -> None:
+    async with engine.open_loop_watch(threshold=0.2, per_step=True) as watch:
+        await trio.lowlevel.checkpoint()
+        stats = watch.statistics()
+    assert stats == engine.LoopStatistics(
+        threshold=0.2,
+        per_step=True,
+        stalls=0,
+        stall_seconds_total=0.0,
+        stall_seconds_max=0.0,
+        last_stall=None,
+    )
