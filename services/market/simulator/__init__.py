@@ -1,0 +1,26 @@
+"""An exchange simulator: Binance-format streams and REST on loopback, from a seed.
+
+The market-data service's default feed, so the service runs with no network:
+WebSocket streams (trade, aggTrade, bookTicker, depthUpdate, kline; raw and
+combined), REST tickers and klines, deterministic from a seed, paced at a
+configurable rate, with fault injection (drop, malformed frame, stall) for
+tests. See ``docs/simulator.md``.
+"""
+
+from __future__ import annotations
+
+from ._config import SimulatorConfig as SimulatorConfig
+from ._server import Simulator as Simulator
+from ._server import SimulatorAddress as SimulatorAddress
+from ._server import SimulatorStatistics as SimulatorStatistics
+from ._server import open_simulator as open_simulator
+from ._server import serve_simulator as serve_simulator
+
+__all__ = [
+    "Simulator",
+    "SimulatorAddress",
+    "SimulatorConfig",
+    "SimulatorStatistics",
+    "open_simulator",
+    "serve_simulator",
+]
