@@ -1,0 +1,99 @@
+"""python -m services.market as a user runs it: a real process, real sockets, real signals."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.subprocess
+
+COMMAND = [sys.executable, "-m", "services.market"]
+
+
+def wait_for(predicate: object, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]  # a zero-argument callable
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_service_runs_on_the_simulator_serves_ops_and_stops_on_sigterm() -> None:
+    process = subprocess.Popen(
+        [*COMMAND, "--port", "0", "--rate", "2000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("market service ready at http://127.0.0.1:"), line
+        url = line.split(" at ")[1].strip()
+        with httpx.Client(base_url=url, timeout=5) as client:
+            wait_for(lambda: client.get("/ready").status_code == 200, 20)
+            assert client.get("/health").json()["status"] == "ok"
+            wait_for(lambda: "engine_feed_published" in client.get("/metrics").text, 5)
+            metrics = client.get("/metrics").text
+            published = [
+                float(line.split()[-1])
+                for line in metrics.splitlines()
+                if line.startswith("engine_feed_published")
+            ]
+            assert published
+            assert published[0] > 0
+            children = {
+                c["name"]: c for c in client.get("/status").json()["supervisor"]["children"]
+            }
+            assert children["feed"]["state"] == "running"
+            assert children["processors"]["ready"]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "banana"], "invalid int value"),
+        (["--overflow", "spill"], "invalid choice"),
+        (["--rate", "-5"], "--rate: must be a positive number or inf, got '-5'"),
+        (["--port", "70000"], "--port must be between 0 and 65535"),
+        (["--symbols", ","], "--symbols non-empty"),
+    ],
+)
+def test_invalid_flags_exit_2_with_a_clear_message(flags: list[str], message: str) -> None:
+    result = subprocess.run(
+        [*COMMAND, *flags], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_help_documents_every_flag_and_its_variable() -> None:
+    result = subprocess.run(
+        [*COMMAND, "--help"], capture_output=True, text=True, timeout=30, check=True
+    )
+    for variable in (
+        "MARKET_HOST",
+        "MARKET_PORT",
+        "MARKET_FEED_URL",
+        "MARKET_SYMBOLS",
+        "MARKET_RATE",
+        "MARKET_PROCESSORS",
+        "MARKET_QUEUE_SIZE",
+        "MARKET_OVERFLOW",
+    ):
+        assert variable in result.stdout
