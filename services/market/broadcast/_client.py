@@ -1,0 +1,395 @@
+"""One connected client: its bounded queue, a writer that coalesces frames, a reader.
+
+The server frames each bus message once and offers the same bytes to every
+client that wants it (server frames are unmasked, so they are identical on
+every connection). A client's queue holds those frames; its writer takes
+everything queued and writes it with one ``send_all``, so a client that
+keeps up costs one system call per batch, not one per message. A client
+that does not keep up fills only its own queue: the oldest frames are
+dropped and counted, and past ``max_lost`` it is closed with
+``CLOSE_TOO_SLOW``. Nothing here ever makes the publisher or another
+client wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Callable
+
+import attrs
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    Pong,
+    TextMessage,
+)
+
+import engine
+
+from ._config import (
+    CLOSE_PING_TIMEOUT,
+    CLOSE_POLICY,
+    CLOSE_TOO_BIG,
+    CLOSE_TOO_SLOW,
+    BroadcastConfig,
+)
+from ._handshake import RECEIVE_SIZE
+from ._topics import BadRequest, Tokens, parse_request, split
+
+logger = logging.getLogger("market.broadcast")
+
+WRITE_BATCH = 1024
+"""Frames joined into one socket write at most (a backlog goes out in a few writes)."""
+MAX_REPLIES = 32
+"""Replies (acks, errors) waiting for a client that sends requests but does not read."""
+
+
+@attrs.frozen
+class ClientStatistics:
+    """A snapshot of one connected client.
+
+    Attributes:
+        client_id: the server's number for it.
+        peer: its address.
+        topics: the patterns it receives.
+        queued: frames waiting in its queue.
+        peak_queued: the most frames that ever waited.
+        sent: frames written to its socket.
+        dropped: frames its full queue discarded (oldest first).
+        writes: socket writes; ``sent / writes`` is the coalescing factor.
+        bytes_sent: bytes written, frames and control.
+    """
+
+    client_id: int
+    peer: str
+    topics: tuple[str, ...]
+    queued: int
+    peak_queued: int
+    sent: int
+    dropped: int
+    writes: int
+    bytes_sent: int
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = stream.socket.getpeername()
+    except (OSError, ValueError):  # already reset, or not an IP socket
+        return "?"
+    return f"{host}:{port}"
+
+
+class Client:
+    """One client connection, from accept to close (private to the server).
+
+    Args:
+        stream: the accepted TCP stream.
+        config: the server's settings.
+        client_id: the server's number for it.
+        on_topics: called when a subscribe message changes its topics.
+    """
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        config: BroadcastConfig,
+        client_id: int,
+        on_topics: Callable[[Client], None],
+    ) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.SERVER)
+        self.config = config
+        self.client_id = client_id
+        self.peer = _peer(stream)
+        self._on_topics = on_topics
+        # Shielded so that a server shutdown can still say goodbye (1001);
+        # every way of closing puts a deadline on it.
+        self.scope = trio.CancelScope(shield=True)
+        self.topics: tuple[str, ...] = ()
+        self.patterns: tuple[Tokens, ...] = ()
+        self.is_open = False
+        self.cause: str | None = None  # why it closed, for the statistics
+        self.aborted = False  # the close handshake did not finish in time
+        self._send, self._receive = engine.open_channel[bytes](
+            config.queue_size, overflow="drop_oldest"
+        )
+        self._maxsize = config.queue_size
+        self._queued = 0  # mirrors the channel's depth, without a snapshot per frame
+        self._lost = 0
+        self._sent = 0
+        self._writes = 0
+        self._bytes = 0
+        self._replies: list[bytes] = []
+        self._pong: bytes | None = None
+        self._close: CloseConnection | None = None
+        self._flush = False  # write what is queued before the close frame
+        self._await_reply = True  # wait for the client's close frame
+        self._idle: trio.CancelScope | None = None
+        self._tasks: trio.CancelScope | None = None
+        self._peer_closed = trio.Event()
+        self._pong_seen = trio.Event()
+        self._inbound: list[bytes] = []
+        self._inbound_size = 0
+
+    # -- called by the server -------------------------------------------------
+
+    def open(self, topics: tuple[str, ...]) -> None:
+        """Mark the upgrade accepted, with its initial topics."""
+        self.is_open = True
+        self._set_topics(topics)
+        self.scope.deadline = math.inf
+
+    def offer(self, frame: bytes) -> None:
+        """Queue one frame; never waits. A full queue drops its oldest frame."""
+        if self._close is not None:
+            return
+        self._send.send_nowait(frame)
+        if self._queued < self._maxsize:
+            self._queued += 1
+            return
+        self._lost += 1  # the channel dropped its oldest frame for this one
+        if self._lost > self.config.max_lost:
+            reason = f"too slow: lost {self._lost} messages"
+            self.request_close(CLOSE_TOO_SLOW, reason, "too_slow")
+
+    def request_close(self, code: int, reason: str, cause: str, *, flush: bool = False) -> None:
+        """Start the close handshake; the connection ends within ``close_timeout``.
+
+        The writer finishes the write in progress (and, with ``flush``, writes
+        what is still queued), sends the close frame and waits for the
+        client's; if the deadline passes first, the TCP connection is dropped.
+        """
+        if self._close is not None:
+            return
+        self._close = CloseConnection(code=code, reason=reason)
+        self._flush = flush
+        self.cause = cause
+        self.scope.deadline = min(self.scope.deadline, trio.current_time() + self._close_timeout)
+        self._wake_writer()
+
+    def statistics(self) -> ClientStatistics:
+        """A frozen snapshot of this client's counters."""
+        channel = self._send.statistics()
+        return ClientStatistics(
+            client_id=self.client_id,
+            peer=self.peer,
+            topics=self.topics,
+            queued=channel.depth,
+            peak_queued=channel.peak_depth,
+            sent=self._sent,
+            dropped=channel.dropped,
+            writes=self._writes,
+            bytes_sent=self._bytes,
+        )
+
+    async def run(self) -> None:
+        """Serve the open connection until it closes, one way or another."""
+        async with trio.open_nursery() as nursery:
+            self._tasks = nursery.cancel_scope
+            nursery.start_soon(self._read_loop)
+            if math.isfinite(self.config.ping_interval):
+                nursery.start_soon(self._keepalive)
+            await self._write_loop()
+            nursery.cancel_scope.cancel()
+
+    @property
+    def _close_timeout(self) -> float:
+        return self.config.close_timeout
+
+    # -- writing --------------------------------------------------------------
+
+    def _wake_writer(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+
+    def _take_control(self) -> list[bytes]:
+        control = self._replies
+        self._replies = []
+        if self._pong is not None:
+            control.append(self._pong)
+            self._pong = None
+        return control
+
+    async def _write_loop(self) -> None:
+        receive = self._receive
+        while self._close is None or (self._flush and self._queued):
+            try:
+                batch = receive.receive_batch_nowait(WRITE_BATCH)
+            except trio.WouldBlock:
+                if self._close is None and not self._replies and self._pong is None:
+                    batch = await self._wait_for_frames()
+                else:
+                    batch = []
+            self._queued -= len(batch)
+            frames = self._take_control()
+            frames += batch
+            if not frames:
+                continue
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            if not await self._write(data):
+                return
+            self._sent += len(batch)
+        await self._finish_close()
+
+    async def _wait_for_frames(self) -> list[bytes]:
+        # A reply or a close request cancels this wait (a cancelled
+        # receive_batch took nothing) and the loop looks again.
+        with trio.CancelScope() as self._idle:
+            try:
+                batch = await self._receive.receive_batch(WRITE_BATCH)
+            finally:
+                self._idle = None
+            # The first frame of a dispatch wakes us with itself alone; the
+            # rest of that dispatch is queued by now.
+            with contextlib.suppress(trio.WouldBlock):
+                batch += self._receive.receive_batch_nowait(WRITE_BATCH - len(batch))
+            return batch
+        return []
+
+    async def _write(self, data: bytes) -> bool:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._connection_lost()
+            return False
+        self._writes += 1
+        self._bytes += len(data)
+        return True
+
+    async def _finish_close(self) -> None:
+        assert self._close is not None
+        frames = self._take_control()
+        if self.ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+            frames.append(self.ws.send(self._close))
+        if frames and not await self._write(b"".join(frames)):
+            return
+        if self.ws.state is ConnectionState.LOCAL_CLOSING and self._await_reply:
+            await self._peer_closed.wait()
+
+    def _connection_lost(self) -> None:
+        if self.cause is None:
+            self.cause = "connection_lost"
+        self._peer_closed.set()
+        if self._tasks is not None:
+            self._tasks.cancel()
+
+    # -- reading --------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        ws = self.ws
+        while not self._close_complete():
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self._connection_lost()
+                return
+            if self._close_complete():  # we answered the client's close meanwhile
+                break
+            ws.receive_data(bytes(data))
+            for event in ws.events():
+                self._handle(event)
+        self._peer_closed.set()
+
+    def _close_complete(self) -> bool:
+        return self.ws.state is ConnectionState.CLOSED
+
+    def _handle(self, event: Event) -> None:
+        state = self.ws.state
+        if isinstance(event, TextMessage | BytesMessage):
+            self._message_part(event.data, event.message_finished)
+        elif isinstance(event, Ping):
+            if state is ConnectionState.OPEN:
+                self._pong = self.ws.send(event.response())  # only the latest needs an answer
+                self._wake_writer()
+        elif isinstance(event, Pong):
+            self._pong_seen.set()
+        elif isinstance(event, CloseConnection):
+            if state is ConnectionState.REMOTE_CLOSING:  # the client closes: answer in kind
+                if self._close is None:
+                    self.cause = "client_closed"
+                    self._close = event.response()
+                    self.scope.deadline = min(
+                        self.scope.deadline, trio.current_time() + self._close_timeout
+                    )
+                self._wake_writer()
+            elif state is ConnectionState.CLOSED:  # the answer to our close
+                self._peer_closed.set()
+            else:  # wsproto could not parse a frame: fail the connection
+                self._await_reply = False  # the rest of the stream cannot be read
+                self._peer_closed.set()
+                self.request_close(event.code, event.reason or "", "protocol_error")
+
+    def _message_part(self, data: str | bytes | bytearray, finished: bool) -> None:
+        if self._close is not None:
+            return
+        part = data.encode() if isinstance(data, str) else bytes(data)
+        self._inbound_size += len(part)
+        if self._inbound_size > self.config.max_inbound_size:
+            limit = self.config.max_inbound_size
+            self.request_close(CLOSE_TOO_BIG, f"message over {limit} bytes", "message_too_big")
+            return
+        self._inbound.append(part)
+        if finished:
+            message = b"".join(self._inbound)
+            self._inbound, self._inbound_size = [], 0
+            self._on_request(message)
+
+    def _on_request(self, message: str | bytes) -> None:
+        try:
+            request = parse_request(message)
+            topics = self._apply(request.op, request.patterns)
+        except BadRequest as exc:
+            self._reply({"op": "error", "id": exc.request_id, "error": str(exc)})
+            return
+        self._reply({"op": f"{request.op}d", "id": request.request_id, "topics": list(topics)})
+
+    def _apply(self, op: str, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        if op == "subscribe":
+            topics = tuple(dict.fromkeys(self.topics + patterns))
+            if len(topics) > self.config.max_topics:
+                raise BadRequest(f"at most {self.config.max_topics} topics per client")
+        else:
+            topics = tuple(t for t in self.topics if t not in patterns)
+        self._set_topics(topics)
+        self._on_topics(self)
+        return topics
+
+    def _set_topics(self, topics: tuple[str, ...]) -> None:
+        self.topics = topics
+        self.patterns = tuple(split(t) for t in topics)
+
+    def _reply(self, body: dict[str, object]) -> None:
+        if len(self._replies) >= MAX_REPLIES:
+            self.request_close(CLOSE_POLICY, "too many unread replies", "policy")
+            return
+        if body.get("id") is None:
+            del body["id"]
+        self._replies.append(self.ws.send(TextMessage(data=json.dumps(body))))
+        self._wake_writer()
+
+    async def _keepalive(self) -> None:
+        interval, timeout = self.config.ping_interval, self.config.ping_timeout
+        count = 0
+        while True:
+            await trio.sleep(interval)
+            if self.ws.state is not ConnectionState.OPEN or self._close is not None:
+                return
+            count += 1
+            self._pong_seen = trio.Event()
+            self._replies.append(self.ws.send(Ping(payload=b"%d" % count)))
+            self._wake_writer()
+            with trio.move_on_after(timeout):
+                await self._pong_seen.wait()
+                continue
+            self.request_close(CLOSE_PING_TIMEOUT, "keepalive ping timeout", "ping_timeout")
+            return

@@ -1,0 +1,164 @@
+"""The broadcast server's settings and the close codes it sends."""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+
+from engine._validation import check_choice, check_count, check_duration, check_name
+
+from ._topics import parse_pattern
+
+CLOSE_GOING_AWAY = 1001
+"""Sent to every client when the server shuts down (or its bus closes)."""
+CLOSE_POLICY = 1008
+"""Sent when a client breaks a rule that has no code of its own (too many requests)."""
+CLOSE_TOO_BIG = 1009
+"""Sent when a client's message is larger than ``max_inbound_size``."""
+CLOSE_PING_TIMEOUT = 1011
+"""Sent when a client did not answer a keepalive ping within ``ping_timeout``."""
+CLOSE_TOO_SLOW = 4000
+"""Sent when a client lost more than ``max_lost`` messages: it cannot keep up."""
+
+
+class FrameType(enum.StrEnum):
+    """How bus payloads are framed for the clients."""
+
+    TEXT = "text"
+    """Text frames: the payload must be UTF-8 (JSON is); others are counted as invalid."""
+    BINARY = "binary"
+    """Binary frames: any bytes."""
+
+
+Validator = Callable[[object, "attrs.Attribute[Any]", Any], None]
+
+
+def _duration(*, allow_zero: bool = False, allow_inf: bool = True) -> Validator:
+    def check(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+        check_duration(attribute.name, value, allow_zero=allow_zero)
+        if not allow_inf and math.isinf(value):
+            raise ValueError(f"{attribute.name} must be finite, got {value!r}")
+
+    return check
+
+
+def _count(minimum: int) -> Validator:
+    def check(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+        check_count(attribute.name, value, minimum=minimum)
+
+    return check
+
+
+def _port(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    check_count("port", value)
+    if value > 65535:
+        raise ValueError(f"port must be <= 65535, got {value!r}")
+
+
+def _name(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    check_name(attribute.name, value)
+
+
+def _path(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not isinstance(value, str) or not value.startswith("/") or "?" in value:
+        raise ValueError(f"path must start with '/' and have no query, got {value!r}")
+
+
+def _bus_topics(
+    instance: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
+) -> None:
+    if not value:
+        raise ValueError("bus_topics must name at least one topic pattern")
+    for pattern in value:
+        if pattern != parse_pattern(pattern):
+            raise ValueError(f"bus_topics: {pattern!r} must be a full pattern such as 'trades.>'")
+
+
+def _origins(
+    instance: object, attribute: attrs.Attribute[tuple[str, ...] | None], value: object
+) -> None:
+    if value is None:
+        return
+    if not isinstance(value, tuple) or not all(isinstance(o, str) and o for o in value):
+        raise ValueError(f"allowed_origins must be None or non-empty strings, got {value!r}")
+
+
+def _token(instance: object, attribute: attrs.Attribute[str | None], value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value or not value.isascii() or " " in value:
+        raise ValueError("token must be None or a non-empty ASCII string without spaces")
+
+
+def _frame(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    check_choice("frame", value, FrameType)
+
+
+def _optional_tuple(value: Iterable[str] | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(value)
+
+
+@attrs.frozen
+class BroadcastConfig:
+    """Settings of :func:`serve_broadcast`; every field is checked when it is built.
+
+    Attributes:
+        host: the address to bind.
+        port: the port to bind; 0 picks a free one (see ``BroadcastServer.port``).
+        path: the WebSocket endpoint's path; other paths are answered 404.
+        bus_topics: the bus patterns the server subscribes to, once for all
+            clients; each client picks a subset. Patterns must not overlap
+            (a message matching two would be sent twice).
+        bus_queue_size: the bound of the server's own bus subscription
+            (``drop_oldest``; the bus counts what it drops).
+        max_clients: connected clients at most; more are answered 503.
+        queue_size: each client's queue of frames not yet written.
+        max_lost: a client whose queue overflowed, losing its oldest frames,
+            more than this many times in total is disconnected with
+            ``CLOSE_TOO_SLOW``. 0 disconnects at the first loss.
+        max_topics: topic patterns one client may hold.
+        max_inbound_size: bytes of one client message (a subscribe request)
+            at most; larger closes the connection with ``CLOSE_TOO_BIG``.
+        allowed_origins: if set, a request carrying an ``Origin`` header not
+            in it is answered 403. Requests without ``Origin`` (non-browser
+            clients, which could send any Origin anyway) are let through.
+        token: if set, clients must send ``Authorization: Bearer <token>``
+            or ``?token=<token>``; otherwise they are answered 401.
+        ping_interval: seconds between keepalive pings; ``math.inf`` disables.
+        ping_timeout: seconds a ping may go unanswered before the client is
+            closed with ``CLOSE_PING_TIMEOUT``.
+        handshake_timeout: seconds a new connection has to complete the
+            HTTP upgrade.
+        close_timeout: seconds a closing client gets to receive our close
+            frame and answer it (a slow client first finishes the write in
+            progress); then the TCP connection is dropped.
+        frame: ``"text"`` (default; payloads must be UTF-8) or ``"binary"``.
+        name: for statistics and logs.
+    """
+
+    host: str = attrs.field(default="127.0.0.1", validator=_name)
+    port: int = attrs.field(default=0, validator=_port)
+    path: str = attrs.field(default="/ws", validator=_path)
+    bus_topics: tuple[str, ...] = attrs.field(
+        default=(">",), converter=tuple, validator=_bus_topics
+    )
+    bus_queue_size: int = attrs.field(default=10_000, validator=_count(1))
+    max_clients: int = attrs.field(default=1000, validator=_count(1))
+    queue_size: int = attrs.field(default=1000, validator=_count(1))
+    max_lost: int = attrs.field(default=1000, validator=_count(0))
+    max_topics: int = attrs.field(default=64, validator=_count(1))
+    max_inbound_size: int = attrs.field(default=4096, validator=_count(1))
+    allowed_origins: tuple[str, ...] | None = attrs.field(
+        default=None, converter=_optional_tuple, validator=_origins
+    )
+    token: str | None = attrs.field(default=None, validator=_token, repr=False)
+    ping_interval: float = attrs.field(default=20.0, validator=_duration())
+    ping_timeout: float = attrs.field(default=20.0, validator=_duration(allow_inf=False))
+    handshake_timeout: float = attrs.field(default=10.0, validator=_duration(allow_inf=False))
+    close_timeout: float = attrs.field(default=5.0, validator=_duration(allow_inf=False))
+    frame: str = attrs.field(default="text", validator=_frame)
+    name: str = attrs.field(default="broadcast", validator=_name)

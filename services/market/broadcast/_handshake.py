@@ -1,0 +1,126 @@
+"""The HTTP upgrade, with wsproto: read the request, admit it or answer why not."""
+
+from __future__ import annotations
+
+import hmac
+
+import attrs
+import h11
+import trio
+from wsproto import WSConnection
+from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from ._config import BroadcastConfig
+from ._topics import expand, parse_target
+
+RECEIVE_SIZE = 65536
+
+Headers = tuple[tuple[bytes, bytes], ...]
+
+
+@attrs.frozen
+class Rejection:
+    """Why a request is answered with an HTTP error instead of an upgrade.
+
+    Attributes:
+        status: the HTTP status.
+        reason: the key it is counted under in the statistics.
+        message: the plain-text body.
+        headers: extra response headers.
+    """
+
+    status: int
+    reason: str
+    message: str
+    headers: Headers = ()
+
+
+async def receive_request(stream: trio.abc.Stream, ws: WSConnection) -> Request | Rejection | None:
+    """Read until the upgrade request is complete.
+
+    Returns:
+        The request; a :class:`Rejection` if it is not a valid WebSocket
+        upgrade (h11 bounds its size); ``None`` if the peer went away.
+    """
+    while True:
+        try:
+            data = await stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+        if not data:
+            return None
+        try:
+            ws.receive_data(bytes(data))
+        except RemoteProtocolError as exc:
+            hint = exc.event_hint
+            if isinstance(hint, RejectConnection):
+                return Rejection(hint.status_code, "bad_request", str(exc), tuple(hint.headers))
+            return Rejection(400, "bad_request", str(exc))
+        for event in ws.events():
+            if isinstance(event, Request):
+                return event
+
+
+def _authorised(header: bytes | None, query_token: str | None, token: str) -> bool:
+    expected = token.encode()
+    if header is not None:
+        scheme, _, credentials = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), expected):
+            return True
+    return query_token is not None and hmac.compare_digest(query_token.encode(), expected)
+
+
+def admit(request: Request, config: BroadcastConfig) -> tuple[str, ...] | Rejection:
+    """Check a request against the path, token, origin and topic rules.
+
+    Returns:
+        The client's initial topic patterns, or why it is refused.
+    """
+    target = parse_target(request.target)
+    if target.path != config.path:
+        return Rejection(404, "not_found", f"no WebSocket endpoint at {target.path}")
+    headers = {name.lower(): value for name, value in request.extra_headers}
+    if config.token is not None and not _authorised(
+        headers.get(b"authorization"), target.token, config.token
+    ):
+        challenge = ((b"www-authenticate", b"Bearer"),)
+        return Rejection(401, "unauthorized", "a valid bearer token is required", challenge)
+    origin = headers.get(b"origin")
+    if (
+        config.allowed_origins is not None
+        and origin is not None
+        and origin.decode("latin-1") not in config.allowed_origins
+    ):
+        return Rejection(403, "origin", "origin not allowed")
+    try:
+        patterns = expand(target.topics, target.symbols)
+    except ValueError as exc:
+        return Rejection(400, "bad_topics", str(exc))
+    if len(patterns) > config.max_topics:
+        message = f"at most {config.max_topics} topics, got {len(patterns)}"
+        return Rejection(400, "too_many_topics", message)
+    return tuple(patterns)
+
+
+def accept_bytes(ws: WSConnection) -> bytes:
+    """The 101 response. No extensions: every client gets the same frame bytes."""
+    return ws.send(AcceptConnection())
+
+
+def reject_bytes(ws: WSConnection, rejection: Rejection) -> bytes:
+    """The HTTP error response for ``rejection``, or nothing if h11 cannot send one now."""
+    body = rejection.message.encode() + b"\n"
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *rejection.headers,
+    ]
+    try:
+        head = ws.send(
+            RejectConnection(status_code=rejection.status, headers=headers, has_body=True)
+        )
+        return head + ws.send(RejectData(data=body, body_finished=True))
+    except (LocalProtocolError, h11.LocalProtocolError):
+        return b""

@@ -1,0 +1,371 @@
+"""The broadcast server: one bus subscription, many WebSocket clients."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import logging
+from collections.abc import Awaitable
+from typing import Protocol, runtime_checkable
+
+import attrs
+import trio
+from wsproto.events import Request
+
+import engine
+from engine import ReceiveChannel, SendChannel
+from engine.bus import Bus, BusMessage, Subscription
+
+from ._client import Client, ClientStatistics
+from ._config import CLOSE_GOING_AWAY, BroadcastConfig, FrameType
+from ._fanout import Fanout
+from ._handshake import Rejection, accept_bytes, admit, receive_request, reject_bytes
+
+logger = logging.getLogger("market.broadcast")
+
+
+INBOX_SIZE = 4096
+"""Bus messages between the bus subscriptions and the dispatcher (which never waits)."""
+MAX_DISPATCH = 1024
+"""Bus messages framed and handed to the clients in one go at most."""
+LINGER = 0.0005
+"""Seconds a dispatch may wait for more messages while they keep arriving."""
+
+
+async def _forward(inbox: SendChannel[BusMessage], message: BusMessage) -> None:
+    try:
+        inbox.send_nowait(message)
+    except trio.WouldBlock:
+        await inbox.send(message)
+
+
+async def _linger(inbox: ReceiveChannel[BusMessage], batch: list[BusMessage]) -> None:
+    """Add to ``batch`` the messages that arrive while they keep arriving.
+
+    A publisher that yields after every message would otherwise wake every
+    client's writer, and cost a socket write per client, once per message.
+    Each round here lets the producers run once (microseconds); it stops
+    after two rounds that bring nothing, at ``MAX_DISPATCH`` messages, or
+    after ``LINGER`` seconds, so a lone message is delayed by two rounds.
+    """
+    give_up = trio.current_time() + LINGER
+    empty = 0
+    while empty < 2 and len(batch) < MAX_DISPATCH and trio.current_time() < give_up:
+        await trio.lowlevel.checkpoint()
+        try:
+            batch += inbox.receive_batch_nowait(MAX_DISPATCH - len(batch))
+        except trio.WouldBlock:
+            empty += 1
+        except trio.EndOfChannel:  # the bus closed: hand out what we have
+            return
+        else:
+            empty = 0
+
+
+@runtime_checkable
+class _Batched(Protocol):
+    def receive_batch(self, max_items: int) -> Awaitable[list[BusMessage]]: ...
+
+
+@attrs.frozen
+class BroadcastStatistics:
+    """A snapshot of a broadcast server. Totals include clients already gone.
+
+    Attributes:
+        name: the server's name.
+        url: where clients connect.
+        clients: clients connected now.
+        peak_clients: the most ever connected at once.
+        handshaking: connections still in the HTTP upgrade.
+        accepted: upgrades accepted.
+        rejected: refused upgrades by reason (``unauthorized``, ``origin``,
+            ``full``, ``bad_topics``, ``not_found``, ``bad_request``, ...).
+        disconnected: closes by cause (``client_closed``, ``too_slow``,
+            ``message_too_big``, ``ping_timeout``, ``protocol_error``,
+            ``policy``, ``shutdown``, ``connection_lost``), counted when the
+            close starts; the client stays in ``clients`` until it is gone.
+        slow_disconnects: clients closed for losing more than ``max_lost``.
+        aborted: closes whose handshake did not finish within
+            ``close_timeout`` (the TCP connection was dropped).
+        received: bus messages the server took.
+        unrouted: of those, messages no client wanted.
+        invalid: of those, payloads that could not be framed (not UTF-8).
+        sent: frames written to clients.
+        dropped: frames dropped from full client queues.
+        writes: socket writes; ``sent / writes`` is the coalescing factor.
+        bytes_sent: bytes written to clients.
+        connections: one snapshot per connected client.
+    """
+
+    name: str
+    url: str
+    clients: int
+    peak_clients: int
+    handshaking: int
+    accepted: int
+    rejected: dict[str, int]
+    disconnected: dict[str, int]
+    slow_disconnects: int
+    aborted: int
+    received: int
+    unrouted: int
+    invalid: int
+    sent: int
+    dropped: int
+    writes: int
+    bytes_sent: int
+    connections: tuple[ClientStatistics, ...]
+
+
+@attrs.define(eq=False)
+class BroadcastServer:
+    """What ``await nursery.start(serve_broadcast, bus, config)`` returns.
+
+    Attributes:
+        config: its settings.
+        host: the bound address.
+        port: the bound port (the real one when 0 was asked for).
+    """
+
+    config: BroadcastConfig
+    host: str
+    port: int
+    _fanout: Fanout = attrs.field(init=False)
+    _connections: set[Client] = attrs.field(factory=set, init=False)
+    _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _closing: bool = attrs.field(default=False, init=False)
+    _accepted: int = attrs.field(default=0, init=False)
+    _peak: int = attrs.field(default=0, init=False)
+    _aborted: int = attrs.field(default=0, init=False)
+    _rejected: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
+    _disconnected: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
+    # Counters of clients already gone, so totals survive them.
+    _gone: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._fanout = Fanout(text=self.config.frame == FrameType.TEXT)
+
+    @property
+    def name(self) -> str:
+        """The configured name (for the ops server's listings)."""
+        return self.config.name
+
+    @property
+    def url(self) -> str:
+        """The WebSocket URL clients connect to, such as ``ws://127.0.0.1:54321/ws``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}{self.config.path}"
+
+    def statistics(self) -> BroadcastStatistics:
+        """A frozen snapshot of the server and each connected client."""
+        connections = tuple(client.statistics() for client in self._fanout.clients)
+        fanout = self._fanout
+        # A close is counted from the moment it starts: it is decided, and
+        # the client gets nothing more, though the handshake may still run.
+        disconnected = self._disconnected.copy()
+        disconnected.update(c.cause for c in self._fanout.clients if c.cause is not None)
+
+        def total(field: str) -> int:
+            return self._gone[field] + sum(int(getattr(c, field)) for c in connections)
+
+        return BroadcastStatistics(
+            name=self.name,
+            url=self.url,
+            clients=len(connections),
+            peak_clients=self._peak,
+            handshaking=len(self._connections) - len(connections),
+            accepted=self._accepted,
+            rejected=dict(self._rejected),
+            disconnected=dict(disconnected),
+            slow_disconnects=disconnected["too_slow"],
+            aborted=self._aborted,
+            received=fanout.received,
+            unrouted=fanout.unrouted,
+            invalid=fanout.invalid,
+            sent=total("sent"),
+            dropped=total("dropped"),
+            writes=total("writes"),
+            bytes_sent=total("bytes_sent"),
+            connections=connections,
+        )
+
+    # -- serving --------------------------------------------------------------
+
+    async def _serve(
+        self,
+        listeners: list[trio.SocketListener],
+        subscriptions: list[Subscription],
+        task_status: trio.TaskStatus[BroadcastServer],
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            accepting = trio.CancelScope()
+
+            async def accept() -> None:
+                with accepting:
+                    await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
+
+            nursery.start_soon(accept)
+            try:
+                inbox, outbox = engine.open_channel[BusMessage](INBOX_SIZE)
+                async with trio.open_nursery() as pumps, inbox:
+                    for subscription in subscriptions:
+                        pumps.start_soon(self._intake, subscription, inbox.clone())
+                    pumps.start_soon(self._dispatch, outbox)
+                    task_status.started(self)
+                logger.info("%s: the bus closed; closing every client", self.name)
+            finally:
+                accepting.cancel()
+                self._shut_down()
+
+    def _shut_down(self) -> None:
+        self._closing = True
+        for client in list(self._connections):
+            if client.is_open:
+                # What is queued still goes out first, within close_timeout.
+                client.request_close(
+                    CLOSE_GOING_AWAY, "server shutting down", "shutdown", flush=True
+                )
+            else:
+                client.scope.cancel()
+
+    async def _intake(self, subscription: Subscription, inbox: SendChannel[BusMessage]) -> None:
+        async with inbox:
+            if not isinstance(subscription, _Batched):
+                async for message in subscription:
+                    await _forward(inbox, message)
+                return
+            while True:
+                try:
+                    batch = await subscription.receive_batch(INBOX_SIZE)
+                except trio.EndOfChannel:
+                    return
+                for message in batch:
+                    await _forward(inbox, message)
+
+    async def _dispatch(self, inbox: ReceiveChannel[BusMessage]) -> None:
+        dispatch = self._fanout.dispatch
+        while True:
+            try:
+                batch = await inbox.receive_batch(MAX_DISPATCH)
+            except trio.EndOfChannel:
+                return
+            if len(batch) < MAX_DISPATCH:
+                await _linger(inbox, batch)
+            dispatch(batch)
+            for message in batch:  # at most once to the clients; acked once handed on
+                await message.ack()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        if self._closing:
+            await trio.aclose_forcefully(stream)
+            return
+        client = Client(stream, self.config, next(self._ids), self._fanout.update)
+        self._connections.add(client)
+        try:
+            with client.scope:
+                client.scope.deadline = trio.current_time() + self.config.handshake_timeout
+                await self._upgrade(client)
+            if client.scope.cancelled_caught:
+                if client.is_open:
+                    client.aborted = True
+                elif not self._closing and client.cause is None:
+                    self._rejected["handshake_timeout"] += 1
+        finally:
+            self._connections.discard(client)
+            if client.is_open:
+                self._retire(client)
+            await trio.aclose_forcefully(stream)
+
+    async def _upgrade(self, client: Client) -> None:
+        request = await receive_request(client.stream, client.ws)
+        if request is None:
+            return
+        verdict = request if isinstance(request, Rejection) else self._admit(request)
+        if isinstance(verdict, Rejection):
+            self._rejected[verdict.reason] += 1
+            client.cause = "rejected"
+            logger.debug("%s: refused %s: %s", self.name, client.peer, verdict.message)
+            response = reject_bytes(client.ws, verdict)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await client.stream.send_all(response)
+            return
+        client.open(verdict)
+        self._fanout.add(client)
+        self._accepted += 1
+        self._peak = max(self._peak, len(self._fanout))
+        try:
+            await client.stream.send_all(accept_bytes(client.ws))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            client.cause = "connection_lost"
+            return
+        await client.run()
+
+    def _admit(self, request: Request) -> tuple[str, ...] | Rejection:
+        if self._closing:
+            return Rejection(503, "shutting_down", "the server is shutting down")
+        verdict = admit(request, self.config)
+        if not isinstance(verdict, Rejection) and len(self._fanout) >= self.config.max_clients:
+            retry = ((b"retry-after", b"5"),)
+            return Rejection(503, "full", f"at most {self.config.max_clients} clients", retry)
+        return verdict
+
+    def _retire(self, client: Client) -> None:
+        self._fanout.remove(client)
+        stats = client.statistics()
+        for field in ("sent", "dropped", "writes", "bytes_sent"):
+            self._gone[field] += getattr(stats, field)
+        cause = client.cause or "connection_lost"
+        self._disconnected[cause] += 1
+        self._aborted += client.aborted
+        if cause == "too_slow":
+            logger.info(
+                "%s: closed slow client %s (%d dropped)", self.name, client.peer, stats.dropped
+            )
+
+
+async def serve_broadcast(
+    bus: Bus,
+    config: BroadcastConfig | None = None,
+    *,
+    task_status: trio.TaskStatus[BroadcastServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve bus messages to WebSocket clients until cancelled or the bus closes.
+
+    Start it with ``server = await nursery.start(serve_broadcast, bus, config)``.
+    The server subscribes to ``config.bus_topics`` once; each client chooses
+    among those topics with the query string (``/ws?topics=trades``,
+    ``/ws?topics=book&symbols=BTCUSDT``) or with subscribe messages
+    (``{"op": "subscribe", "topics": ["trades.ETHUSDT"]}``).
+
+    Each client has its own bounded queue; a client that falls behind loses
+    its oldest messages and, past ``max_lost``, is closed with
+    ``CLOSE_TOO_SLOW``. Publishing on the bus never waits for a client.
+
+    Cancellation:
+        Cancelling it (or the bus closing) closes every client with 1001
+        "going away"; it returns once they have answered, or
+        ``close_timeout`` has passed.
+
+    Args:
+        bus: where the messages come from (``engine.bus.MemoryBus`` or an adapter).
+        config: the settings; the defaults serve ``/ws`` on 127.0.0.1, a free port.
+        task_status: reports the :class:`BroadcastServer` once it listens.
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    config = config if config is not None else BroadcastConfig()
+    async with contextlib.AsyncExitStack() as stack:
+        subscriptions = [
+            await stack.enter_async_context(
+                bus.subscribe(pattern, maxsize=config.bus_queue_size, overflow="drop_oldest")
+            )
+            for pattern in config.bus_topics
+        ]
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        for listener in listeners:
+            stack.push_async_callback(listener.aclose)
+        host, port = listeners[0].socket.getsockname()[:2]
+        server = BroadcastServer(config, host, port)
+        await server._serve(listeners, subscriptions, task_status)
