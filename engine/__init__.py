@@ -42,6 +42,7 @@ from ._loopwatch import LoopStall as LoopStall
 from ._loopwatch import LoopStatistics as LoopStatistics
 from ._loopwatch import LoopWatch as LoopWatch
 from ._loopwatch import open_loop_watch as open_loop_watch
+from ._metrics import HasStatistics as HasStatistics
 from ._ops import OpsServer as OpsServer
 from ._ops import serve_ops as serve_ops
 from ._periodic import Cycle as Cycle
@@ -81,6 +82,7 @@ __all__ = [
     "EngineError",
     "FailureRecord",
     "ForcedShutdown",
+    "HasStatistics",
     "Hub",
     "HubStatistics",
     "LoopStall",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import time
 
 import httpx
 import pytest
+import trio
+import trio_websocket
 
 pytestmark = pytest.mark.subprocess
 
@@ -24,9 +27,16 @@ def wait_for(predicate: object, seconds: float) -> None:
     raise AssertionError("condition not met in time")
 
 
+async def first_message(url: str) -> dict[str, object]:
+    with trio.fail_after(10):
+        async with trio_websocket.open_websocket_url(url) as ws:
+            message: dict[str, object] = json.loads(await ws.get_message())
+            return message
+
+
 def test_service_runs_on_the_simulator_serves_ops_and_stops_on_sigterm() -> None:
     process = subprocess.Popen(
-        [*COMMAND, "--port", "0", "--rate", "2000"],
+        [*COMMAND, "--port", "0", "--ws-port", "0", "--rate", "2000"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -35,7 +45,8 @@ def test_service_runs_on_the_simulator_serves_ops_and_stops_on_sigterm() -> None
         assert process.stdout is not None
         line = process.stdout.readline()
         assert line.startswith("market service ready at http://127.0.0.1:"), line
-        url = line.split(" at ")[1].strip()
+        url = line.split(" at ")[1].split()[0]
+        ws_url = line.split("(WebSocket: ")[1].rstrip(")\n")
         with httpx.Client(base_url=url, timeout=5) as client:
             wait_for(lambda: client.get("/ready").status_code == 200, 20)
             assert client.get("/health").json()["status"] == "ok"
@@ -48,9 +59,13 @@ def test_service_runs_on_the_simulator_serves_ops_and_stops_on_sigterm() -> None
             ]
             assert published
             assert published[0] > 0
-            children = {
-                c["name"]: c for c in client.get("/status").json()["supervisor"]["children"]
-            }
+            status = client.get("/status").json()
+            assert status["sources"]["service"]["ws_url"] == ws_url
+            # A WebSocket client gets normalised trades, end to end.
+            trade = trio.run(first_message, f"{ws_url}?topics=trades")
+            assert trade["type"] == "trade"
+            assert trade["symbol"] in {"BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT", "XRPUSDT"}
+            children = {c["name"]: c for c in status["supervisor"]["children"]}
             assert children["feed"]["state"] == "running"
             assert children["processors"]["ready"]
         process.send_signal(signal.SIGTERM)
@@ -89,6 +104,7 @@ def test_help_documents_every_flag_and_its_variable() -> None:
     for variable in (
         "MARKET_HOST",
         "MARKET_PORT",
+        "MARKET_WS_PORT",
         "MARKET_FEED_URL",
         "MARKET_SYMBOLS",
         "MARKET_RATE",

@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
         help="port to serve on, 0 for any free one (MARKET_PORT; default 8000)",
     )
     parser.add_argument(
+        "--ws-port",
+        type=int,
+        default=int(env("MARKET_WS_PORT", "8001")),
+        help="WebSocket broadcast port, 0 for any free one (MARKET_WS_PORT; default 8001)",
+    )
+    parser.add_argument(
         "--feed-url",
         default=env("MARKET_FEED_URL"),
         help="exchange stream base URL, e.g. wss://stream.binance.com:9443 "
@@ -102,6 +108,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[MarketConfig, b
         config = MarketConfig(
             host=args.host,
             port=args.port,
+            ws_port=args.ws_port,
             feed_url=args.feed_url,
             symbols=symbols,
             rate=float(args.rate),
@@ -110,8 +117,9 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[MarketConfig, b
             overflow=args.overflow,
             grace_period=args.grace_period,
         )
-        if not 0 <= config.port <= 65535:
-            raise ValueError(f"--port must be between 0 and 65535, got {config.port}")
+        for flag, port in (("--port", config.port), ("--ws-port", config.ws_port)):
+            if not 0 <= port <= 65535:
+                raise ValueError(f"{flag} must be between 0 and 65535, got {port}")
         if config.processors < 1 or config.queue_size < 1 or not symbols:
             raise ValueError("--processors and --queue-size must be >= 1 and --symbols non-empty")
     except ValueError as exc:
@@ -124,7 +132,7 @@ async def _main(config: MarketConfig) -> None:
 
     async with trio.open_nursery() as nursery:
         service: MarketService = await nursery.start(serve_market, config)
-        print(f"market service ready at {service.url}", flush=True)
+        print(f"market service ready at {service.url} (WebSocket: {service.ws_url})", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

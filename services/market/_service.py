@@ -12,6 +12,7 @@ import trio
 import engine
 from engine.bus import MemoryBus
 
+from .broadcast import BroadcastConfig, BroadcastServer, serve_broadcast
 from .feed import Feed, FeedConfig
 from .simulator import SimulatorConfig, serve_simulator
 
@@ -27,6 +28,7 @@ class MarketConfig:
     Attributes:
         host: the ops/API server's address (127.0.0.1 unless told otherwise).
         port: its port; 0 picks a free one.
+        ws_port: the WebSocket broadcast's port (``/ws``); 0 picks a free one.
         feed_url: the exchange's stream base URL; ``None`` runs the embedded simulator.
         symbols: the symbols to follow.
         rate: the simulator's message rate (messages/s); ignored with ``feed_url``.
@@ -38,6 +40,7 @@ class MarketConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
+    ws_port: int = 8001
     feed_url: str | None = None
     symbols: tuple[str, ...] = DEFAULT_SYMBOLS
     rate: float = 1000.0
@@ -52,8 +55,26 @@ class MarketService:
     """What :func:`serve_market` reports once the service is ready."""
 
     url: str
+    ws_url: str
     feed: Feed
     supervisor: engine.Supervisor
+
+
+@attrs.frozen
+class ServiceInfo:
+    """Where the service can be reached, listed on /status."""
+
+    ws_url: str
+    feed_url: str
+    symbols: tuple[str, ...]
+
+
+@attrs.frozen
+class _Info:
+    info: ServiceInfo
+
+    def statistics(self) -> ServiceInfo:
+        return self.info
 
 
 async def serve_market(
@@ -87,15 +108,24 @@ async def serve_market(
                 backoff=engine.Backoff(initial=0.5, maximum=30),
                 stall_after=30,
             )
+            broadcast: BroadcastServer = await nursery.start(
+                serve_broadcast, bus, BroadcastConfig(host=config.host, port=config.ws_port)
+            )
+            info = ServiceInfo(ws_url=broadcast.url, feed_url=feed_url, symbols=config.symbols)
+            sources: dict[str, engine.HasStatistics] = {
+                "service": _Info(info),
+                "feed": feed,
+                "feed_queue": feed.queue,
+                "bus": bus,
+                "broadcast": broadcast,
+            }
             serve = functools.partial(
-                engine.serve_ops,
-                sup,
-                config.host,
-                config.port,
-                sources={"feed": feed, "feed_queue": feed.queue, "bus": bus},
+                engine.serve_ops, sup, config.host, config.port, sources=sources
             )
             ops: engine.OpsServer = await nursery.start(serve)
-            task_status.started(MarketService(url=ops.url, feed=feed, supervisor=sup))
+            task_status.started(
+                MarketService(url=ops.url, ws_url=broadcast.url, feed=feed, supervisor=sup)
+            )
             await engine.current_shutdown().wait()
             logger.info("stopping: %s", engine.current_shutdown().reason)
             sup.cancel()
