@@ -18,6 +18,9 @@ whoever owns them.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
 import shlex
 import sys
 import threading
@@ -162,9 +165,42 @@ def find_leaks(before: Snapshot, *, grace: float = 1.0) -> Leaks:
     deadline = time.monotonic() + grace
     while True:
         leaks = Leaks(threads=_leaked_threads(before), processes=_leaked_processes(before))
-        if not leaks or time.monotonic() >= deadline:
+        remaining = deadline - time.monotonic()
+        if not leaks or remaining <= 0:
             return leaks
-        time.sleep(_POLL_INTERVAL)
+        _wait_for_any(leaks, min(_POLL_INTERVAL, remaining))
+
+
+def _wait_for_any(leaks: Leaks, timeout: float) -> None:
+    """Wait on what leaked itself: returns as soon as a process exits or a thread ends.
+
+    A trio worker thread that goes back to idle does not end, so the wait is
+    bounded by ``timeout`` and the caller looks again.
+    """
+    if leaks.processes:
+        _wait_for_exit([leaked.pid for leaked in leaks.processes], timeout)
+        return
+    idents = {leaked.ident for leaked in leaks.threads}
+    for thread in threading.enumerate():
+        if thread.ident in idents:
+            thread.join(timeout)
+            return
+
+
+def _wait_for_exit(pids: list[int], timeout: float) -> None:
+    """Until one of ``pids`` exits, at most ``timeout``; never reaps (its owner must)."""
+    descriptors = []
+    try:
+        for pid in pids:
+            with contextlib.suppress(OSError, AttributeError):  # gone, or no pidfd here
+                descriptors.append(os.pidfd_open(pid))
+        if descriptors:
+            select.select(descriptors, [], [], timeout)
+        else:
+            threading.Event().wait(timeout)  # nothing to wait on: just bound the pace
+    finally:
+        for descriptor in descriptors:
+            os.close(descriptor)
 
 
 def _leaked_threads(before: Snapshot) -> tuple[LeakedThread, ...]:
