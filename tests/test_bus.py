@@ -54,3 +54,19 @@ def test_bus_package_surface() -> None:
     assert engine.bus.__all__ == sorted(engine.bus.__all__)
     for name in engine.bus.__all__:
         assert getattr(engine.bus, name).__doc__
+
+
+@pytest.mark.parametrize(
+    ("pattern", "topic", "expected"),
+    [
+        ("trades.BTCUSDT", "trades.BTCUSDT", True),
+        ("trades.*", "trades.BTCUSDT", True),
+        ("trades.*", "trades.BTCUSDT.agg", False),
+        ("trades.>", "trades.BTCUSDT.agg", True),
+        ("trades.>", "trades", False),
+        ("*.BTCUSDT", "book.BTCUSDT", True),
+        ("orders.>", "trades.BTCUSDT", False),
+    ],
+)
+def test_tokens_match_follows_nats_subject_rules(pattern: str, topic: str, expected: bool) -> None:
+    assert engine.bus.tokens_match(tuple(pattern.split(".")), tuple(topic.split("."))) is expected

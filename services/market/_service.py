@@ -68,13 +68,9 @@ class ServiceInfo:
     feed_url: str
     symbols: tuple[str, ...]
 
-
-@attrs.frozen
-class _Info:
-    info: ServiceInfo
-
     def statistics(self) -> ServiceInfo:
-        return self.info
+        """Itself: a fixed fact, served as an ops source."""
+        return self
 
 
 async def serve_market(
@@ -113,7 +109,7 @@ async def serve_market(
             )
             info = ServiceInfo(ws_url=broadcast.url, feed_url=feed_url, symbols=config.symbols)
             sources: dict[str, engine.HasStatistics] = {
-                "service": _Info(info),
+                "service": info,
                 "feed": feed,
                 "feed_queue": feed.queue,
                 "bus": bus,

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, TextMessage
 
-from engine.bus import BusMessage
+from engine.bus import BusMessage, tokens_match
 
 from ._client import Client
-from ._topics import matches, split
+from ._topics import split
 
 # Distinct topics whose client lists are remembered; past this the memo
 # starts over, so a stream of one-off topics cannot grow it without bound.
@@ -18,7 +18,7 @@ ROUTE_CACHE_SIZE = 10_000
 
 
 def _wants(client: Client, topic: tuple[str, ...]) -> bool:
-    return any(matches(pattern, topic) for pattern in client.patterns)
+    return any(tokens_match(pattern, topic) for pattern in client.patterns)
 
 
 class Fanout:

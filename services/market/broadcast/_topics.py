@@ -88,16 +88,6 @@ def split(pattern: str) -> Tokens:
     return tuple(pattern.split("."))
 
 
-def matches(pattern: Tokens, topic: Tokens) -> bool:
-    """Whether ``topic`` matches ``pattern`` (``*`` one token, a final ``>`` one or more)."""
-    for index, token in enumerate(pattern):
-        if token == ">":
-            return len(topic) > index
-        if index >= len(topic) or (token != "*" and token != topic[index]):
-            return False
-    return len(topic) == len(pattern)
-
-
 @attrs.frozen
 class Target:
     """What a client's request line asked for, before any check.
