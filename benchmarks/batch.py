@@ -13,6 +13,9 @@ Variants:
     serial                   a plain loop in this process
     ppe_as_completed         ProcessPoolExecutor(2): ``submit`` per item, ``as_completed``
     ppe_map50                ProcessPoolExecutor(2).map(chunksize=50)
+    ceiling                  ProcessPoolExecutor(2).map(chunksize=1250): one call per
+                             worker, nothing to balance or report; what the machine's two
+                             cores allow, for reading the other figures (not a peer)
     trio_parallel_per_item   one ``WorkerContext.run_sync`` per item, CapacityLimiter(2)
     engine                   engine.map_batch(bridge="process", item_deadline=60) on a
                              warm engine.open_process_pool(2); chunks sized by the engine
@@ -118,6 +121,15 @@ async def ppe_map50(
     return results, time.perf_counter() - started
 
 
+async def ceiling(
+    executor: concurrent.futures.ProcessPoolExecutor, seeds: list[int]
+) -> tuple[list[Result], float]:
+    started = time.perf_counter()
+    half = -(-len(seeds) // WORKERS)
+    results = list(executor.map(indicators, seeds, chunksize=half))
+    return results, time.perf_counter() - started
+
+
 async def trio_parallel_per_item(
     context: trio_parallel.WorkerContext, seeds: list[int]
 ) -> tuple[list[Result], float]:
@@ -196,6 +208,7 @@ async def bench(symbols: int, runs: int) -> tuple[dict[str, list[float]], dict[s
                 "serial": lambda: serial(seeds),
                 "ppe_as_completed": lambda: ppe_as_completed(executor, seeds),
                 "ppe_map50": lambda: ppe_map50(executor, seeds),
+                "ceiling": lambda: ceiling(executor, seeds),
                 "trio_parallel_per_item": lambda: trio_parallel_per_item(context, seeds),
                 "engine": lambda: engine_warm(pool, seeds),
                 "engine_cold": lambda: engine_cold(seeds),
@@ -251,11 +264,14 @@ def main() -> None:
         "trio_parallel_per_item_s": round(median["trio_parallel_per_item"], 4),
         "engine_s": round(median["engine"], 4),
         "engine_cold_s": round(median["engine_cold"], 4),
+        "ceiling_s": round(median["ceiling"], 4),
         "engine_vs_serial": round(median["serial"] / median["engine"], 3),
         "engine_vs_ppe_map50": round(median["ppe_map50"] / median["engine"], 3),
         "engine_vs_trio_parallel_per_item": round(
             median["trio_parallel_per_item"] / median["engine"], 3
         ),
+        "ceiling_vs_serial": round(median["serial"] / median["ceiling"], 3),
+        "engine_vs_ceiling": round(median["ceiling"] / median["engine"], 3),
     }
     print(json.dumps(figures))
 

@@ -29,7 +29,14 @@ from typing import Any, Generic, TypeVar
 import attrs
 import trio
 
-from ._batch_runners import AsyncRunner, ChunkReport, ProcessRunner, Runner, ThreadRunner
+from ._batch_runners import (
+    AsyncRunner,
+    ChunkReport,
+    Finished,
+    ProcessRunner,
+    Runner,
+    ThreadRunner,
+)
 from ._bridgestats import tally
 from ._channels import ReceiveChannel, SendChannel, open_channel
 from ._exceptions import SerializationError
@@ -44,7 +51,10 @@ R = TypeVar("R")
 # Aim for calls of about this much work: long enough to amortise ~150 µs of
 # dispatch, short enough that workers finish together at the end.
 _TARGET_CALL_SECONDS = 0.05
-_MAX_CHUNK = 256
+# Evening out the last calls stops halving below this much work per call:
+# smaller calls cost more in dispatch than they save in waiting.
+_MIN_CALL_SECONDS = 0.004
+_MAX_CHUNK = 1024
 
 
 class Status(enum.StrEnum):
@@ -160,10 +170,17 @@ class Batch(Generic[T, R]):
         self._retry: collections.deque[int] = collections.deque()  # single re-runs, first
         self._resume: collections.deque[list[int]] = collections.deque()  # never started
         self._work_changed = trio.Event()
+        # Chunks that finished cleanly wait here for their outcomes to be
+        # recorded by the collector task, so a worker's next call is sent first.
+        self._finished: collections.deque[list[Finished]] = collections.deque()
+        self._finished_added = trio.Event()
+        self._tallied: collections.Counter[Status] = collections.Counter()
         self._in_flight = 0
         self._calls = 0
         self._split = 0
         self._per_item: float | None = None  # measured seconds per item
+        self._ran_total = 0.0
+        self._ran_count = 0
         self._started_at = 0.0
         self._cancel_scope = trio.CancelScope()
         self._send: SendChannel[Outcome[T, R]]
@@ -212,14 +229,40 @@ class Batch(Generic[T, R]):
         self._started_at = trio.current_time()
         try:
             with self._cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    for number in range(self._workers):
-                        nursery.start_soon(self._worker, name=f"batch worker {number}")
+                async with trio.open_nursery() as collecting:
+                    collecting.start_soon(self._collect, name="batch collector")
+                    async with trio.open_nursery() as nursery:
+                        for number in range(self._workers):
+                            nursery.start_soon(self._worker, name=f"batch worker {number}")
+                    collecting.cancel_scope.cancel()
         finally:
+            self._record_finished()  # results that arrived are results, even on cancel
             for index, result in enumerate(self._results):
                 if result is None:
                     self._finish(index, Status.CANCELLED)
+            self._flush_tally()
             self._send.close()
+
+    async def _collect(self) -> None:
+        while True:
+            await self._finished_added.wait()
+            self._finished_added = trio.Event()
+            self._record_finished()
+
+    def _record_finished(self) -> None:
+        while self._finished:
+            for done in self._finished.popleft():
+                status = Status.OK if done.ok else Status.ERROR
+                self._finish(done.index, status, value=done.value, error=done.error, ran=done.ran)
+        self._flush_tally()
+
+    def _flush_tally(self) -> None:
+        # The run-wide counters take one update per chunk, not one per item.
+        counters = tally()
+        for status, count in self._counts.items():
+            if count != self._tallied[status]:
+                counters.count_batch_outcome(str(status), count - self._tallied[status])
+                self._tallied[status] = count
 
     async def _worker(self) -> None:
         while True:
@@ -241,7 +284,15 @@ class Batch(Generic[T, R]):
             finally:
                 self._in_flight -= 1
                 self._notify()
-            self._absorb(chunk, report)
+            if report.timed_out or report.not_started or report.unknown:
+                self._absorb(chunk, report)
+            else:
+                # The common case: record the outcomes after this worker's next
+                # call is on its way, not before (the collector runs once this
+                # task waits on that call).
+                self._measure(report.finished)
+                self._finished.append(report.finished)
+                self._finished_added.set()
 
     def _notify(self) -> None:
         self._work_changed.set()
@@ -269,11 +320,18 @@ class Batch(Generic[T, R]):
         budget = _TARGET_CALL_SECONDS
         if math.isfinite(self._deadline):
             budget = min(budget, self._deadline / 4)
-        size = int(budget / max(self._per_item, 1e-7))
-        # Near the end, split what is left evenly so the workers finish together.
+        per_item = max(self._per_item, 1e-7)
+        # (+1e-9: 0.05 / 0.001 must be 50 items, not 49.99999 -> 49)
+        size = max(1, min(int(budget / per_item + 1e-9), _MAX_CHUNK))
+        # Near the end, split what is left evenly so the workers finish
+        # together, but not into calls too small to be worth their dispatch,
+        # and leave no crumb behind for one more call.
         remaining = len(self._items) - self._next
-        fair = math.ceil(remaining / self._workers)
-        return max(1, min(size, _MAX_CHUNK, fair))
+        floor = max(1, min(size, int(_MIN_CALL_SECONDS / per_item + 1e-9)))
+        size = min(size, max(math.ceil(remaining / self._workers), floor))
+        if remaining - size < floor and remaining * per_item <= budget:
+            size = remaining
+        return size
 
     def _prepare(self, indices: list[int]) -> list[tuple[int, Any]]:
         """The chunk to send; items that cannot travel to a process end as errors here."""
@@ -290,13 +348,18 @@ class Batch(Generic[T, R]):
                 self._finish(index, Status.ERROR, error=error)
         return chunk
 
+    def _measure(self, finished: list[Finished]) -> None:
+        # The mean over every item so far: the first lone items (slower, as
+        # first calls are) weigh as little as they are few.
+        if finished:
+            self._ran_total += sum(d.ran for d in finished)
+            self._ran_count += len(finished)
+            self._per_item = self._ran_total / self._ran_count
+
     def _absorb(self, chunk: list[tuple[int, Any]], report: ChunkReport) -> None:
-        for done in report.finished:
-            status = Status.OK if done.ok else Status.ERROR
-            self._finish(done.index, status, value=done.value, error=done.error, ran=done.ran)
-        if report.finished:
-            ran = sum(d.ran for d in report.finished) / len(report.finished)
-            self._per_item = ran if self._per_item is None else 0.7 * self._per_item + 0.3 * ran
+        self._measure(report.finished)
+        self._finished.append(report.finished)
+        self._record_finished()
         for index, ran in report.timed_out:
             self._finish(index, Status.TIMEOUT, error=report.failure, ran=ran)
         if report.not_started:
@@ -320,6 +383,7 @@ class Batch(Generic[T, R]):
                 for index in report.unknown:
                     self._attempts[index] += 1
                 self._retry.extend(report.unknown)
+        self._flush_tally()
         self._notify()
 
     def _finish(
@@ -345,7 +409,6 @@ class Batch(Generic[T, R]):
         )
         self._results[index] = outcome
         self._counts[status] += 1
-        tally().count_batch_outcome(str(status))
         self._send.send_nowait(outcome)
         if status is not Status.CANCELLED and self._on_progress is not None:
             completed = sum(self._counts.values()) - self._counts[Status.CANCELLED]

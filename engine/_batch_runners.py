@@ -79,23 +79,37 @@ def _portable(exc: BaseException) -> BaseException:
 
 def run_chunk_in_worker(
     fn: Callable[[Any], object], payloads: list[bytes]
-) -> list[tuple[bool, object, float]]:
-    """Worker side: each item's outcome, its run time, and its result pickled alone."""
-    results: list[tuple[bool, object, float]] = []
+) -> tuple[list[tuple[bool, BaseException | None, float]], bytes]:
+    """Worker side: each item's outcome and run time, and every result pickled together.
+
+    The results travel as one pickle (one ``loads`` in the parent, not one
+    per item); only when that fails are they pickled one by one, to say
+    which item's result could not travel.
+    """
+    outcomes: list[tuple[bool, BaseException | None, float]] = []
+    values: list[object] = []
     for payload in payloads:
         started = time.perf_counter()
         try:
             value = fn(pickle.loads(payload))
         except Exception as exc:
-            results.append((False, _portable(exc), time.perf_counter() - started))
+            outcomes.append((False, _portable(exc), time.perf_counter() - started))
+            values.append(None)
             continue
-        ran = time.perf_counter() - started
+        outcomes.append((True, None, time.perf_counter() - started))
+        values.append(value)
+    try:
+        return outcomes, pickle.dumps(values, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        pass
+    for position, value in enumerate(values):
         try:
-            results.append((True, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), ran))
+            pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
             error = SerializationError("result", f"of item: {type(value).__name__} ({exc})")
-            results.append((False, error, ran))
-    return results
+            outcomes[position] = (False, error, outcomes[position][2])
+            values[position] = None
+    return outcomes, pickle.dumps(values, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 @attrs.define
@@ -122,13 +136,22 @@ class ProcessRunner:
                 await self.pool._replace_lost_worker()
                 report.unknown = [index for index, _ in chunk]
                 return report
-        for (index, _), (ok, value, ran) in zip(chunk, pickle.loads(data), strict=True):
-            if ok:
-                assert isinstance(value, bytes)
-                report.finished.append(Finished(index, True, pickle.loads(value), None, ran))
-            else:
-                assert isinstance(value, BaseException)
-                report.finished.append(Finished(index, False, None, value, ran))
+        outcomes, blob = pickle.loads(data)
+        try:
+            values = pickle.loads(blob)
+        except Exception as exc:
+            # Pickled in the worker but not loadable here (a class this process
+            # lacks, say). Which item's result it was is unknown: a chunk is
+            # re-run item by item, a lone item ends with this error.
+            failure = SerializationError("result", f"could not be unpickled here ({exc})")
+            if len(chunk) > 1:
+                return ChunkReport(unknown=[index for index, _ in chunk], failure=failure)
+            outcomes = [(False, error or failure, ran) for _, error, ran in outcomes]
+            values = [None]
+        report.finished = [
+            Finished(index, ok, value, error, ran)
+            for (index, _), (ok, error, ran), value in zip(chunk, outcomes, values, strict=True)
+        ]
         return report
 
 

@@ -75,8 +75,8 @@ class Tally:
                 batch_cancelled=self.batch_outcomes.get("cancelled", 0),
             )
 
-    def count_batch_outcome(self, status: str) -> None:
-        self.batch_outcomes[status] = self.batch_outcomes.get(status, 0) + 1
+    def count_batch_outcome(self, status: str, count: int = 1) -> None:
+        self.batch_outcomes[status] = self.batch_outcomes.get(status, 0) + count
 
 
 _TALLY: trio.lowlevel.RunVar[Tally] = trio.lowlevel.RunVar("engine_bridge_tally")

@@ -17,7 +17,8 @@ import trio.testing
 
 import engine
 import engine.testing
-from tests.batch_jobs.jobs import behave, indicators, parse_order_line, square
+from tests.batch_jobs import jobs
+from tests.batch_jobs.jobs import behave, fragile, indicators, parse_order_line, square
 
 
 def live_children() -> set[int]:
@@ -260,6 +261,22 @@ async def test_small_items_are_chunked_to_amortise_dispatch(pool: engine.Process
     assert batch.statistics().calls < 100
 
 
+async def test_a_result_that_cannot_be_loaded_here_fails_only_its_own_item(
+    pool: engine.ProcessPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobs, "REFUSE_TO_LOAD", True)
+    outcomes = await engine.run_batch(fragile, range(6), pool=pool, chunk_size=6)
+    # The chunk's results travel together, so the chunk is re-run item by item
+    # and only item 3 ends with the error.
+    assert [o.status for o in outcomes] == ["ok", "ok", "ok", "error", "ok", "ok"]
+    assert [o.value for o in outcomes if o.ok] == [0, 1, 4, 16, 25]
+    error = outcomes[3].error
+    assert isinstance(error, engine.SerializationError)
+    assert error.direction == "result"
+    assert "cannot be rebuilt in the parent" in str(error)
+    assert all(o.attempts == 2 for o in outcomes)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
@@ -305,6 +322,22 @@ async def test_virtual_bridge_splits_a_hung_chunk_within_twice_the_deadline(
     assert trio.current_time() == 99
     assert bridge.calls[0] == list(range(10))
     assert bridge.calls[1:] == [[i] for i in range(10)]
+
+
+async def test_chunks_are_sized_from_measured_times_and_even_out_at_the_end(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    bridge = engine.testing.VirtualBridge(duration=lambda item: 0.001)
+    outcomes = await engine.run_batch(square, range(1_000), bridge=bridge, workers=2)
+    assert [o.value for o in outcomes] == [i * i for i in range(1_000)]
+    sizes = [len(call) for call in bridge.calls]
+    # Two lone items measure the work; then calls of about 50 ms of it...
+    assert sizes[:2] == [1, 1]
+    assert max(sizes) == 50
+    # ...halving near the end so both workers finish together, but never into
+    # calls of less than 4 ms of work.
+    assert sizes[-5:] == [49, 25, 12, 6, 6]
+    assert trio.current_time() == pytest.approx(0.5)
 
 
 async def test_virtual_bridge_crash_is_isolated_to_its_item(autojump_clock: trio.abc.Clock) -> None:

@@ -81,3 +81,25 @@ def parse_order_line(line: str) -> dict[str, object] | None:
         return {"oid": int(record["oid"]), "px": float(record["px"]), "status": record["status"]}
     except (ValueError, KeyError, TypeError):
         return None
+
+
+# Set by the tests in their own process only; spawned workers import this afresh.
+REFUSE_TO_LOAD = False
+
+
+def _refuse_to_load() -> object:
+    if REFUSE_TO_LOAD:
+        raise RuntimeError("this result cannot be rebuilt in the parent")
+    return object()
+
+
+class LoadsOnlyInWorkers:
+    """A result that pickles in the worker but cannot be unpickled in the test process."""
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (_refuse_to_load, ())
+
+
+def fragile(x: int) -> object:
+    """``x * x``, except 3, whose result cannot be loaded in the test process."""
+    return LoadsOnlyInWorkers() if x == 3 else x * x
