@@ -23,7 +23,10 @@ Scope = Mapping[str, Any]
 Message = Mapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+# What a mounted app may be. ASGI frameworks type scope and messages each their
+# own way (Starlette: MutableMapping; asgiref: TypedDicts), and callables are
+# contravariant in their arguments, so a precise type here would refuse them all.
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 ENDPOINTS = ("/health", "/ready", "/metrics", "/status")
 _JSON = b"application/json"

@@ -278,8 +278,24 @@ def open_process_pool(
 
 @asynccontextmanager
 async def _open_pool(workers: int, **options: Any) -> AsyncIterator[ProcessPool]:
-    async with trio_parallel.open_worker_context(**options) as context:
-        yield ProcessPool(context, workers)
+    body_error: BaseException | None = None
+    try:
+        async with trio_parallel.open_worker_context(**options) as context:
+            try:
+                yield ProcessPool(context, workers)
+            except BaseException as exc:
+                body_error = exc
+                raise
+    except trio_parallel.BrokenWorkerError as exc:
+        if exc is body_error:
+            raise
+        # Raised by the close: a worker did not exit cleanly, typically because
+        # the signal that stops the service (Ctrl-C, or SIGTERM to its process
+        # group) reached the workers too. They are gone all the same; what the
+        # block itself raised, if anything, is what the caller needs.
+        logger.warning("process pool closed with dead workers: %s", exc)
+        if body_error is not None:
+            raise body_error from None
 
 
 # -- engine.to_process: a default pool per trio run ------------------------------

@@ -258,3 +258,42 @@ async def test_iterate_in_thread_rejects_bad_arguments() -> None:
         engine.iterate_in_thread(poll=lambda t: None, poll_interval=0)
     with pytest.raises(ValueError, match="max_batch must be >= 1"):
         engine.iterate_in_thread([1], max_batch=0)
+
+
+@pytest.mark.parametrize("cancelled", [False, True])
+async def test_workers_killed_by_a_stop_signal_do_not_fail_the_pools_close(
+    cancelled: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Ctrl-C or a SIGTERM to the process group reaches the workers too; the
+    # pool's close then finds them dead. That is no error of the block's.
+    with trio.move_on_after(30) as guard:
+        async with engine.open_process_pool(2) as pool:
+            await pool.warm()
+            workers = _spawned_workers()
+            assert len(workers) == 2
+            for worker in workers:
+                worker.terminate()
+            psutil.wait_procs(workers, timeout=10)
+            if cancelled:
+                guard.cancel()
+                await trio.sleep_forever()
+    assert guard.cancelled_caught == cancelled
+    assert "process pool closed with dead workers" in caplog.text
+    assert _spawned_workers() == []
+
+
+def _spawned_workers() -> list[psutil.Process]:
+    found = []
+    for child in psutil.Process().children():
+        try:
+            if "spawn_main" in " ".join(child.cmdline()) and child.is_running():
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return [p for p in found if p.status() != psutil.STATUS_ZOMBIE]
+
+
+async def test_a_broken_worker_error_from_the_block_itself_still_propagates() -> None:
+    with pytest.raises(engine.WorkerCrashed):
+        async with engine.open_process_pool(1) as pool:
+            await pool.run(behave, ("kill", 0))

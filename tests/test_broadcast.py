@@ -577,6 +577,34 @@ async def test_shutdown_closes_clients_with_1001() -> None:
         assert stats.aborted == 0
 
 
+async def test_close_waits_for_answers_and_abort_ends_the_wait(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(VIRTUAL_GUARD):
+        async with (
+            serving(close_timeout=3) as (server, _),
+            raw_client(server.port) as mute,
+            ws_client(server) as polite,
+        ):
+            assert isinstance(await mute.upgrade("/ws?topics=>"), AcceptConnection)
+            server.close()
+            # The polite client answers the close at once; the mute one never does.
+            with pytest.raises(ConnectionClosed) as closed:
+                await polite.get_message()
+            assert close_of(closed.value) == (CLOSE_GOING_AWAY, "server shutting down")
+            with trio.move_on_after(1):
+                await server.wait_closed()
+            assert server.statistics().clients == 1
+            # A forced stop does not wait out the mute client's close_timeout.
+            started = trio.current_time()
+            server.abort()
+            await server.wait_closed()
+            assert trio.current_time() == started
+            stats = server.statistics()
+            assert (stats.clients, stats.aborted) == (0, 1)
+            assert stats.disconnected == {"shutdown": 2}
+
+
 async def test_the_bus_closing_ends_the_server() -> None:
     bus = MemoryBus()
     with trio.fail_after(GUARD):

@@ -378,6 +378,19 @@ def test_a_lone_stream_makes_its_own_trades() -> None:
     assert [a["f"] - aggs[0]["f"] for a in aggs] == [0, 1, 2]
 
 
+def test_trade_ids_stay_consecutive_across_kline_rollovers() -> None:
+    # trade + kline_1s at 1,000 messages/s: a rollover every 500 trades.
+    messages = [
+        json.loads(t)["data"] for t in _tape(1, ["btcusdt@trade", "btcusdt@kline_1s"]).texts(4_000)
+    ]
+    trades, klines = messages[0::2], [m["k"] for m in messages[1::2]]
+    ids = [t["t"] for t in trades]
+    assert ids == list(range(ids[0], ids[0] + len(ids)))
+    assert sum(1 for k in klines if k["x"]) == 3
+    reported = set(ids)
+    assert all(k["f"] in reported and k["L"] in reported for k in klines)
+
+
 def test_a_kline_closes_when_its_interval_rolls_over() -> None:
     # 1,000 messages per second of simulated clock: message 1000 opens second 2.
     klines = [json.loads(t)["data"]["k"] for t in _tape(1, ["btcusdt@kline_1s"]).texts(1002)]
@@ -394,11 +407,26 @@ def test_a_kline_closes_when_its_interval_rolls_over() -> None:
     assert reopened["f"] == closed["L"] + 1
 
 
+async def test_a_later_connection_continues_the_trade_ids() -> None:
+    with trio.fail_after(GUARD):
+        async with _simulator(seed=7, rate=20_000) as sim:
+            url = sim.address.raw_url("btcusdt@trade")
+            first = [json.loads(t)["t"] for t in await _first_messages(url, 10)]
+            sent = sim.statistics().messages_sent
+            second = [json.loads(t)["t"] for t in await _first_messages(url, 10)]
+    # Ids move on as an exchange's would while a client is away: a reconnecting
+    # client sees a jump past everything sent before it came back.
+    assert first == list(range(first[0], first[0] + 10))
+    assert second == list(range(first[0] + sent, first[0] + sent + 10))
+    assert sent >= 10
+
+
 async def test_same_seed_same_messages_different_seed_different() -> None:
     url_streams = ALL_STREAMS
     with trio.fail_after(GUARD):
         async with _simulator(seed=7, rate=20_000) as sim:
             first = await _first_messages(sim.address.combined_url(url_streams), 50)
+        async with _simulator(seed=7, rate=20_000) as sim:
             again = await _first_messages(sim.address.combined_url(url_streams), 50)
         async with _simulator(seed=8, rate=20_000) as other:
             different = await _first_messages(other.address.combined_url(url_streams), 50)

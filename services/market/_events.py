@@ -4,6 +4,11 @@ Decoded with msgspec (about 0.3-0.5 µs per message against 1.8 µs for the
 stdlib ``json``), in two steps: the combined-stream envelope with its
 ``data`` kept raw, then ``data`` into the struct its stream name calls for.
 Field names are Binance's, so the wire format is documented by the types.
+
+The structs are ``gc=False``: they hold only strings, numbers and lists of
+string pairs, so they can never be part of a reference cycle, and at 50,000
+messages/s leaving them out of the garbage collector's tracking saves it
+work (and the decoder about a tenth of its time).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import msgspec
 
 
-class Trade(msgspec.Struct, frozen=True):
+class Trade(msgspec.Struct, frozen=True, gc=False):
     """``<symbol>@trade``."""
 
     E: int  # event time, ms
@@ -23,7 +28,7 @@ class Trade(msgspec.Struct, frozen=True):
     m: bool  # buyer is the maker
 
 
-class AggTrade(msgspec.Struct, frozen=True):
+class AggTrade(msgspec.Struct, frozen=True, gc=False):
     """``<symbol>@aggTrade``."""
 
     E: int
@@ -37,7 +42,7 @@ class AggTrade(msgspec.Struct, frozen=True):
     m: bool
 
 
-class BookTicker(msgspec.Struct, frozen=True):
+class BookTicker(msgspec.Struct, frozen=True, gc=False):
     """``<symbol>@bookTicker``: the best bid and ask."""
 
     u: int  # update id
@@ -48,7 +53,7 @@ class BookTicker(msgspec.Struct, frozen=True):
     A: str  # best ask quantity
 
 
-class DepthUpdate(msgspec.Struct, frozen=True):
+class DepthUpdate(msgspec.Struct, frozen=True, gc=False):
     """``<symbol>@depth``: order book changes."""
 
     E: int
@@ -59,7 +64,7 @@ class DepthUpdate(msgspec.Struct, frozen=True):
     a: list[tuple[str, str]]
 
 
-class KlineData(msgspec.Struct, frozen=True):
+class KlineData(msgspec.Struct, frozen=True, gc=False):
     """The ``k`` object of a kline event."""
 
     t: int  # open time
@@ -75,7 +80,7 @@ class KlineData(msgspec.Struct, frozen=True):
     x: bool  # closed
 
 
-class Kline(msgspec.Struct, frozen=True):
+class Kline(msgspec.Struct, frozen=True, gc=False):
     """``<symbol>@kline_<interval>``."""
 
     E: int
@@ -86,7 +91,7 @@ class Kline(msgspec.Struct, frozen=True):
 Event = Trade | AggTrade | BookTicker | DepthUpdate | Kline
 
 
-class Envelope(msgspec.Struct, frozen=True):
+class Envelope(msgspec.Struct, frozen=True, gc=False):
     """The combined-stream wrapper ``{"stream": ..., "data": ...}``."""
 
     stream: str
@@ -101,6 +106,9 @@ _DECODERS: dict[str, msgspec.json.Decoder[Event]] = {
     "kline": msgspec.json.Decoder(Kline),
 }
 _ENVELOPE = msgspec.json.Decoder(Envelope)
+# Stream names seen, with their decoders; Binance allows 1,024 per connection.
+_BY_STREAM: dict[str, msgspec.json.Decoder[Event]] = {}
+_STREAMS_KEPT = 4096
 
 
 class MalformedMessage(ValueError):
@@ -116,6 +124,17 @@ def stream_kind(stream: str) -> str:
     return kind.split("_", 1)[0]
 
 
+def _decoder(stream: str) -> msgspec.json.Decoder[Event]:
+    """The decoder for a stream name, remembered: a connection has a few fixed names."""
+    decoder = _DECODERS.get(stream_kind(stream))
+    if decoder is None:
+        raise MalformedMessage(f"unknown stream kind in {stream!r}")
+    if len(_BY_STREAM) >= _STREAMS_KEPT:  # a bound, against a stream of made-up names
+        _BY_STREAM.clear()
+    _BY_STREAM[stream] = decoder
+    return decoder
+
+
 def decode(frame: str | bytes) -> tuple[str, Event]:
     """One combined-stream frame into ``(stream name, typed event)``.
 
@@ -125,15 +144,14 @@ def decode(frame: str | bytes) -> tuple[str, Event]:
     """
     try:
         envelope = _ENVELOPE.decode(frame)
-        decoder = _DECODERS.get(stream_kind(envelope.stream))
-        if decoder is None:
-            raise MalformedMessage(f"unknown stream kind in {envelope.stream!r}")
-        return envelope.stream, decoder.decode(envelope.data)
+        stream = envelope.stream
+        decoder = _BY_STREAM.get(stream) or _decoder(stream)
+        return stream, decoder.decode(envelope.data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise MalformedMessage(str(exc)) from exc
 
 
-class Normalised(msgspec.Struct, frozen=True, omit_defaults=True):
+class Normalised(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """What the service publishes on its bus and sends to its clients."""
 
     type: str

@@ -40,7 +40,7 @@ async def _forward(inbox: SendChannel[BusMessage], message: BusMessage) -> None:
         await inbox.send(message)
 
 
-async def _linger(inbox: ReceiveChannel[BusMessage], batch: list[BusMessage]) -> None:
+async def _linger(inbox: ReceiveChannel[BusMessage], batch: list[BusMessage], limit: int) -> None:
     """Add to ``batch`` the messages that arrive while they keep arriving.
 
     A publisher that yields after every message would otherwise wake every
@@ -51,10 +51,10 @@ async def _linger(inbox: ReceiveChannel[BusMessage], batch: list[BusMessage]) ->
     """
     give_up = trio.current_time() + LINGER
     empty = 0
-    while empty < 2 and len(batch) < MAX_DISPATCH and trio.current_time() < give_up:
+    while empty < 2 and len(batch) < limit and trio.current_time() < give_up:
         await trio.lowlevel.checkpoint()
         try:
-            batch += inbox.receive_batch_nowait(MAX_DISPATCH - len(batch))
+            batch += inbox.receive_batch_nowait(limit - len(batch))
         except trio.WouldBlock:
             empty += 1
         except trio.EndOfChannel:  # the bus closed: hand out what we have
@@ -135,6 +135,7 @@ class BroadcastServer:
     _connections: set[Client] = attrs.field(factory=set, init=False)
     _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _closing: bool = attrs.field(default=False, init=False)
+    _all_gone: trio.Event = attrs.field(factory=trio.Event, init=False)
     _accepted: int = attrs.field(default=0, init=False)
     _peak: int = attrs.field(default=0, init=False)
     _aborted: int = attrs.field(default=0, init=False)
@@ -190,6 +191,30 @@ class BroadcastServer:
             connections=connections,
         )
 
+    def close(self) -> None:
+        """Close every client with 1001 "going away", as cancelling the server does.
+
+        What is queued for a client goes out first; each connection then
+        gets ``close_timeout`` to finish its close handshake. New connections
+        are refused meanwhile. :meth:`wait_closed` waits for the last one.
+        """
+        self._shut_down()
+
+    async def wait_closed(self) -> None:
+        """Wait until :meth:`close` (or a cancel) has ended every connection."""
+        await self._all_gone.wait()
+
+    def abort(self) -> None:
+        """Drop every connection now, without a close handshake: for a forced stop."""
+        self._closing = True
+        for client in list(self._connections):
+            client.scope.cancel()
+        self._check_all_gone()
+
+    def _check_all_gone(self) -> None:
+        if self._closing and not self._connections:
+            self._all_gone.set()
+
     # -- serving --------------------------------------------------------------
 
     async def _serve(
@@ -220,6 +245,7 @@ class BroadcastServer:
 
     def _shut_down(self) -> None:
         self._closing = True
+        self._check_all_gone()
         for client in list(self._connections):
             if client.is_open:
                 # What is queued still goes out first, within close_timeout.
@@ -241,17 +267,23 @@ class BroadcastServer:
                 except trio.EndOfChannel:
                     return
                 for message in batch:
-                    await _forward(inbox, message)
+                    try:
+                        inbox.send_nowait(message)  # no coroutine per message
+                    except trio.WouldBlock:
+                        await inbox.send(message)
 
     async def _dispatch(self, inbox: ReceiveChannel[BusMessage]) -> None:
         dispatch = self._fanout.dispatch
+        # A dispatch larger than a client's queue would make even a client
+        # that keeps up lose messages: its writer runs only after it.
+        limit = min(MAX_DISPATCH, self.config.queue_size)
         while True:
             try:
-                batch = await inbox.receive_batch(MAX_DISPATCH)
+                batch = await inbox.receive_batch(limit)
             except trio.EndOfChannel:
                 return
-            if len(batch) < MAX_DISPATCH:
-                await _linger(inbox, batch)
+            if len(batch) < limit:
+                await _linger(inbox, batch, limit)
             dispatch(batch)
             for message in batch:  # at most once to the clients; acked once handed on
                 await message.ack()
@@ -276,6 +308,7 @@ class BroadcastServer:
             if client.is_open:
                 self._retire(client)
             await trio.aclose_forcefully(stream)
+            self._check_all_gone()
 
     async def _upgrade(self, client: Client) -> None:
         request = await receive_request(client.stream, client.ws)

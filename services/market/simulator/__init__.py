@@ -4,12 +4,15 @@ The market-data service's default feed, so the service runs with no network:
 WebSocket streams (trade, aggTrade, bookTicker, depthUpdate, kline; raw and
 combined), REST tickers and klines, deterministic from a seed, paced at a
 configurable rate, with fault injection (drop, malformed frame, stall) for
-tests. See ``docs/simulator.md``.
+tests; and, on request, a Hyperliquid-style order-status log file. See
+``docs/simulator.md`` and ``docs/orders.md``.
 """
 
 from __future__ import annotations
 
 from ._config import SimulatorConfig as SimulatorConfig
+from ._orderlog import generate_order_lines as generate_order_lines
+from ._orderlog import write_order_log as write_order_log
 from ._server import Simulator as Simulator
 from ._server import SimulatorAddress as SimulatorAddress
 from ._server import SimulatorStatistics as SimulatorStatistics
@@ -21,6 +24,8 @@ __all__ = [
     "SimulatorAddress",
     "SimulatorConfig",
     "SimulatorStatistics",
+    "generate_order_lines",
     "open_simulator",
     "serve_simulator",
+    "write_order_log",
 ]

@@ -39,6 +39,17 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="start a simulated clock here (ms since the epoch) instead of the wall clock",
     )
+    parser.add_argument(
+        "--order-log",
+        default=None,
+        help="also append a Hyperliquid-style order-status log to this file (none)",
+    )
+    parser.add_argument(
+        "--order-log-rate",
+        type=float,
+        default=100.0,
+        help="lines per second of the order log (100)",
+    )
     return parser
 
 
@@ -63,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host,
             port=args.port,
             epoch_ms=args.epoch_ms,
+            order_log=args.order_log,
+            order_log_rate=args.order_log_rate,
         )
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))

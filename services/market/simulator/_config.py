@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterable
 
@@ -64,6 +65,17 @@ def _check_rate(instance: object, attribute: attrs.Attribute[float], value: floa
         )
 
 
+def _to_path(value: str | os.PathLike[str] | None) -> str | None:
+    return None if value is None else os.fspath(value)
+
+
+def _check_order_log_rate(
+    instance: object, attribute: attrs.Attribute[float], value: float
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"order_log_rate must be > 0 lines per second, got {value!r}")
+
+
 def _check_seed(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
     check_count("seed", value)
 
@@ -106,6 +118,10 @@ class SimulatorConfig:
             ``math.inf`` counts as 100,000 per second) and the REST history
             ends at ``epoch_ms``, so whole responses, timestamps included,
             repeat exactly from run to run.
+        order_log: a file to append a Hyperliquid-style order-status log to
+            (see ``docs/orders.md``), from the same seed, symbols and clock;
+            ``None`` (default) writes none.
+        order_log_rate: lines per second of that log.
 
     Raises:
         TypeError, ValueError: for a bad argument, named in the message.
@@ -119,3 +135,5 @@ class SimulatorConfig:
     host: str = attrs.field(default="127.0.0.1", validator=_check_host)
     port: int = attrs.field(default=0, validator=_check_port)
     epoch_ms: int | None = attrs.field(default=None, validator=_check_epoch)
+    order_log: str | None = attrs.field(default=None, converter=_to_path)
+    order_log_rate: float = attrs.field(default=100.0, validator=_check_order_log_rate)

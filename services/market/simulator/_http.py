@@ -154,8 +154,15 @@ async def _run_session(
         await reject(state, stream, ws, str(exc))
         return
     config = state.config
+    # Ids continue past every message sent before, so a client that reconnects
+    # sees the jump an exchange's ids make while it is away (a gap to count).
     tape = Tape(
-        config.seed, specs, combined=route.combined, epoch_ms=config.epoch_ms, rate=config.rate
+        config.seed,
+        specs,
+        combined=route.combined,
+        epoch_ms=config.epoch_ms,
+        rate=config.rate,
+        trade_id_offset=state.counters.messages_sent,
     )
     state.counters.connections_total += 1
     await Session(state, stream, ws, tape, Pacer(config.rate, MAX_BURST)).run()

@@ -17,6 +17,7 @@ from engine._watchdog import attach, detach
 from ._config import SimulatorConfig
 from ._http import handle_connection
 from ._instruments import instruments
+from ._orderlog import write_order_log
 from ._state import SharedState
 
 logger = logging.getLogger("services.market.simulator")
@@ -93,6 +94,11 @@ class Simulator:
     address: SimulatorAddress
     _state: SharedState = attrs.field(repr=False, alias="state")
     name: str = "simulator"
+
+    @property
+    def anchor_ms(self) -> int:
+        """Where the REST history is anchored: the start time, or ``config.epoch_ms``."""
+        return self._state.rest.history.anchor_ms
 
     def drop_connections(self) -> int:
         """Cut every open WebSocket connection without a close frame.
@@ -197,6 +203,17 @@ async def serve_simulator(
         async with trio.open_nursery() as nursery:
             handler = functools.partial(handle_connection, state)
             await nursery.start(trio.serve_listeners, handler, listeners)
+            if config.order_log is not None:
+                await nursery.start(
+                    functools.partial(
+                        write_order_log,
+                        config.order_log,
+                        rate=config.order_log_rate,
+                        seed=config.seed,
+                        symbols=config.symbols,
+                        epoch_ms=config.epoch_ms,
+                    )
+                )
             logger.info("exchange simulator on %s", simulator.address.rest_url)
             task_status.started(simulator)
     finally:

@@ -5,7 +5,10 @@ Every message first moves its symbol's market one step (a seeded random walk
 of the price, and order-book update ids), then reports it as its stream type
 does on Binance:
 
-* ``trade``: a new trade; trade ids on the stream are consecutive.
+* ``trade``: a new trade; trade ids on the stream are consecutive. A later
+  connection's ids start past every message the simulator sent before it
+  (the ``trade_id_offset``), as an exchange's ids move on while a client is
+  away, so a client that reconnects sees a gap.
 * ``aggTrade``: the trades since the symbol's previous ``aggTrade`` (one new
   trade if there were none), so ``f..l`` ranges chain without gaps and cover
   the ids the ``trade`` stream reported.
@@ -76,7 +79,7 @@ class _Book:
         "update_id",
     )
 
-    def __init__(self, instrument: Instrument) -> None:
+    def __init__(self, instrument: Instrument, trade_id_offset: int = 0) -> None:
         self.symbol = instrument.symbol
         self.decimals = instrument.price_decimals
         self.qty_decimals = instrument.qty_decimals
@@ -87,8 +90,9 @@ class _Book:
         self.shown = round(self.price, self.decimals)
         self.price_text = f"{self.shown:.8f}"
         self.qty, self.qty_text, self.maker = self.lot, f"{self.lot:.8f}", False
-        self.trade_id = self.agg_last = instrument.first_trade_id - 1
-        self.agg_id = instrument.first_trade_id // 3 - 1
+        first = instrument.first_trade_id + trade_id_offset
+        self.trade_id = self.agg_last = first - 1
+        self.agg_id = first // 3 - 1
         self.agg_qty = 0.0
         self.update_id = instrument.first_update_id - 1
         self.depth_from = instrument.first_update_id
@@ -280,7 +284,11 @@ def _level_qty(book: _Book, amount: float) -> str:
 def _kline(book: _Book, ts: int, kline: _Kline | None, draw: Draw) -> Message:
     assert kline is not None  # a kline stream always has its candle
     kline.roll(book.symbol, ts)
-    if book.trade_id == kline.reported or not kline.count:
+    # A new trade only when none happened since this stream's previous message
+    # (a lone kline stream makes its own). Not merely because the interval
+    # rolled over: then the closed candle is what this message sends, and a
+    # trade made here would be one the trade stream never reports.
+    if book.trade_id == kline.reported or (not kline.count and kline.closed is None):
         book.trade(draw, ts)
     kline.reported = book.trade_id
     candle = kline.closed
@@ -310,6 +318,9 @@ class Tape:
         combined: wrap each message as ``{"stream": name, "data": message}``.
         epoch_ms: start of the simulated clock, or ``None`` for the wall clock.
         rate: messages per second, which paces the simulated clock.
+        trade_id_offset: added to every symbol's first trade id: a later
+            connection continues past the ids of earlier ones, as an
+            exchange's ids advance while a client is away.
     """
 
     __slots__ = (
@@ -322,6 +333,7 @@ class Tape:
         "_ms_per_message",
         "_position",
         "_streams",
+        "_trade_id_offset",
         "specs",
     )
 
@@ -333,8 +345,10 @@ class Tape:
         combined: bool,
         epoch_ms: int | None,
         rate: float,
+        trade_id_offset: int = 0,
     ) -> None:
         self._draw = random.Random(seed).random
+        self._trade_id_offset = trade_id_offset
         self._combined = combined
         self._epoch_ms = epoch_ms
         self._ms_per_message = 1000.0 / min(rate, UNLIMITED_STAMP_RATE)
@@ -360,7 +374,8 @@ class Tape:
     def _entry(self, spec: StreamSpec) -> tuple[str, _Book, _Builder, _Kline | None]:
         book = self._books.get(spec.instrument.symbol)
         if book is None:
-            book = self._books[spec.instrument.symbol] = _Book(spec.instrument)
+            book = _Book(spec.instrument, self._trade_id_offset)
+            self._books[spec.instrument.symbol] = book
         kline = None
         if spec.kind is Kind.KLINE:
             kline = self._klines.get(spec.name)
