@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,8 @@ import httpx
 import pytest
 import trio
 import trio_websocket
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request
 
 pytestmark = pytest.mark.subprocess
 
@@ -82,11 +85,11 @@ def test_service_runs_on_the_simulator_serves_ops_and_stops_on_sigterm() -> None
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--port", "banana"], "invalid int value"),
+        (["--port", "banana"], "--port: must be a port number from 0 to 65535, got 'banana'"),
         (["--overflow", "spill"], "invalid choice"),
         (["--rate", "-5"], "--rate: must be a positive number or inf, got '-5'"),
-        (["--port", "70000"], "--port must be between 0 and 65535"),
-        (["--symbols", ","], "--symbols non-empty"),
+        (["--port", "70000"], "--port: must be a port number from 0 to 65535, got '70000'"),
+        (["--symbols", ","], "--symbols: must name at least one symbol, got ','"),
     ],
 )
 def test_invalid_flags_exit_2_with_a_clear_message(flags: list[str], message: str) -> None:
@@ -113,3 +116,50 @@ def test_help_documents_every_flag_and_its_variable() -> None:
         "MARKET_OVERFLOW",
     ):
         assert variable in result.stdout
+
+
+def _stuck_client(ws_url: str) -> socket.socket:
+    """A WebSocket client that completes the handshake and then never reads."""
+    host, port = ws_url.removeprefix("ws://").split("/")[0].rsplit(":", 1)
+    client = WSConnection(ConnectionType.CLIENT)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(client.send(Request(host=host, target="/ws?topics=>")))
+    client.receive_data(sock.recv(4096))
+    assert any(isinstance(event, AcceptConnection) for event in client.events())
+    return sock
+
+
+def test_a_forced_stop_does_not_wait_for_a_client_that_never_reads() -> None:
+    process = subprocess.Popen(
+        [*COMMAND, "--port", "0", "--ws-port", "0", "--grace-period", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        ws_url = line.split("(WebSocket: ")[1].rstrip(")\n")
+        with _stuck_client(ws_url):
+            url = line.split(" at ")[1].split()[0]
+            with httpx.Client(base_url=url, timeout=5) as client:
+                wait_for(lambda: client.get("/ready").status_code == 200, 20)
+                clients = client.get("/status").json()["sources"]["broadcast"]["clients"]
+                assert clients == 1
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            # The client never answers the close handshake: the graceful close
+            # waits for it until the 1 s grace period runs out, then the stop is
+            # forced (exit 128 + SIGTERM) at once, not after the 5 s close timeout.
+            assert process.wait(timeout=15) == 128 + signal.SIGTERM
+            assert time.monotonic() - signalled < 4
+            assert process.stderr is not None
+            assert "grace period of 1 s expired" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()

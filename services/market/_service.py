@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
+import tempfile
+import time
 
 import attrs
 import trio
@@ -12,13 +15,21 @@ import trio
 import engine
 from engine.bus import MemoryBus
 
+from .api import build_api
 from .broadcast import BroadcastConfig, BroadcastServer, serve_broadcast
+from .cycles import Watchlist, WatchlistConfig, WhaleFlowConfig, WhaleFlows
 from .feed import Feed, FeedConfig
-from .simulator import SimulatorConfig, serve_simulator
+from .orders import OrderLog, OrderLogConfig
+from .scans import DEFAULT_UNIVERSE, ScanConfig, Scans, SimulatedKlines
+from .simulator import Simulator, SimulatorConfig, serve_simulator
 
 logger = logging.getLogger("market")
 
 DEFAULT_SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT", "XRPUSDT")
+BINANCE_REST = "https://api.binance.com"
+# The simulator's trades are worth up to about 1,600 in quote currency; this
+# makes a few percent of them whales, so the whale flow has something to show.
+SIMULATED_WHALE_USD = 1_500.0
 
 
 @attrs.frozen
@@ -36,6 +47,20 @@ class MarketConfig:
         queue_size: the feed queue's bound.
         overflow: the feed queue's policy.
         grace_period: seconds in-flight work gets after SIGTERM.
+        order_log: a Hyperliquid node's order-status log to follow; ``None``:
+            the embedded simulator writes one (in a temporary directory)
+            unless ``feed_url`` names an exchange, then there is none.
+        order_log_publish: ``"batch"`` (a JSON array per coin per parsed
+            chunk, the fast path) or ``"order"`` (a bus message per order).
+        rest_url: the exchange's REST base for the watchlist's quotes;
+            ``None``: the embedded simulator's, or ``https://api.binance.com``
+            with ``feed_url``.
+        watchlist_interval: seconds between watchlist refreshes.
+        whale_threshold: the notional (price x quantity, in quote currency)
+            of a whale trade; ``None``: 100,000, or 1,500 on the simulator,
+            whose trades are small.
+        scan_symbols: the simulated universe that scans cover.
+        scan_workers: the scans' worker processes; ``None``: one per CPU.
     """
 
     host: str = "127.0.0.1"
@@ -48,16 +73,47 @@ class MarketConfig:
     queue_size: int = 10_000
     overflow: str = "block"
     grace_period: float = 10.0
+    order_log: str | None = None
+    order_log_publish: str = "batch"
+    rest_url: str | None = None
+    watchlist_interval: float = 5.0
+    whale_threshold: float | None = None
+    scan_symbols: int = DEFAULT_UNIVERSE
+    scan_workers: int | None = None
 
 
 @attrs.frozen
 class MarketService:
-    """What :func:`serve_market` reports once the service is ready."""
+    """What :func:`serve_market` reports once it listens (the feed may still be connecting).
+
+    Attributes:
+        url: the ops/API server, ``http://host:port``.
+        ws_url: the WebSocket broadcast, ``ws://host:port/ws``.
+        feed: the exchange feed, whose ``statistics()`` count what it received.
+        supervisor: the supervisor of the feed and its processors.
+        bus: the bus between the processors and the broadcast.
+        broadcast: the WebSocket broadcast server.
+        simulator: the embedded exchange simulator, with its fault switches
+            (``drop_connections``, ``send_malformed``, ``stall``); ``None``
+            when ``feed_url`` names an exchange.
+        orders: the order log being followed, if any (``recent()`` for
+            ``/api/orders``).
+        watchlist: the watchlist cycle (quotes over REST).
+        whales: the whale-flow detector on the trade stream.
+        scans: the scans of the simulated universe.
+    """
 
     url: str
     ws_url: str
     feed: Feed
     supervisor: engine.Supervisor
+    bus: MemoryBus
+    broadcast: BroadcastServer
+    simulator: Simulator | None = None
+    orders: OrderLog | None = None
+    watchlist: Watchlist | None = None
+    whales: WhaleFlows | None = None
+    scans: Scans | None = None
 
 
 @attrs.frozen
@@ -77,12 +133,29 @@ async def serve_market(
     config: MarketConfig, *, task_status: trio.TaskStatus[MarketService] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Run the service until cancelled or asked to stop (``engine.current_shutdown()``)."""
+    if config.order_log is not None or config.feed_url is not None:
+        await _serve_market(config, config.order_log, None, task_status)
+        return
+    # The embedded simulator writes the order log, in a directory of its own.
+    with tempfile.TemporaryDirectory(prefix="market-orders-") as scratch:
+        path = os.path.join(scratch, "node_order_statuses")
+        await _serve_market(config, path, path, task_status)
+
+
+async def _serve_market(
+    config: MarketConfig,
+    order_log: str | None,
+    simulated_log: str | None,
+    task_status: trio.TaskStatus[MarketService],
+) -> None:
     bus = MemoryBus()
     async with trio.open_nursery() as nursery:
         feed_url = config.feed_url
+        simulator: Simulator | None = None
         if feed_url is None:
             simulator = await nursery.start(
-                serve_simulator, SimulatorConfig(symbols=config.symbols, rate=config.rate)
+                serve_simulator,
+                SimulatorConfig(symbols=config.symbols, rate=config.rate, order_log=simulated_log),
             )
             feed_url = simulator.address.ws_url
         feed = Feed(
@@ -95,7 +168,24 @@ async def serve_market(
             ),
             bus,
         )
+        rest_url = config.rest_url or (
+            simulator.address.rest_url if simulator is not None else BINANCE_REST
+        )
+        threshold = config.whale_threshold or (
+            SIMULATED_WHALE_USD if simulator is not None else WhaleFlowConfig().threshold_usd
+        )
+        whales = WhaleFlows(WhaleFlowConfig(threshold_usd=threshold), bus)
+        watchlist = Watchlist(
+            WatchlistConfig(rest_url, config.symbols, interval=config.watchlist_interval)
+        )
+        anchor = simulator.anchor_ms if simulator is not None else int(time.time() * 1000)
+        scans = Scans(
+            ScanConfig(symbols=config.scan_symbols, workers=config.scan_workers),
+            SimulatedKlines(anchor_ms=anchor),
+        )
         async with engine.open_supervisor(name="market", max_restarts=20, period=60) as sup:
+            # Whale flows first, so they see the feed's first trade.
+            await sup.start(whales.run, name="whale_flows")
             await sup.start(feed.process, name="processors")
             sup.start_soon(
                 feed.connect,
@@ -104,6 +194,20 @@ async def serve_market(
                 backoff=engine.Backoff(initial=0.5, maximum=30),
                 stall_after=30,
             )
+            orders: OrderLog | None = None
+            if order_log is not None:
+                orders = OrderLog(OrderLogConfig(order_log, publish=config.order_log_publish), bus)
+                sup.start_soon(
+                    orders.follow,
+                    name="orders",
+                    reports_ready=True,
+                    backoff=engine.Backoff(initial=0.5, maximum=30),
+                    stall_after=30,
+                )
+            await sup.start(
+                watchlist.run, name="watchlist", stall_after=watchlist.config.stall_after
+            )
+            await sup.start(scans.run, name="scans")
             broadcast: BroadcastServer = await nursery.start(
                 serve_broadcast, bus, BroadcastConfig(host=config.host, port=config.ws_port)
             )
@@ -115,16 +219,47 @@ async def serve_market(
                 "bus": bus,
                 "broadcast": broadcast,
             }
+            if simulator is not None:  # its fault counters explain the feed's
+                sources["simulator"] = simulator
+            if orders is not None:
+                sources["orders"] = orders
+            sources |= {"watchlist": watchlist, "whale_flows": whales, "scans": scans}
+            api = build_api(scans=scans, watchlist=watchlist, whales=whales, orders=orders)
             serve = functools.partial(
-                engine.serve_ops, sup, config.host, config.port, sources=sources
+                engine.serve_ops,
+                sup,
+                config.host,
+                config.port,
+                sources=sources,
+                routes={"/api": api},
             )
             ops: engine.OpsServer = await nursery.start(serve)
             task_status.started(
-                MarketService(url=ops.url, ws_url=broadcast.url, feed=feed, supervisor=sup)
+                MarketService(
+                    url=ops.url,
+                    ws_url=broadcast.url,
+                    feed=feed,
+                    supervisor=sup,
+                    bus=bus,
+                    broadcast=broadcast,
+                    simulator=simulator,
+                    orders=orders,
+                    watchlist=watchlist,
+                    whales=whales,
+                    scans=scans,
+                )
             )
             await engine.current_shutdown().wait()
             logger.info("stopping: %s", engine.current_shutdown().reason)
             sup.cancel()
+        # Clients get "going away" (1001) and what was queued for them, as long
+        # as the grace period lasts; a forced stop (a cancel) drops them at once.
+        broadcast.close()
+        try:
+            await broadcast.wait_closed()
+        except BaseException:
+            broadcast.abort()
+            raise
         nursery.cancel_scope.cancel()
 
 

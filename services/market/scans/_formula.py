@@ -1,0 +1,766 @@
+"""Scan formulas: ``rsi14 < 30 and macd_hist > 0``, parsed into a checked tree, never eval-ed.
+
+A formula is text from a user. It is parsed by a Lark LALR grammar that
+knows numbers, indicator names, ``+ - * /``, comparisons and ``and``/``or``/
+``not``, nothing else: no strings, attributes, subscripts or calls other than
+an indicator's integer parameters. The result is a tree of frozen values
+whose every node is type-checked (arithmetic on numbers, ``and`` on
+conditions) as it is built, so a formula that parses also evaluates.
+
+Missing data is *unknown*, as in SQL: a comparison with a NaN operand is
+unknown, ``not`` of unknown is unknown, ``unknown and false`` is false,
+``unknown or true`` is true, and a formula that ends unknown does not match.
+So ``not rsi14 > 70`` does not match a symbol whose RSI is not defined yet.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Final, TypeAlias
+
+import attrs
+import lark
+
+from ._indicators import INDICATORS, MAX_PERIOD, Indicator
+
+#: The longest formula accepted, in characters.
+MAX_FORMULA_LENGTH: Final = 1000
+#: The deepest expression tree accepted (``a + b + c`` is 3 deep; parentheses add nothing).
+MAX_FORMULA_DEPTH: Final = 100
+
+ARITHMETIC_OPS: Final = ("+", "-", "*", "/")
+COMPARISON_OPS: Final = ("<", "<=", ">", ">=", "==", "!=")
+
+# Precedence, loosest first, as in Python.
+_OR, _AND, _NOT, _COMPARE, _SUM, _PRODUCT, _UNARY, _ATOM = range(8)
+_BINDING = {"+": _SUM, "-": _SUM, "*": _PRODUCT, "/": _PRODUCT}
+
+
+# How much of a formula an error shows.
+_SHOWN = 72
+
+
+class FormulaError(ValueError):
+    """A formula that cannot be used, and where: ``position`` is a 0-based index into ``text``.
+
+    ``str()`` shows the message, then the formula with a caret under the position::
+
+        unknown indicator 'rsl14'; did you mean rsi14?
+          rsl14 < 30
+          ^
+
+    Args:
+        message: what is wrong, naming the offending word.
+        text: the whole formula.
+        position: where the problem starts, ``0 <= position <= len(text)``.
+    """
+
+    def __init__(self, message: str, text: str, position: int) -> None:
+        # All three in args, so that the error pickles across processes as is.
+        super().__init__(message, text, position)
+        self.message = message
+        self.text = text
+        self.position = position
+
+    def __str__(self) -> str:
+        # One line, caret aligned; a long formula shows ~70 characters around the position.
+        start = 0 if len(self.text) <= _SHOWN else max(0, self.position - 40)
+        end = min(len(self.text), start + _SHOWN)
+        shown = re.sub(r"\s", " ", self.text[start:end])
+        prefix = "..." if start else ""
+        suffix = "..." if end < len(self.text) else ""
+        caret = " " * (len(prefix) + self.position - start) + "^"
+        return f"{self.message}\n  {prefix}{shown}{suffix}\n  {caret}"
+
+
+# -- the expression tree -----------------------------------------------------------
+
+
+def _height(*children: Expr) -> int:
+    return 1 + max((_depth_of(child) for child in children), default=0)
+
+
+def _depth_of(node: Expr) -> int:
+    return node.depth if isinstance(node, _Node) else 1
+
+
+class _Node:
+    """The inner nodes' shared behaviour: str() is the canonical spelling."""
+
+    __slots__ = ()
+    depth: int
+
+    def _set_depth(self, *children: Expr) -> None:
+        depth = _height(*children)
+        if depth > MAX_FORMULA_DEPTH:
+            raise ValueError(f"expression nests more than {MAX_FORMULA_DEPTH} levels deep")
+        object.__setattr__(self, "depth", depth)
+
+    def __str__(self) -> str:
+        return canonical(self)  # type: ignore[arg-type]  # only Expr classes inherit this
+
+
+def _check_numbers(node: str, operands: Sequence[Expr]) -> None:
+    for operand in operands:
+        if not is_number(operand):
+            raise TypeError(f"{node} takes numbers, got the condition {canonical(operand)}")
+
+
+def _check_conditions(node: str, operands: Sequence[Expr]) -> None:
+    for operand in operands:
+        if is_number(operand):
+            raise TypeError(f"{node} takes conditions, got the number {canonical(operand)}")
+
+
+# Typed converters: lists are accepted, tuples stored (frozen, hashable).
+def _number_tuple(operands: Iterable[NumberExpr]) -> tuple[NumberExpr, ...]:
+    return tuple(operands)
+
+
+def _condition_tuple(operands: Iterable[Condition]) -> tuple[Condition, ...]:
+    return tuple(operands)
+
+
+def _str_tuple(ops: Iterable[str]) -> tuple[str, ...]:
+    return tuple(ops)
+
+
+@attrs.frozen
+class Number:
+    """A number literal, finite and >= 0 (``-2`` is ``Negate(Number(2))``)."""
+
+    value: float = attrs.field(converter=float)
+
+    @value.validator
+    def _check(self, attribute: object, value: float) -> None:
+        if not 0 <= value < math.inf:
+            raise ValueError(f"a number literal must be finite and >= 0, got {value!r}")
+
+    def __str__(self) -> str:
+        return canonical(self)
+
+
+@attrs.frozen
+class Negate(_Node):
+    """``-operand``."""
+
+    operand: NumberExpr
+    depth: int = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        _check_numbers("'-'", [self.operand])
+        self._set_depth(self.operand)
+
+
+@attrs.frozen
+class Arithmetic(_Node):
+    """``left op right`` with ``op`` one of ``+ - * /``; division by zero gives NaN."""
+
+    op: str = attrs.field(validator=attrs.validators.in_(ARITHMETIC_OPS))
+    left: NumberExpr
+    right: NumberExpr
+    depth: int = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        _check_numbers(f"'{self.op}'", [self.left, self.right])
+        self._set_depth(self.left, self.right)
+
+
+@attrs.frozen
+class Compare(_Node):
+    """A comparison chain, as in Python: ``20 < rsi14 < 40``, ``ops`` between ``operands``."""
+
+    operands: tuple[NumberExpr, ...] = attrs.field(converter=_number_tuple)
+    ops: tuple[str, ...] = attrs.field(converter=_str_tuple)
+    depth: int = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if len(self.ops) < 1 or len(self.operands) != len(self.ops) + 1:
+            raise ValueError("a comparison needs n + 1 operands for n >= 1 operators")
+        if not set(self.ops) <= set(COMPARISON_OPS):
+            raise ValueError(f"comparison operators are {COMPARISON_OPS}, got {self.ops}")
+        _check_numbers("a comparison", self.operands)
+        self._set_depth(*self.operands)
+
+
+@attrs.frozen
+class Not(_Node):
+    """``not operand``."""
+
+    operand: Condition
+    depth: int = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        _check_conditions("'not'", [self.operand])
+        self._set_depth(self.operand)
+
+
+@attrs.frozen
+class And(_Node):
+    """``a and b and ...``: two or more conditions."""
+
+    operands: tuple[Condition, ...] = attrs.field(converter=_condition_tuple)
+    depth: int = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if len(self.operands) < 2:
+            raise ValueError("'and' needs at least two operands")
+        _check_conditions("'and'", self.operands)
+        self._set_depth(*self.operands)
+
+
+@attrs.frozen
+class Or(_Node):
+    """``a or b or ...``: two or more conditions."""
+
+    operands: tuple[Condition, ...] = attrs.field(converter=_condition_tuple)
+    depth: int = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if len(self.operands) < 2:
+            raise ValueError("'or' needs at least two operands")
+        _check_conditions("'or'", self.operands)
+        self._set_depth(*self.operands)
+
+
+NumberExpr: TypeAlias = Number | Indicator | Negate | Arithmetic
+Condition: TypeAlias = Compare | Not | And | Or
+Expr: TypeAlias = NumberExpr | Condition
+
+
+def is_number(node: Expr) -> bool:
+    """Whether ``node`` is a number (else it is a condition)."""
+    return isinstance(node, Number | Indicator | Negate | Arithmetic)
+
+
+def _precedence(node: Expr) -> int:
+    match node:
+        case Or():
+            return _OR
+        case And():
+            return _AND
+        case Not():
+            return _NOT
+        case Compare():
+            return _COMPARE
+        case Arithmetic(op=op):
+            return _BINDING[op]
+        case Negate():
+            return _UNARY
+    return _ATOM
+
+
+def _wrap(node: Expr, at_least: int) -> str:
+    text = canonical(node)
+    return text if _precedence(node) >= at_least else f"({text})"
+
+
+def canonical(node: Expr) -> str:
+    """The tree spelled with single spaces, lower case, and only the parentheses it needs.
+
+    ``parse_formula(canonical(tree)).tree == tree`` for every formula tree.
+    """
+    match node:
+        case Number(value=value):
+            return str(int(value)) if value.is_integer() and value < 1e16 else repr(value)
+        case Indicator():
+            return node.key
+        case Negate(operand=operand):
+            return "-" + _wrap(operand, _UNARY)
+        case Arithmetic(op=op, left=left, right=right):
+            # Left-associative: a right operand of equal precedence keeps its parentheses.
+            binding = _BINDING[op]
+            return f"{_wrap(left, binding)} {op} {_wrap(right, binding + 1)}"
+        case Compare(operands=operands, ops=ops):
+            parts = [_wrap(operands[0], _SUM)]
+            for op, operand in zip(ops, operands[1:], strict=True):
+                parts += [op, _wrap(operand, _SUM)]
+            return " ".join(parts)
+        case Not(operand=operand):
+            return "not " + _wrap(operand, _NOT)
+        case And(operands=operands):
+            return " and ".join(_wrap(operand, _AND + 1) for operand in operands)
+        case Or(operands=operands):
+            return " or ".join(_wrap(operand, _OR + 1) for operand in operands)
+    raise TypeError(f"not a formula node: {node!r}")
+
+
+# -- evaluation --------------------------------------------------------------------
+
+_COMPARE_FNS: Mapping[str, Callable[[float, float], bool]] = {
+    "<": float.__lt__,
+    "<=": float.__le__,
+    ">": float.__gt__,
+    ">=": float.__ge__,
+    "==": float.__eq__,
+    "!=": float.__ne__,
+}
+
+
+def _number(node: NumberExpr, values: Mapping[str, float]) -> float:
+    match node:
+        case Number(value=value):
+            return value
+        case Indicator():
+            try:
+                return float(values[node.key])
+            except KeyError:
+                raise ValueError(f"no value given for indicator {node.key!r}") from None
+        case Negate(operand=operand):
+            return -_number(operand, values)
+        case Arithmetic(op=op, left=left, right=right):
+            a, b = _number(left, values), _number(right, values)
+            if op == "+":
+                return a + b
+            if op == "-":
+                return a - b
+            if op == "*":
+                return a * b
+            return a / b if b != 0 else math.nan
+    raise TypeError(f"not a number node: {node!r}")
+
+
+def _truth(node: Condition, values: Mapping[str, float]) -> bool | None:
+    """True, False, or None for unknown (a NaN was compared)."""
+    match node:
+        case Compare(operands=operands, ops=ops):
+            numbers = [_number(operand, values) for operand in operands]
+            if any(math.isnan(number) for number in numbers):
+                return None
+            return all(
+                _COMPARE_FNS[op](a, b) for op, a, b in zip(ops, numbers, numbers[1:], strict=False)
+            )
+        case Not(operand=operand):
+            result = _truth(operand, values)
+            return None if result is None else not result
+        case And(operands=operands):
+            # Kleene logic: any False decides; otherwise any unknown leaves it unknown.
+            unknown = False
+            for operand in operands:
+                result = _truth(operand, values)
+                if result is False:
+                    return False
+                unknown |= result is None
+            return None if unknown else True
+        case Or(operands=operands):
+            unknown = False
+            for operand in operands:
+                result = _truth(operand, values)
+                if result is True:
+                    return True
+                unknown |= result is None
+            return None if unknown else False
+    raise TypeError(f"not a condition node: {node!r}")
+
+
+def walk(node: Expr) -> Iterator[Expr]:
+    """Every node of the tree, parents before children."""
+    yield node
+    match node:
+        case Negate(operand=child) | Not(operand=child):
+            yield from walk(child)
+        case Arithmetic(left=left, right=right):
+            yield from walk(left)
+            yield from walk(right)
+        case Compare(operands=children) | And(operands=children) | Or(operands=children):
+            for child in children:
+                yield from walk(child)
+
+
+@attrs.frozen
+class Formula:
+    """A parsed, checked scan formula. Make one with `parse_formula`.
+
+    Picklable: it travels to worker processes as plain frozen values.
+
+    Attributes:
+        text: the formula as written.
+        tree: its expression tree; the root is a condition.
+        indicators: the indicator values it reads, so a scan computes only those.
+    """
+
+    text: str
+    tree: Condition
+    indicators: frozenset[Indicator] = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if is_number(self.tree):
+            raise TypeError(f"a formula's root must be a condition, got {self.tree!r}")
+        found = frozenset(node for node in walk(self.tree) if isinstance(node, Indicator))
+        object.__setattr__(self, "indicators", found)
+
+    def evaluate(self, values: Mapping[str, float]) -> bool:
+        """Whether the formula holds for these indicator values.
+
+        Args:
+            values: each of `indicators` by its ``key`` (``"sma50"``), e.g.
+                from `latest_values`. NaN means "not known" (too few bars).
+
+        Returns:
+            True only if the formula is true; false and unknown both give False.
+
+        Raises:
+            ValueError: a value the formula needs is missing from ``values``.
+        """
+        return _truth(self.tree, values) is True
+
+    def canonical(self) -> str:
+        """The formula spelled canonically: lower case, single spaces, minimal parentheses."""
+        return canonical(self.tree)
+
+    def __str__(self) -> str:
+        return self.canonical()
+
+
+# -- parsing -----------------------------------------------------------------------
+
+_GRAMMAR = r"""
+?start: or_test
+?or_test: and_test (_OR and_test)*
+?and_test: not_test (_AND not_test)*
+?not_test: NOT not_test | comparison
+?comparison: sum (COMPARE sum)*
+?sum: term ((PLUS | MINUS) term)*
+?term: factor ((STAR | SLASH) factor)*
+?factor: MINUS factor | atom
+?atom: NUMBER                       -> number
+     | NAME                         -> name
+     | NAME LPAR [arguments] RPAR   -> call
+     | LPAR or_test RPAR            -> group
+arguments: NUMBER (_COMMA NUMBER)*
+
+_OR: "or"i
+_AND: "and"i
+NOT: "not"i
+COMPARE: "<=" | ">=" | "==" | "!=" | "<" | ">"
+PLUS: "+"
+MINUS: "-"
+STAR: "*"
+SLASH: "/"
+LPAR: "("
+RPAR: ")"
+_COMMA: ","
+NAME: /[A-Za-z_][A-Za-z0-9_]*/
+NUMBER: /([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?/
+%ignore /[ \t\r\n]+/
+"""
+
+# What Lark's terminal names mean to a user, for "expected ..." messages.
+_EXPECTED = {
+    "NUMBER": "a number",
+    "NAME": "an indicator",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "MINUS": "'-'",
+    "PLUS": "'+'",
+    "STAR": "'*'",
+    "SLASH": "'/'",
+    "COMPARE": "a comparison",
+    "NOT": "'not'",
+    "_AND": "'and'",
+    "_OR": "'or'",
+    "_COMMA": "','",
+    "$END": "the end",
+}
+
+# Characters people try, and what to write instead.
+_HINTS = {
+    "=": "compare with ==",
+    "&": "write 'and'",
+    "|": "write 'or'",
+    "!": "write 'not' (or != to compare)",
+    "'": "strings are not part of formulas",
+    '"': "strings are not part of formulas",
+    ".": "attribute access is not part of formulas",
+    "[": "subscripts are not part of formulas",
+    ";": "a formula is one expression",
+    "%": "the operators are + - * /",
+    "^": "the operators are + - * /",
+    ":": "a formula is one expression",
+}
+
+
+@attrs.frozen
+class _Typed:
+    """A node on its way up the parse, with where its text starts."""
+
+    node: Expr
+    position: int
+
+
+class _Problem(Exception):
+    """Raised while building; parse_formula adds the text and makes it a FormulaError."""
+
+    def __init__(self, message: str, position: int | None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.position = position or 0
+
+
+def _at(token: lark.Token) -> int:
+    return token.start_pos or 0
+
+
+class _Builder(lark.Transformer[lark.Token, _Typed]):
+    """Builds checked nodes as Lark reduces rules: bottom-up, without recursion.
+
+    Lark calls these methods from inside the LALR parser (an embedded
+    transformer), so no parse tree is built and no recursive pass walks it:
+    deep input cannot overflow the stack; the depth limit stops it instead.
+    """
+
+    def _make(self, position: int, node: Callable[..., Expr], *args: object) -> _Typed:
+        try:
+            return _Typed(node(*args), position)
+        except ValueError as exc:  # the depth limit; the types were checked before
+            raise _Problem(str(exc), position) from None
+
+    def _numbers(self, what: str, *operands: _Typed) -> None:
+        for operand in operands:
+            if not is_number(operand.node):
+                message = f"{what} takes numbers, but {_quote(operand.node)} is a condition"
+                raise _Problem(message, operand.position)
+
+    def _conditions(self, what: str, *operands: _Typed) -> None:
+        for operand in operands:
+            if is_number(operand.node):
+                quoted = _quote(operand.node)
+                message = f"{what} takes conditions, but {quoted} is a number; compare it"
+                raise _Problem(message, operand.position)
+
+    def number(self, children: list[lark.Token]) -> _Typed:
+        (token,) = children
+        value = float(token)
+        if math.isinf(value):
+            shown = token if len(token) <= 20 else token[:17] + "..."
+            raise _Problem(f"number {shown} is too large", _at(token))
+        return _Typed(Number(value), _at(token))
+
+    def name(self, children: list[lark.Token]) -> _Typed:
+        (token,) = children
+        return _Typed(_resolve(token, None, []), _at(token))
+
+    def call(self, children: list[lark.Token | list[lark.Token] | None]) -> _Typed:
+        token, lpar, arguments, _ = children
+        assert isinstance(token, lark.Token)
+        assert isinstance(lpar, lark.Token)
+        assert not isinstance(arguments, lark.Token)
+        return _Typed(_resolve(token, lpar, arguments or []), _at(token))
+
+    def arguments(self, children: list[lark.Token]) -> list[lark.Token]:
+        return children
+
+    def group(self, children: list[lark.Token | _Typed]) -> _Typed:
+        lpar, inner, _ = children
+        assert isinstance(lpar, lark.Token)
+        assert isinstance(inner, _Typed)
+        return _Typed(inner.node, _at(lpar))
+
+    def factor(self, children: list[lark.Token | _Typed]) -> _Typed:
+        minus, operand = children
+        assert isinstance(minus, lark.Token)
+        assert isinstance(operand, _Typed)
+        self._numbers("'-'", operand)
+        return self._make(_at(minus), Negate, operand.node)
+
+    def sum(self, children: list[lark.Token | _Typed]) -> _Typed:
+        return self._arithmetic(children)
+
+    def term(self, children: list[lark.Token | _Typed]) -> _Typed:
+        return self._arithmetic(children)
+
+    def _arithmetic(self, children: list[lark.Token | _Typed]) -> _Typed:
+        # a - b - c arrives flat; fold it to the left, as Python does.
+        result = children[0]
+        assert isinstance(result, _Typed)
+        for op, right in zip(children[1::2], children[2::2], strict=True):
+            assert isinstance(op, lark.Token)
+            assert isinstance(right, _Typed)
+            self._numbers(f"'{op}'", result, right)
+            result = self._make(result.position, Arithmetic, str(op), result.node, right.node)
+        return result
+
+    def comparison(self, children: list[lark.Token | _Typed]) -> _Typed:
+        operands = [child for child in children if isinstance(child, _Typed)]
+        ops = [str(child) for child in children if isinstance(child, lark.Token)]
+        self._numbers(f"'{ops[0]}'", *operands)
+        nodes = [operand.node for operand in operands]
+        return self._make(operands[0].position, Compare, nodes, ops)
+
+    def not_test(self, children: list[lark.Token | _Typed]) -> _Typed:
+        keyword, operand = children
+        assert isinstance(keyword, lark.Token)
+        assert isinstance(operand, _Typed)
+        self._conditions("'not'", operand)
+        return self._make(_at(keyword), Not, operand.node)
+
+    def and_test(self, children: list[_Typed]) -> _Typed:
+        self._conditions("'and'", *children)
+        return self._make(children[0].position, And, [child.node for child in children])
+
+    def or_test(self, children: list[_Typed]) -> _Typed:
+        self._conditions("'or'", *children)
+        return self._make(children[0].position, Or, [child.node for child in children])
+
+
+def _quote(node: Expr) -> str:
+    text = canonical(node)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# -- indicator names ---------------------------------------------------------------
+
+_SUFFIX = re.compile(r"(?P<base>[a-z_]*[a-z_])(?P<digits>[0-9]+)")
+# A period to show in "needs a period" messages.
+_EXAMPLE_PERIOD = {"rsi": 14, "atr": 14, "change_pct": 1}
+
+
+def _suggest(base: str, digits: str) -> str:
+    """``; did you mean sma50?`` for ``smma50``, or the list of names if nothing is close."""
+    close = difflib.get_close_matches(base, list(INDICATORS), n=3, cutoff=0.6)
+    if not close:
+        return "; indicators are " + ", ".join(spec.pattern for spec in INDICATORS.values())
+    spelled = []
+    for name in close:
+        spec = INDICATORS[name]
+        suffixed = digits and len(spec.parameters) == 1
+        spelled.append(name + digits if suffixed else spec.pattern)
+    return "; did you mean " + " or ".join(spelled) + "?"
+
+
+def _resolve(token: lark.Token, lpar: lark.Token | None, arguments: list[lark.Token]) -> Indicator:
+    """The Indicator a name (``sma50``, ``macd``) or a call (``sma(50)``) means."""
+    word = str(token).lower()
+    spec = INDICATORS.get(word)
+    if spec is None:
+        # A suffixed period: sma50 is sma(50).
+        match = _SUFFIX.fullmatch(word)
+        base, digits = (match["base"], match["digits"]) if match else (word, "")
+        spec = INDICATORS.get(base)
+        if spec is None or len(spec.parameters) != 1:
+            raise _Problem(f"unknown indicator {word!r}{_suggest(base, digits)}", _at(token))
+        if lpar is not None:
+            message = f"{word} already has its {spec.parameters[0].name}: write {word}"
+            raise _Problem(f"{message} or {base}({int(digits)})", _at(lpar))
+        params: tuple[int, ...] = (int(digits),)
+        positions = [_at(token) + len(base)]
+    elif lpar is None:
+        if spec.parameters and spec.defaults is None:
+            example = f"{word}{_EXAMPLE_PERIOD.get(word, 20)}"
+            message = f"{word} needs a {spec.parameters[0].name}: write e.g. {example}"
+            raise _Problem(f"{message} or {word}({example.removeprefix(word)})", _at(token))
+        params, positions = spec.defaults or (), []
+    else:
+        params = tuple(_integer(word, argument) for argument in arguments)
+        positions = [_at(argument) for argument in arguments]
+        if len(params) != len(spec.parameters):
+            names = ", ".join(parameter.name for parameter in spec.parameters)
+            takes = f"{len(spec.parameters)} parameters ({names})" if names else "no parameters"
+            raise _Problem(f"{word} takes {takes}, got {len(params)}", _at(lpar))
+    for parameter, value, position in zip(spec.parameters, params, positions, strict=False):
+        try:
+            parameter.check(spec.name, value)
+        except ValueError as exc:
+            raise _Problem(str(exc), position) from None
+    try:
+        return Indicator(spec.name, params)
+    except ValueError as exc:  # parameters valid one by one but not together (macd)
+        raise _Problem(str(exc), positions[0] if positions else _at(token)) from None
+
+
+def _integer(indicator: str, token: lark.Token) -> int:
+    if not token.isdigit():
+        message = f"{indicator} parameters are whole numbers from 1 to {MAX_PERIOD}, got {token}"
+        raise _Problem(message, _at(token))
+    return int(token)
+
+
+# -- the entry point -----------------------------------------------------------------
+
+_OPERATORS = frozenset({"_OR", "_AND", "COMPARE", "PLUS", "MINUS", "STAR", "SLASH"})
+
+
+def _expected(expected: set[str]) -> str:
+    # LALR's expected sets are exact about operands but over-generous after
+    # them (default reductions admit ')' anywhere): say it in a user's terms.
+    if "NAME" in expected:
+        if "NOT" in expected:
+            return "a number, an indicator, '(', '-' or 'not'"
+        return "a number, an indicator, '(' or '-'"
+    if "NUMBER" in expected:  # inside an indicator's parentheses
+        return "a whole number" + (" or ')'" if "RPAR" in expected else "")
+    if expected & _OPERATORS:
+        return "an operator (and, or, < <= > >= == !=, + - * /) or the end"
+    return " or ".join(_EXPECTED.get(name, name) for name in sorted(expected))
+
+
+def _syntax_error(text: str, exc: lark.UnexpectedInput) -> FormulaError:
+    if isinstance(exc, lark.UnexpectedCharacters):
+        char = exc.char
+        hint = _HINTS.get(char)
+        message = f"unexpected character {char!r}" + (f": {hint}" if hint else "")
+        return FormulaError(message, text, exc.pos_in_stream or 0)
+    if isinstance(exc, lark.UnexpectedToken):
+        token = exc.token
+        if token.type == "$END":
+            expected = _expected(set(exc.expected))
+            return FormulaError(f"the formula ends early: expected {expected}", text, len(text))
+        if token.type == "RPAR" and not set(exc.expected) & {"RPAR", "NAME", "NUMBER"}:
+            return FormulaError("unmatched ')'", text, _at(token))
+        message = f"unexpected {str(token)!r}: expected {_expected(set(exc.expected))}"
+        return FormulaError(message, text, _at(token))
+    return FormulaError("syntax error", text, exc.pos_in_stream or 0)
+
+
+@functools.cache
+def _parser() -> lark.Lark:
+    # Built on first use, not at import: worker processes only unpickle formulas.
+    return lark.Lark(_GRAMMAR, parser="lalr", transformer=_Builder(), maybe_placeholders=True)
+
+
+def parse_formula(text: str) -> Formula:
+    """Parse and check a scan formula such as ``rsi14 < 30 and close > sma50``.
+
+    The grammar (see ``docs/formulas.md``): numbers; indicator names, with a
+    period as a suffix (``sma50``) or integer parameters in parentheses
+    (``sma(50)``, ``macd(5,35,5)``); unary ``-``; ``+ - * /``; comparisons
+    ``< <= > >= == !=``, chained as in Python; ``not``, ``and``, ``or``;
+    parentheses. Keywords and names are case-insensitive. Precedence is
+    Python's. The formula as a whole must be a condition.
+
+    Args:
+        text: the formula, at most `MAX_FORMULA_LENGTH` characters.
+
+    Returns:
+        The checked `Formula`.
+
+    Raises:
+        FormulaError: the formula is empty, too long or too deep, does not
+            parse, names an unknown indicator or an invalid parameter, mixes
+            conditions and numbers, or is not a condition. Its ``position``
+            points at the offending character.
+        TypeError: ``text`` is not a string.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"a formula is a str, got {type(text).__name__}")
+    if len(text) > MAX_FORMULA_LENGTH:
+        message = f"formula is {len(text)} characters long; the limit is {MAX_FORMULA_LENGTH}"
+        raise FormulaError(message, text, MAX_FORMULA_LENGTH)
+    if not text.strip():
+        raise FormulaError("formula is empty", text, 0)
+    try:
+        typed = _parser().parse(text)
+    except _Problem as problem:
+        raise FormulaError(problem.message, text, problem.position) from None
+    except lark.UnexpectedInput as exc:
+        raise _syntax_error(text, exc) from None
+    assert isinstance(typed, _Typed)
+    if is_number(typed.node):
+        quoted = _quote(typed.node)
+        message = f"a formula must be a condition, but {quoted} is a number; compare it"
+        raise FormulaError(message, text, typed.position)
+    return Formula(text, typed.node)  # type: ignore[arg-type]  # a condition, checked above

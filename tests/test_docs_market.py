@@ -1,0 +1,237 @@
+"""The market service's pages say what the service does: getting-started.md, configuration.md.
+
+The configuration reference is compared with the command's parser (flags,
+variables, defaults, error messages), the getting-started example is run
+and its output compared with the page, and the metric names and /status
+sources the page quotes are looked up on a running service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import attrs
+import httpx
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+import services.market.__main__ as cli
+from services.market._service import MarketConfig, MarketService, serve_market
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+GETTING_STARTED = DOCS / "getting-started.md"
+CONFIGURATION = DOCS / "configuration.md"
+EXAMPLE = DOCS / "examples" / "market_client.py"
+
+Row = list[str]
+
+
+def _cells(line: str) -> Row:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def _table_after(page: str, marker: str) -> list[Row]:
+    """The rows of the first Markdown table after ``marker``, without its header."""
+    lines = page[page.index(marker) + len(marker) :].lstrip("\n").splitlines()
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        rows.append(_cells(line))
+    assert len(rows) > 2, f"no table after {marker!r}"
+    return rows[2:]
+
+
+def _code(cell: str) -> str:
+    """The text of a cell's first `code span`."""
+    match = re.search(r"`([^`]*)`", cell)
+    assert match is not None, f"no code in {cell!r}"
+    return match.group(1)
+
+
+def _flag_rows() -> list[Row]:
+    return _table_after(CONFIGURATION.read_text(), "## Flags and variables\n")
+
+
+def _error_rows(marker: str) -> list[tuple[str, str]]:
+    rows = _table_after(CONFIGURATION.read_text(), f"<!-- {marker} -->")
+    return [(_code(given), _code(message)) for given, message in rows]
+
+
+def _parser_actions() -> dict[str, argparse.Action]:
+    """The parser's options by long flag, without --help."""
+    actions = {}
+    for action in cli._parser()._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        # The first long form: --log-json, not its --no-log-json.
+        flag = next(option for option in action.option_strings if option.startswith("--"))
+        actions[flag] = action
+    return actions
+
+
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("MARKET_"):
+            monkeypatch.delenv(name)
+
+
+# -- configuration.md against the parser -------------------------------------
+
+
+def test_configuration_lists_exactly_the_flags_and_variables_of_the_parser() -> None:
+    actions = _parser_actions()
+    rows = {_code(row[0]): _code(row[1]) for row in _flag_rows()}
+    assert sorted(rows) == sorted(actions), "flags on the page differ from the parser's"
+    read_by_the_command = set(re.findall(r"MARKET_[A-Z_]+", inspect.getsource(cli)))
+    assert set(rows.values()) == read_by_the_command, "variables differ from those read"
+    for flag, variable in rows.items():
+        assert variable in (actions[flag].help or ""), f"{flag}'s help does not name {variable}"
+
+
+def test_configuration_defaults_are_the_parsers(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clean_environment(monkeypatch)
+    parser = cli._parser()
+    defaults = parser.parse_args([])
+    for row in _flag_rows():
+        flag, default = _code(row[0]), row[2]
+        dest = _parser_actions()[flag].dest
+        if default.startswith("`"):
+            documented = getattr(parser.parse_args([flag, _code(default)]), dest)
+            assert documented == getattr(defaults, dest), f"{flag}'s default"
+        elif default.startswith("none"):
+            assert getattr(defaults, dest) is None, f"{flag}'s default"
+        else:
+            assert default == "off", f"{flag}: a default the test cannot read: {default!r}"
+            assert getattr(defaults, dest) is False, f"{flag}'s default"
+
+
+def test_configuration_names_every_marketconfig_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    fields = {row[4].strip("`") for row in _flag_rows() if row[4].startswith("`")}
+    assert fields == {field.name for field in attrs.fields(MarketConfig)}
+    _clean_environment(monkeypatch)
+    # "the same defaults": the command line with nothing set is MarketConfig().
+    assert cli.config_from_args([]) == (MarketConfig(), False)
+
+
+@pytest.mark.parametrize(("given", "message"), _error_rows("parser errors"))
+def test_bad_values_exit_2_with_the_documented_message(
+    given: str, message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _clean_environment(monkeypatch)
+    argv: list[str] = []
+    if given.startswith("MARKET_"):
+        name, _, value = given.partition("=")
+        monkeypatch.setenv(name, value)
+    else:
+        argv = shlex.split(given)
+    with pytest.raises(SystemExit) as exited:
+        cli.config_from_args(argv)
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    expected = f"python -m services.market: error: {message}"
+    # argparse's list of choices after "invalid choice" is worded differently
+    # across Python versions, so the page stops before it.
+    assert error == expected or error.startswith(f"{expected} (")
+
+
+@pytest.mark.subprocess
+def test_an_address_in_use_is_one_line_and_status_1() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "services.market", "--port", str(port), "--ws-port", "0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "market service: cannot start: [Errno 98] Address already in use"
+    ), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# -- getting-started.md -------------------------------------------------------
+
+
+@pytest.mark.subprocess
+def test_getting_started_quotes_the_example_and_shows_what_it_prints() -> None:
+    page = GETTING_STARTED.read_text()
+    source = EXAMPLE.read_text()
+    assert source[source.index("import json") :].strip() in page
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    shown = page.split("<!-- example output -->\n```\n", 1)[1].split("```", 1)[0]
+    assert result.stdout == shown
+    # The claims the output makes, should the page and the example drift together.
+    lines = result.stdout.splitlines()
+    assert lines[1] == "trades from " + ", ".join(sorted(MarketConfig().symbols))
+    assert lines[2:4] == ["/health 200 ok", "/ready 200 ok"]
+    assert lines[-1] == "stopped: the example is done"
+
+
+async def test_metrics_and_sources_quoted_in_getting_started_exist() -> None:
+    page = GETTING_STARTED.read_text()
+    quoted = set(re.findall(r"\bengine_[a-z_]+[a-z]", page))
+    sources_line = page.split("jq -c '.sources | keys'\n", 1)[1].splitlines()[0]
+    client = httpx.AsyncClient()  # before the loop is watched: it loads CA certificates
+    with trio.fail_after(20):
+        async with client, trio.open_nursery() as nursery:
+            service: MarketService = await nursery.start(
+                serve_market, MarketConfig(port=0, ws_port=0)
+            )
+            metrics = (await client.get(f"{service.url}/metrics")).text
+            status = (await client.get(f"{service.url}/status")).json()
+            nursery.cancel_scope.cancel()
+    families = text_string_to_metric_families(metrics)
+    exposed = {sample.name for family in families for sample in family.samples}
+    assert quoted, "the page quotes no metric"
+    assert quoted <= exposed, f"quoted but not on /metrics: {sorted(quoted - exposed)}"
+    assert json.loads(sources_line) == sorted(status["sources"])
+
+
+# -- links --------------------------------------------------------------------
+
+
+def _anchors(page: str) -> set[str]:
+    """GitHub's anchors for a page's headings."""
+    anchors = set()
+    for heading in re.findall(r"^#+ (.+)$", page, re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        anchors.add(slug)
+    return anchors
+
+
+@pytest.mark.parametrize("page", [GETTING_STARTED, CONFIGURATION], ids=lambda p: p.name)
+def test_links_lead_to_files_and_headings_that_exist(page: Path) -> None:
+    text = page.read_text()
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", text):
+        if target.startswith(("http://", "https://")):
+            continue
+        linked = (page.parent / target).resolve() if target else page
+        assert linked.exists(), f"{page.name} links to missing {target}"
+        if anchor:
+            assert anchor in _anchors(linked.read_text()), f"{page.name}: no #{anchor} in {target}"
+
+
+def test_readme_links_both_pages() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "](docs/getting-started.md)" in readme
+    assert "](docs/configuration.md)" in readme
