@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import gc
 import json
 import multiprocessing
 import os
@@ -219,6 +220,10 @@ async def bench(symbols: int, runs: int) -> tuple[dict[str, list[float]], dict[s
                 # Rotate the order so no variant always follows the same neighbour.
                 shift = round_number % len(names)
                 for name in names[shift:] + names[:shift]:
+                    # Each variant starts on a collected heap: a full collection
+                    # left over from the one before (tens of ms with all the
+                    # results kept) would land on whichever runs next.
+                    gc.collect()
                     results, seconds = await variants[name]()
                     if results != reference:
                         wrong = sum(1 for r, e in zip(results, reference, strict=True) if r != e)

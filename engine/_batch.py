@@ -32,8 +32,8 @@ import trio
 from ._batch_runners import (
     AsyncRunner,
     ChunkReport,
-    Finished,
     ProcessRunner,
+    ResultsLost,
     Runner,
     ThreadRunner,
 )
@@ -172,10 +172,15 @@ class Batch(Generic[T, R]):
         self._work_changed = trio.Event()
         # Chunks that finished cleanly wait here for their outcomes to be
         # recorded by the collector task, so a worker's next call is sent first.
-        self._finished: collections.deque[list[Finished]] = collections.deque()
+        self._finished: collections.deque[tuple[list[tuple[int, Any]], ChunkReport]] = (
+            collections.deque()
+        )
         self._finished_added = trio.Event()
         self._tallied: collections.Counter[Status] = collections.Counter()
         self._in_flight = 0
+        # The calls running now: when each started and how many items it has,
+        # so the last calls can be sized to end together.
+        self._running: dict[int, tuple[float, int]] = {}
         self._calls = 0
         self._split = 0
         self._per_item: float | None = None  # measured seconds per item
@@ -248,10 +253,17 @@ class Batch(Generic[T, R]):
             await self._finished_added.wait()
             self._finished_added = trio.Event()
             self._record_finished()
+            self._notify()  # workers wait for this before they call it a day
 
     def _record_finished(self) -> None:
         while self._finished:
-            for done in self._finished.popleft():
+            chunk, report = self._finished.popleft()
+            try:
+                finished = report.decode() if report.decode is not None else report.finished
+            except ResultsLost as failure:
+                self._split_chunk(chunk, failure)
+                continue
+            for done in finished:
                 status = Status.OK if done.ok else Status.ERROR
                 self._finish(done.index, status, value=done.value, error=done.error, ran=done.ran)
         self._flush_tally()
@@ -268,7 +280,8 @@ class Batch(Generic[T, R]):
         while True:
             chunk = self._take()
             if chunk is None:
-                if self._in_flight == 0:
+                # Results not yet decoded may still send items back for a re-run.
+                if self._in_flight == 0 and not self._finished:
                     return
                 await self._work_changed.wait()
                 continue
@@ -276,13 +289,16 @@ class Batch(Generic[T, R]):
                 continue  # every item of it failed to pickle
             self._in_flight += 1
             self._calls += 1
+            call = self._calls
             now = trio.current_time()
+            self._running[call] = (now, len(chunk))
             for index, _ in chunk:
                 self._queued[index] = now - self._started_at
             try:
                 report = await self._runner.run(self._fn, chunk, self._deadline)
             finally:
                 self._in_flight -= 1
+                del self._running[call]
                 self._notify()
             if report.timed_out or report.not_started or report.unknown:
                 self._absorb(chunk, report)
@@ -290,8 +306,8 @@ class Batch(Generic[T, R]):
                 # The common case: record the outcomes after this worker's next
                 # call is on its way, not before (the collector runs once this
                 # task waits on that call).
-                self._measure(report.finished)
-                self._finished.append(report.finished)
+                self._measure([d.ran for d in report.finished] + report.ran)
+                self._finished.append((chunk, report))
                 self._finished_added.set()
 
     def _notify(self) -> None:
@@ -316,49 +332,64 @@ class Batch(Generic[T, R]):
         if self._chunk_size is not None:
             return self._chunk_size
         if self._per_item is None:
-            return 1  # the first calls measure how long an item takes
+            # The first calls measure how long an item takes. One item each:
+            # with several, a call of long items would run into the half
+            # deadline of a chunk and have them all run again.
+            return 1
         budget = _TARGET_CALL_SECONDS
         if math.isfinite(self._deadline):
             budget = min(budget, self._deadline / 4)
         per_item = max(self._per_item, 1e-7)
         # (+1e-9: 0.05 / 0.001 must be 50 items, not 49.99999 -> 49)
         size = max(1, min(int(budget / per_item + 1e-9), _MAX_CHUNK))
-        # Near the end, split what is left evenly so the workers finish
-        # together, but not into calls too small to be worth their dispatch,
-        # and leave no crumb behind for one more call.
+        # Near the end, share what is left so that every worker ends at once:
+        # this call's part of the remaining work, counting what the running
+        # calls still have to do. Not into calls too small to be worth their
+        # dispatch, though, and leave no crumb behind for one more call.
         remaining = len(self._items) - self._next
+        now = trio.current_time()
+        busy = sum(max(0.0, start + n * per_item - now) for start, n in self._running.values())
+        fair = math.ceil((remaining * per_item + busy) / self._workers / per_item - 1e-9)
         floor = max(1, min(size, int(_MIN_CALL_SECONDS / per_item + 1e-9)))
-        size = min(size, max(math.ceil(remaining / self._workers), floor))
+        size = min(size, max(fair, floor))
         if remaining - size < floor and remaining * per_item <= budget:
             size = remaining
         return size
 
     def _prepare(self, indices: list[int]) -> list[tuple[int, Any]]:
         """The chunk to send; items that cannot travel to a process end as errors here."""
+        chunk = [(i, self._items[i]) for i in indices]
         if not isinstance(self._runner, ProcessRunner):
-            return [(i, self._items[i]) for i in indices]
-        chunk = []
-        for index in indices:
-            item = self._items[index]
+            return chunk
+        try:  # one pickle for the chunk; item by item only to name the culprits
+            pickle.dumps([item for _, item in chunk], protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            pass
+        else:
+            return chunk
+        travelling = []
+        for index, item in chunk:
             try:
-                chunk.append((index, pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)))
+                pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
             except Exception as exc:
                 error = SerializationError("argument", f"item {index}: {item!r:.80} ({exc})")
                 error.__cause__ = exc
                 self._finish(index, Status.ERROR, error=error)
-        return chunk
+            else:
+                travelling.append((index, item))
+        return travelling
 
-    def _measure(self, finished: list[Finished]) -> None:
+    def _measure(self, ran: list[float]) -> None:
         # The mean over every item so far: the first lone items (slower, as
         # first calls are) weigh as little as they are few.
-        if finished:
-            self._ran_total += sum(d.ran for d in finished)
-            self._ran_count += len(finished)
+        if ran:
+            self._ran_total += sum(ran)
+            self._ran_count += len(ran)
             self._per_item = self._ran_total / self._ran_count
 
     def _absorb(self, chunk: list[tuple[int, Any]], report: ChunkReport) -> None:
-        self._measure(report.finished)
-        self._finished.append(report.finished)
+        self._measure([d.ran for d in report.finished] + report.ran)
+        self._finished.append((chunk, report))
         self._record_finished()
         for index, ran in report.timed_out:
             self._finish(index, Status.TIMEOUT, error=report.failure, ran=ran)
@@ -369,22 +400,26 @@ class Batch(Generic[T, R]):
                 (index,) = report.unknown
                 if isinstance(report.failure, trio.TooSlowError):
                     self._finish(index, Status.TIMEOUT, error=report.failure, ran=self._deadline)
+                elif isinstance(report.failure, SerializationError):
+                    self._finish(index, Status.ERROR, error=report.failure)
                 else:
                     self._finish(index, Status.CRASHED, error=report.failure)
             else:
-                # Which item hung or crashed the worker is unknown, and so are the
-                # results of the others: each runs again alone, before anything else.
-                self._split += 1
-                logger.warning(
-                    "a chunk of %d items failed (%s); re-running them one by one",
-                    len(chunk),
-                    report.failure,
-                )
-                for index in report.unknown:
-                    self._attempts[index] += 1
-                self._retry.extend(report.unknown)
+                assert report.failure is not None
+                self._split_chunk(chunk, report.failure)
         self._flush_tally()
         self._notify()
+
+    def _split_chunk(self, chunk: list[tuple[int, Any]], failure: BaseException) -> None:
+        # Which item hung, crashed the worker or could not travel is unknown,
+        # and so are the results of the others: each runs again alone, first.
+        self._split += 1
+        logger.warning(
+            "a chunk of %d items failed (%s); re-running them one by one", len(chunk), failure
+        )
+        for index, _ in chunk:
+            self._attempts[index] += 1
+        self._retry.extend(index for index, _ in chunk)
 
     def _finish(
         self,

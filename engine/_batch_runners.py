@@ -8,6 +8,7 @@ or died with the results inside it; the batch re-runs those one by one).
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
 import threading
@@ -39,6 +40,14 @@ class ChunkReport:
     not_started: list[int] = attrs.Factory(list)
     unknown: list[int] = attrs.Factory(list)  # fate lost with the worker
     failure: BaseException | None = None  # why the unknown ones are unknown
+    # Results still to be decoded (process bridge): the batch decodes them
+    # after the worker's next call is on its way; ``ran`` sizes that call.
+    decode: Callable[[], list[Finished]] | None = None
+    ran: list[float] = attrs.Factory(list)
+
+
+class ResultsLost(SerializationError):
+    """A chunk's results could not be unpickled here; its items run again alone."""
 
 
 class Runner(Protocol):
@@ -78,20 +87,20 @@ def _portable(exc: BaseException) -> BaseException:
 
 
 def run_chunk_in_worker(
-    fn: Callable[[Any], object], payloads: list[bytes]
+    fn: Callable[[Any], object], items: list[Any]
 ) -> tuple[list[tuple[bool, BaseException | None, float]], bytes]:
     """Worker side: each item's outcome and run time, and every result pickled together.
 
-    The results travel as one pickle (one ``loads`` in the parent, not one
-    per item); only when that fails are they pickled one by one, to say
-    which item's result could not travel.
+    The items arrive as one pickle, and the results travel as one (one
+    ``loads`` in the parent, not one per item); only when that fails are
+    they pickled one by one, to say which item's result could not travel.
     """
     outcomes: list[tuple[bool, BaseException | None, float]] = []
     values: list[object] = []
-    for payload in payloads:
+    for item in items:
         started = time.perf_counter()
         try:
-            value = fn(pickle.loads(payload))
+            value = fn(item)
         except Exception as exc:
             outcomes.append((False, _portable(exc), time.perf_counter() - started))
             values.append(None)
@@ -128,6 +137,16 @@ class ProcessRunner:
                     data = await self.pool._dispatch(payload, fn, kill_on_cancel=True)
                 except WorkerCrashed as exc:
                     report.failure = exc
+                except Exception as exc:
+                    # The call failed outside the per-item handling: the worker
+                    # could not unpickle the chunk (a class it cannot import).
+                    # Which item is unknown; alone, each says for itself.
+                    return ChunkReport(
+                        unknown=[index for index, _ in chunk],
+                        failure=SerializationError(
+                            "argument", f"could not be unpickled in the worker ({exc})"
+                        ),
+                    )
             if scope.cancelled_caught:
                 report.failure = too_slow(deadline)
             if report.failure is not None:
@@ -137,22 +156,34 @@ class ProcessRunner:
                 report.unknown = [index for index, _ in chunk]
                 return report
         outcomes, blob = pickle.loads(data)
-        try:
-            values = pickle.loads(blob)
-        except Exception as exc:
-            # Pickled in the worker but not loadable here (a class this process
-            # lacks, say). Which item's result it was is unknown: a chunk is
-            # re-run item by item, a lone item ends with this error.
-            failure = SerializationError("result", f"could not be unpickled here ({exc})")
-            if len(chunk) > 1:
-                return ChunkReport(unknown=[index for index, _ in chunk], failure=failure)
-            outcomes = [(False, error or failure, ran) for _, error, ran in outcomes]
-            values = [None]
-        report.finished = [
-            Finished(index, ok, value, error, ran)
-            for (index, _), (ok, error, ran), value in zip(chunk, outcomes, values, strict=True)
-        ]
+        indices = [index for index, _ in chunk]
+        report.ran = [ran for _, _, ran in outcomes]
+        report.decode = functools.partial(_decode, indices, outcomes, blob)
         return report
+
+
+def _decode(
+    indices: list[int], outcomes: list[tuple[bool, BaseException | None, float]], blob: bytes
+) -> list[Finished]:
+    """A chunk's results, unpickled.
+
+    Raises:
+        ResultsLost: pickled in the worker but not loadable here (a class this
+            process lacks, say), for a chunk of several items: which item's
+            result it was is unknown. A lone item ends with this error instead.
+    """
+    try:
+        values = pickle.loads(blob)
+    except Exception as exc:
+        failure = ResultsLost("result", f"could not be unpickled here ({exc})")
+        if len(indices) > 1:
+            raise failure from exc
+        outcomes = [(False, error or failure, ran) for _, error, ran in outcomes]
+        values = [None]
+    return [
+        Finished(index, ok, value, error, ran)
+        for index, (ok, error, ran), value in zip(indices, outcomes, values, strict=True)
+    ]
 
 
 # -- threads ---------------------------------------------------------------------

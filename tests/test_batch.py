@@ -18,7 +18,15 @@ import trio.testing
 import engine
 import engine.testing
 from tests.batch_jobs import jobs
-from tests.batch_jobs.jobs import behave, fragile, indicators, parse_order_line, square
+from tests.batch_jobs.jobs import (
+    FailsToUnpickle,
+    behave,
+    fragile,
+    indicators,
+    kind,
+    parse_order_line,
+    square,
+)
 
 
 def live_children() -> set[int]:
@@ -277,6 +285,22 @@ async def test_a_result_that_cannot_be_loaded_here_fails_only_its_own_item(
     assert all(o.attempts == 2 for o in outcomes)
 
 
+async def test_an_argument_that_cannot_be_unpickled_in_the_worker_fails_only_its_item(
+    pool: engine.ProcessPool,
+) -> None:
+    items: list[object] = [1, "a", FailsToUnpickle(), 2.5]
+    outcomes = await engine.run_batch(kind, items, pool=pool, chunk_size=4)
+    # The chunk travels as one pickle: the worker cannot say which item broke
+    # it, so each runs again alone and only the culprit ends with the error.
+    assert [o.status for o in outcomes] == ["ok", "ok", "error", "ok"]
+    assert [o.value for o in outcomes if o.ok] == ["int", "str", "float"]
+    error = outcomes[2].error
+    assert isinstance(error, engine.SerializationError)
+    assert error.direction == "argument"
+    assert "cannot be rebuilt in a worker" in str(error)
+    assert all(o.attempts == 2 for o in outcomes)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
@@ -324,20 +348,36 @@ async def test_virtual_bridge_splits_a_hung_chunk_within_twice_the_deadline(
     assert bridge.calls[1:] == [[i] for i in range(10)]
 
 
-async def test_chunks_are_sized_from_measured_times_and_even_out_at_the_end(
+async def test_chunks_are_sized_from_measured_times_and_end_together(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     bridge = engine.testing.VirtualBridge(duration=lambda item: 0.001)
     outcomes = await engine.run_batch(square, range(1_000), bridge=bridge, workers=2)
     assert [o.value for o in outcomes] == [i * i for i in range(1_000)]
     sizes = [len(call) for call in bridge.calls]
-    # Two lone items measure the work; then calls of about 50 ms of it...
+    # A lone item per worker measures the work; then calls of about 50 ms of it,
+    # and at the end two calls sized from what is left (running calls
+    # included), so both workers finish at the same moment.
     assert sizes[:2] == [1, 1]
     assert max(sizes) == 50
-    # ...halving near the end so both workers finish together, but never into
-    # calls of less than 4 ms of work.
-    assert sizes[-5:] == [49, 25, 12, 6, 6]
+    assert sizes[-2:] == [49, 49]
     assert trio.current_time() == pytest.approx(0.5)
+
+
+async def test_the_last_calls_are_never_smaller_than_a_few_ms_of_work(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    bridge = engine.testing.VirtualBridge(duration=lambda item: 0.001)
+    await engine.run_batch(square, range(106), bridge=bridge, workers=2)
+    # 4 items left as both big calls end: one call of 4 ms, not two of 2.
+    assert [len(call) for call in bridge.calls] == [1, 1, 50, 50, 4]
+    assert trio.current_time() == pytest.approx(0.055)
+    bridge = engine.testing.VirtualBridge(duration=lambda item: 0.001)
+    started = trio.current_time()
+    await engine.run_batch(square, range(14), bridge=bridge, workers=2)
+    # 12 items left after the measuring calls: shared so both end at 7 ms.
+    assert [len(call) for call in bridge.calls] == [1, 1, 6, 6]
+    assert trio.current_time() - started == pytest.approx(0.007)
 
 
 async def test_virtual_bridge_crash_is_isolated_to_its_item(autojump_clock: trio.abc.Clock) -> None:

@@ -103,3 +103,18 @@ class LoadsOnlyInWorkers:
 def fragile(x: int) -> object:
     """``x * x``, except 3, whose result cannot be loaded in the test process."""
     return LoadsOnlyInWorkers() if x == 3 else x * x
+
+
+def _never_loads() -> object:
+    raise RuntimeError("this argument cannot be rebuilt in a worker")
+
+
+class FailsToUnpickle:
+    """An argument that pickles in the test process but cannot be unpickled anywhere."""
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (_never_loads, ())
+
+
+def kind(x: object) -> str:
+    return type(x).__name__
