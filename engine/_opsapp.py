@@ -15,7 +15,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from ._bridgestats import bridge_statistics
 from ._loopwatch import LoopWatch
 from ._metrics import HasStatistics
-from ._probes import Problem, dumps, liveness, readiness, to_jsonable, verdict_body
+from ._probes import (
+    Problem,
+    dumps,
+    liveness,
+    readiness,
+    to_jsonable,
+    verdict_body,
+    warnings,
+)
 from ._runtime import Shutdown, current_shutdown
 from ._statistics import SupervisorStatistics
 
@@ -83,7 +91,8 @@ class OpsApp:
         tree = self._tree()
         loop = self.watch.statistics() if self.watch is not None else None
         if path == "/health":
-            return _verdict(liveness(tree), loop)
+            notes = [to_jsonable(w) for w in warnings(tree)]
+            return _verdict(liveness(tree), loop, warnings=notes)
         if path == "/ready":
             stopping = self.shutdown.reason if self.shutdown.requested else None
             return _verdict(readiness(tree, stopping=stopping), loop)
@@ -150,8 +159,8 @@ class OpsApp:
         await send({"type": "http.response.body", "body": body if with_body else b""})
 
 
-def _verdict(problems: list[Problem], loop: object) -> tuple[int, bytes, bytes]:
-    status, body = verdict_body(problems, loop=loop)
+def _verdict(problems: list[Problem], loop: object, **extra: object) -> tuple[int, bytes, bytes]:
+    status, body = verdict_body(problems, loop=loop, **extra)
     return status, _JSON, body
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 import attrs
 
 from ._loopwatch import LoopStall
+from ._periodic import CycleStatistics
 from ._statistics import ChildState, ChildStatistics, SupervisorStatistics
 
 
@@ -26,6 +27,7 @@ class Kind(enum.StrEnum):
     SUPERVISOR_FAILED = "supervisor_failed"
     NOT_READY = "not_ready"
     STOPPING = "stopping"
+    CYCLE_FAILING = "cycle_failing"
 
 
 @attrs.frozen
@@ -75,6 +77,35 @@ def liveness(tree: SupervisorStatistics | None) -> list[Problem]:
                 )
             )
     return problems
+
+
+def warnings(tree: SupervisorStatistics | None) -> list[Problem]:
+    """What /health reports without failing: cycles whose latest run failed.
+
+    A cycle cut by its deadline, or whose run raised, is retried on its
+    next tick; the process is alive and should not be restarted for it, but
+    an operator should see it (seed 001's watchlist failed unseen for 27
+    hours). It clears once a later run of the cycle succeeds.
+    """
+    if tree is None:
+        return []
+    found = []
+    for path, child in tree.walk():
+        for inner in child.attached:
+            if not isinstance(inner, CycleStatistics) or inner.last_failure_at is None:
+                continue
+            if inner.last_success_at is not None and inner.last_success_at > inner.last_failure_at:
+                continue
+            found.append(
+                Problem(
+                    Kind.CYCLE_FAILING,
+                    f"cycle {inner.name!r} of child {path!r}: its latest run failed "
+                    f"({inner.last_error}); {inner.failures} of {inner.runs} runs failed",
+                    subject=path,
+                    error=inner.last_error,
+                )
+            )
+    return found
 
 
 def readiness(tree: SupervisorStatistics | None, *, stopping: str | None) -> list[Problem]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -139,3 +140,30 @@ def test_docs_example_runs() -> None:
         "scan done: 100 symbols",
         "bad formula: 400 7",
     ]
+
+
+async def test_a_watchlist_cycle_that_fetches_nothing_is_a_warning_on_health() -> None:
+    # An exchange that accepts connections and never answers: every request
+    # is cut at its deadline, the cycle ends with nothing, and that is a
+    # failed run, which /health shows (still 200: the cycle retries).
+    async def handler(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async with httpx.AsyncClient() as client, trio.open_nursery() as nursery:
+        serve = functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
+        (listener,) = await nursery.start(serve)
+        port = listener.socket.getsockname()[1]
+        config = MarketConfig(
+            port=0, ws_port=0, rest_url=f"http://127.0.0.1:{port}", watchlist_interval=0.3
+        )
+        running: MarketService = await nursery.start(serve_market, config)
+        assert running.watchlist is not None
+        with trio.fail_after(GUARD):
+            await running.watchlist.wait_cycle()
+            health = await client.get(f"{running.url}/health")
+        nursery.cancel_scope.cancel()
+    assert health.status_code == 200
+    (warning,) = health.json()["warnings"]
+    assert warning["kind"] == "cycle_failing"
+    assert warning["subject"] == "market/watchlist"
+    assert "NothingFetched: no symbol of 5 answered (request deadline" in warning["message"]

@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import engine
 from engine._metrics import _BUILDERS, EngineCollector, Families, builds
-from engine._probes import Kind, Problem, liveness, readiness, to_jsonable, verdict_body
+from engine._periodic import CycleStatistics
+from engine._probes import Kind, Problem, liveness, readiness, to_jsonable, verdict_body, warnings
 
 
 def child(name: str, state: str = "running", **changes: object) -> engine.ChildStatistics:
@@ -85,6 +86,49 @@ def test_liveness_rules() -> None:
         "its watchdog is cancelling it"
     )
     assert problems[2].error == "OSError: refused"
+
+
+def cycle(**changes: object) -> CycleStatistics:
+    fields: dict[str, object] = {
+        "name": "watchlist",
+        "interval": 5.0,
+        "cycle_deadline": 5.0,
+        "overrun_policy": "skip",
+        "runs": 3,
+        "successes": 2,
+        "failures": 1,
+        "timeouts": 1,
+        "overruns": 0,
+        "skipped_ticks": 0,
+        "late_starts": 0,
+        "running": False,
+        "last_started_at": 10.0,
+        "last_success_at": 5.0,
+        "last_failure_at": 15.0,
+        "last_error": "TooSlowError: cycle deadline of 5 s expired",
+        "last_duration": 5.0,
+        "next_tick_at": 20.0,
+    }
+    fields.update(changes)
+    return CycleStatistics(**fields)  # type: ignore[arg-type]  # built from a dict
+
+
+def test_a_failing_cycle_is_a_warning_on_health_not_a_failure() -> None:
+    stats = tree(
+        child("watchlist", attached=(cycle(),)),
+        child("ticker", attached=(cycle(name="ticker", last_failure_at=None, failures=0),)),
+    )
+    assert liveness(stats) == []
+    (warning,) = warnings(stats)
+    assert (warning.kind, warning.subject) == (Kind.CYCLE_FAILING, "root/watchlist")
+    assert warning.message == (
+        "cycle 'watchlist' of child 'root/watchlist': its latest run failed "
+        "(TooSlowError: cycle deadline of 5 s expired); 1 of 3 runs failed"
+    )
+    # A later success clears it.
+    recovered = tree(child("watchlist", attached=(cycle(last_success_at=20.0),)))
+    assert warnings(recovered) == []
+    assert warnings(None) == []
 
 
 def test_readiness_adds_children_not_ready_and_stopping() -> None:

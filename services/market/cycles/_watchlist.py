@@ -58,6 +58,10 @@ def default_client() -> httpx.AsyncClient:
     return httpx.AsyncClient(headers={"user-agent": "trio-engine-market"}, timeout=None)
 
 
+class NothingFetched(Exception):
+    """A watchlist cycle ran to its end but no symbol answered."""
+
+
 @attrs.frozen
 class CycleReport:
     """What one finished watchlist cycle fetched and what it could not.
@@ -66,7 +70,9 @@ class CycleReport:
         number: 1 for the first cycle, counting every finished cycle.
         started_at: ``trio.current_time()`` when it started.
         duration: seconds it took (``cycle_deadline`` if it was cut).
-        outcome: ``"ok"`` (it ran to the end, whatever each symbol's fate),
+        outcome: ``"ok"`` (it ran to the end, whatever each symbol's fate;
+            if no symbol answered, the run then raises :class:`NothingFetched`
+            so that the engine's cycle counts a failure and /health warns),
             ``"timeout"`` (cut by the cycle deadline) or ``"error"`` (it
             raised; a bug, logged by the cycle).
         ok: the symbols that answered, in watchlist order.
@@ -331,6 +337,11 @@ class Watchlist:
             self._finish(attempt, exc)
             raise
         self._finish(attempt, None)
+        if symbols and not attempt.ok:
+            # Ran to the end with nothing to show: the run failed, so the cycle
+            # counts it as a failure and /health warns until one succeeds.
+            first = next(iter(attempt.failed.values()), "no answer")
+            raise NothingFetched(f"no symbol of {len(symbols)} answered ({first})")
 
     async def _work(
         self, client: httpx.AsyncClient, pending: Iterator[list[str]], attempt: _Attempt
