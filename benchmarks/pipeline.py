@@ -406,8 +406,8 @@ def _alternate(variants: Mapping[str, Callable[[], Any]], runs: int) -> dict[str
     return results
 
 
-def ingest(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
-    with SimulatorProcess("inf") as simulator:
+def _pipelines(args: argparse.Namespace, rate: str, *, latency: bool) -> dict[str, Any]:
+    with SimulatorProcess(rate) as simulator:
         variants = {
             name: partial(
                 run_pipeline,
@@ -415,29 +415,20 @@ def ingest(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
                 simulator,
                 args.seconds,
                 args.warmup,
-                latency=False,
+                latency=latency,
                 client_queue=args.client_queue,
             )
             for name in READERS
         }
         return _alternate(variants, args.runs)
+
+
+def ingest(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    return _pipelines(args, "inf", latency=False)
 
 
 def latency(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
-    with SimulatorProcess(str(args.rate)) as simulator:
-        variants = {
-            name: partial(
-                run_pipeline,
-                name,
-                simulator,
-                args.seconds,
-                args.warmup,
-                latency=True,
-                client_queue=args.client_queue,
-            )
-            for name in READERS
-        }
-        return _alternate(variants, args.runs)
+    return _pipelines(args, str(args.rate), latency=True)
 
 
 def fan_out(args: argparse.Namespace) -> dict[str, list[float]]:

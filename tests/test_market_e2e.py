@@ -14,7 +14,6 @@ import functools
 import json
 import math
 import signal
-import socket
 import subprocess
 import sys
 from collections import defaultdict
@@ -29,13 +28,13 @@ import pytest
 import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Event, RejectConnection, Request
+from wsproto.events import AcceptConnection, CloseConnection
 
 import engine
 from services.market._service import MarketConfig, MarketService, serve_market
 from services.market.broadcast import CLOSE_GOING_AWAY, CLOSE_TOO_SLOW, ClientStatistics
 from services.market.simulator import Simulator, SimulatorConfig, open_simulator
+from tests.test_broadcast import raw_client
 
 GUARD = 10  # seconds: an absolute bound on every test
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT", "XRPUSDT")
@@ -273,41 +272,6 @@ async def test_a_malformed_frame_is_counted_and_shown_and_the_feed_goes_on() -> 
 # -- a client that never reads --------------------------------------------------
 
 
-class RawClient:
-    """A WebSocket client that reads only when told to: wsproto on a bare TCP stream."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.ws = WSConnection(ConnectionType.CLIENT)
-
-    async def upgrade(self, target: str) -> Event:
-        await self.stream.send_all(self.ws.send(Request(host="127.0.0.1", target=target)))
-        return (await self.events(until=(AcceptConnection, RejectConnection)))[-1]
-
-    async def events(self, until: tuple[type[Event], ...] = ()) -> list[Event]:
-        """Events until one of ``until`` arrives, or until the server closes TCP."""
-        seen: list[Event] = []
-        while data := await self.stream.receive_some(65536):
-            self.ws.receive_data(data)
-            for event in self.ws.events():
-                seen.append(event)
-                if isinstance(event, until):
-                    return seen
-        return seen
-
-
-@asynccontextmanager
-async def raw_client(url: str) -> AsyncIterator[RawClient]:
-    """A :class:`RawClient` with a small receive window, so the server's writes block soon."""
-    parts = urlsplit(url)
-    assert parts.port is not None
-    sock = trio.socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
-    async with trio.SocketStream(sock) as stream:
-        await sock.connect(("127.0.0.1", parts.port))
-        yield RawClient(stream)
-
-
 async def test_a_client_that_never_reads_is_closed_while_a_reader_gets_every_trade() -> None:
     config = SimulatorConfig(symbols=SYMBOLS, rate=20_000)
     with trio.fail_after(GUARD):
@@ -315,7 +279,8 @@ async def test_a_client_that_never_reads_is_closed_while_a_reader_gets_every_tra
             stalled_simulator(config) as simulator,
             running(feed_url=simulator.address.ws_url, symbols=SYMBOLS) as service,
             ws_client(f"{service.ws_url}?topics=trades") as ws,
-            raw_client(service.ws_url) as slow,
+            # A small receive window, so the server's writes block soon.
+            raw_client(urlsplit(service.ws_url).port or 0, receive_buffer=4096) as slow,
             trio.open_nursery() as nursery,
         ):
             # Both clients are in before the first message: the reader must
