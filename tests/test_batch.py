@@ -355,12 +355,10 @@ async def test_chunks_are_sized_from_measured_times_and_end_together(
     outcomes = await engine.run_batch(square, range(1_000), bridge=bridge, workers=2)
     assert [o.value for o in outcomes] == [i * i for i in range(1_000)]
     sizes = [len(call) for call in bridge.calls]
-    # A lone item per worker measures the work; then calls of about 50 ms of it,
+    # A lone item per worker measures the work; then calls of about 100 ms of it,
     # and at the end two calls sized from what is left (running calls
     # included), so both workers finish at the same moment.
-    assert sizes[:2] == [1, 1]
-    assert max(sizes) == 50
-    assert sizes[-2:] == [49, 49]
+    assert sizes == [1, 1] + [100] * 8 + [99, 99]
     assert trio.current_time() == pytest.approx(0.5)
 
 
@@ -368,10 +366,10 @@ async def test_the_last_calls_are_never_smaller_than_a_few_ms_of_work(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     bridge = engine.testing.VirtualBridge(duration=lambda item: 0.001)
-    await engine.run_batch(square, range(106), bridge=bridge, workers=2)
-    # 4 items left as both big calls end: one call of 4 ms, not two of 2.
-    assert [len(call) for call in bridge.calls] == [1, 1, 50, 50, 4]
-    assert trio.current_time() == pytest.approx(0.055)
+    await engine.run_batch(square, range(206), bridge=bridge, workers=2)
+    # 4 items left as both 100 ms calls end: one call of 4 ms, not two of 2.
+    assert [len(call) for call in bridge.calls] == [1, 1, 100, 100, 4]
+    assert trio.current_time() == pytest.approx(0.105)
     bridge = engine.testing.VirtualBridge(duration=lambda item: 0.001)
     started = trio.current_time()
     await engine.run_batch(square, range(14), bridge=bridge, workers=2)
