@@ -20,7 +20,7 @@ async def main() -> None:
     klines = SimulatedKlines(anchor_ms=1_700_000_000_000)  # 250 daily candles per symbol
     scans = Scans(ScanConfig(symbols=500, workers=2, item_deadline=60), klines)
     async with trio.open_nursery() as nursery:
-        await nursery.start(scans.run)  # opens (and warms) the worker pool
+        await nursery.start(scans.run)  # opens the worker pool
 
         def progress(completed: int, total: int) -> None:
             if completed % 100 == 0:
