@@ -188,6 +188,7 @@ class Batch(Generic[T, R]):
         self._per_item: float | None = None  # measured seconds per item
         self._ran_total = 0.0
         self._ran_count = 0
+        self._fastest = math.inf
         self._started_at = 0.0
         self._cancel_scope = trio.CancelScope()
         self._send: SendChannel[Outcome[T, R]]
@@ -382,12 +383,19 @@ class Batch(Generic[T, R]):
         return travelling
 
     def _measure(self, ran: list[float]) -> None:
-        # The mean over every item so far: the first lone items (slower, as
-        # first calls are) weigh as little as they are few.
+        # The mean over every item so far: the first lone items weigh as
+        # little as they are few. Until more than those have come back, the
+        # quickest of them: a worker's first item pays for its cold caches
+        # (twice to eight times the others, measured), and the mean of such
+        # items would make the first real calls needlessly small.
         if ran:
             self._ran_total += sum(ran)
             self._ran_count += len(ran)
-            self._per_item = self._ran_total / self._ran_count
+            self._fastest = min(self._fastest, *ran)
+            if self._ran_count <= self._workers:
+                self._per_item = self._fastest
+            else:
+                self._per_item = self._ran_total / self._ran_count
 
     def _absorb(self, chunk: list[tuple[int, Any]], report: ChunkReport) -> None:
         self._measure([d.ran for d in report.finished] + report.ran)
