@@ -15,7 +15,6 @@ import json
 import math
 import signal
 import subprocess
-import sys
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -35,6 +34,7 @@ from services.market._service import MarketConfig, MarketService, serve_market
 from services.market.broadcast import CLOSE_GOING_AWAY, CLOSE_TOO_SLOW, ClientStatistics
 from services.market.simulator import Simulator, SimulatorConfig, open_simulator
 from tests.test_broadcast import raw_client
+from tests.test_market_service import service_process
 
 GUARD = 20  # seconds: an absolute bound on every test (a loaded machine is slow)
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT", "XRPUSDT")
@@ -43,7 +43,6 @@ SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT", "XRPUSDT")
 # kline candle rolls over mid-test (a roll-over once made the simulator add
 # a trade its trade stream never reported, a false gap in the trade ids).
 CLOCK = 1_700_000_040_000
-COMMAND = [sys.executable, "-m", "services.market"]
 
 
 @asynccontextmanager
@@ -400,33 +399,17 @@ async def test_a_stop_request_closes_clients_with_1001_and_the_service_returns()
 
 @pytest.mark.subprocess
 def test_sigterm_with_a_client_connected_closes_it_with_1001_and_exits_0() -> None:
-    process = subprocess.Popen(
-        [*COMMAND, "--port", "0", "--ws-port", "0", "--rate", "2000", "--grace-period", "5"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-    async def client(ws_url: str) -> ConnectionClosed:
+    async def client(process: subprocess.Popen[str], ws_url: str) -> ConnectionClosed:
         with trio.fail_after(GUARD):
             async with ws_client(f"{ws_url}?topics=trades") as ws:
                 await ws.get_message()  # in flight: trades are streaming to it
                 process.send_signal(signal.SIGTERM)
                 return await read_until_closed(ws)
 
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("market service ready at "), line
-        closed = trio.run(client, line.split("(WebSocket: ")[1].rstrip(")\n"))
+    flags = ("--rate", "2000", "--grace-period", "5")
+    with service_process(*flags) as (process, _, ws_url):
+        closed = trio.run(client, process, ws_url)
         assert closed.reason is not None
         assert (closed.reason.code, closed.reason.reason) == (1001, "server shutting down")
         # 0, not 128 + SIGTERM: it finished before the 5 s grace period ran out.
         assert process.wait(timeout=GUARD) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -30,16 +32,15 @@ def wait_for(predicate: object, seconds: float) -> None:
     raise AssertionError("condition not met in time")
 
 
-async def first_message(url: str) -> dict[str, object]:
-    with trio.fail_after(10):
-        async with trio_websocket.open_websocket_url(url) as ws:
-            message: dict[str, object] = json.loads(await ws.get_message())
-            return message
+@contextlib.contextmanager
+def service_process(*flags: str) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
+    """``python -m services.market`` on free ports, once it has printed its ready line.
 
-
-def test_service_runs_on_the_simulator_serves_ops_and_stops_on_sigterm() -> None:
+    Yields the process, its ops URL and its WebSocket URL; kills it at the
+    end if it is still running.
+    """
     process = subprocess.Popen(
-        [*COMMAND, "--port", "0", "--ws-port", "0", "--rate", "2000"],
+        [*COMMAND, "--port", "0", "--ws-port", "0", *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -50,6 +51,25 @@ def test_service_runs_on_the_simulator_serves_ops_and_stops_on_sigterm() -> None
         assert line.startswith("market service ready at http://127.0.0.1:"), line
         url = line.split(" at ")[1].split()[0]
         ws_url = line.split("(WebSocket: ")[1].rstrip(")\n")
+        yield process, url, ws_url
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+async def first_message(url: str) -> dict[str, object]:
+    with trio.fail_after(10):
+        async with trio_websocket.open_websocket_url(url) as ws:
+            message: dict[str, object] = json.loads(await ws.get_message())
+            return message
+
+
+def test_service_runs_on_the_simulator_serves_ops_and_stops_on_sigterm() -> None:
+    with service_process("--rate", "2000") as (process, url, ws_url):
         with httpx.Client(base_url=url, timeout=5) as client:
             wait_for(lambda: client.get("/ready").status_code == 200, 20)
             assert client.get("/health").json()["status"] == "ok"
@@ -73,13 +93,6 @@ def test_service_runs_on_the_simulator_serves_ops_and_stops_on_sigterm() -> None
             assert children["processors"]["ready"]
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
 
 
 @pytest.mark.parametrize(
@@ -131,35 +144,20 @@ def _stuck_client(ws_url: str) -> socket.socket:
 
 
 def test_a_forced_stop_does_not_wait_for_a_client_that_never_reads() -> None:
-    process = subprocess.Popen(
-        [*COMMAND, "--port", "0", "--ws-port", "0", "--grace-period", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        ws_url = line.split("(WebSocket: ")[1].rstrip(")\n")
-        with _stuck_client(ws_url):
-            url = line.split(" at ")[1].split()[0]
-            with httpx.Client(base_url=url, timeout=5) as client:
-                wait_for(lambda: client.get("/ready").status_code == 200, 20)
-                clients = client.get("/status").json()["sources"]["broadcast"]["clients"]
-                assert clients == 1
-            process.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
-            # The client never answers the close handshake: the graceful close
-            # waits for it until the 1 s grace period runs out, then the stop is
-            # forced (exit 128 + SIGTERM) at once, not after the 5 s close timeout.
-            assert process.wait(timeout=15) == 128 + signal.SIGTERM
-            assert time.monotonic() - signalled < 4
-            assert process.stderr is not None
-            assert "grace period of 1 s expired" in process.stderr.read()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
+    with (
+        service_process("--grace-period", "1") as (process, url, ws_url),
+        _stuck_client(ws_url),
+    ):
+        with httpx.Client(base_url=url, timeout=5) as client:
+            wait_for(lambda: client.get("/ready").status_code == 200, 20)
+            clients = client.get("/status").json()["sources"]["broadcast"]["clients"]
+            assert clients == 1
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        # The client never answers the close handshake: the graceful close
+        # waits for it until the 1 s grace period runs out, then the stop is
+        # forced (exit 128 + SIGTERM) at once, not after the 5 s close timeout.
+        assert process.wait(timeout=15) == 128 + signal.SIGTERM
+        assert time.monotonic() - signalled < 4
+        assert process.stderr is not None
+        assert "grace period of 1 s expired" in process.stderr.read()

@@ -187,23 +187,19 @@ async def _serve_market(
             # Whale flows first, so they see the feed's first trade.
             await sup.start(whales.run, name="whale_flows")
             await sup.start(feed.process, name="processors")
-            sup.start_soon(
-                feed.connect,
-                name="feed",
+            # Children that wait on something outside (a socket, a file): ready
+            # once connected, retried with backoff, cancelled if they go quiet.
+            outside = functools.partial(
+                sup.start_soon,
                 reports_ready=True,
                 backoff=engine.Backoff(initial=0.5, maximum=30),
                 stall_after=30,
             )
+            outside(feed.connect, name="feed")
             orders: OrderLog | None = None
             if order_log is not None:
                 orders = OrderLog(OrderLogConfig(order_log, publish=config.order_log_publish), bus)
-                sup.start_soon(
-                    orders.follow,
-                    name="orders",
-                    reports_ready=True,
-                    backoff=engine.Backoff(initial=0.5, maximum=30),
-                    stall_after=30,
-                )
+                outside(orders.follow, name="orders")
             await sup.start(
                 watchlist.run, name="watchlist", stall_after=watchlist.config.stall_after
             )

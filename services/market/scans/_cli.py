@@ -102,28 +102,30 @@ def main(argv: Sequence[str]) -> int:
 
 
 async def _scan(scans: Scans, formula: str, console: Console) -> ScanRun:
+    columns = (
+        TextColumn("scanning"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("symbols"),
+        TimeElapsedColumn(),
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(scans.run)
-        scan = scans.start(formula)
-        columns = (
-            TextColumn("scanning"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("symbols"),
-            TimeElapsedColumn(),
-        )
         with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("scan", total=len(scan.symbols))
-            shutdown = engine.current_shutdown()
-            while not scan._done.is_set():
-                with trio.move_on_after(0.1):
-                    await scan.wait()
-                progress.update(task, completed=scan.completed)
-                if shutdown.requested:
-                    scan.cancel()
-            progress.update(task, completed=scan.completed)
+            bar = progress.add_task("scan", total=len(scans.symbols))
+            scan = scans.start(
+                formula, on_progress=lambda done, _: progress.update(bar, completed=done)
+            )
+            nursery.start_soon(_cancel_on_stop, scan)
+            await scan.wait()
         nursery.cancel_scope.cancel()
     return scan
+
+
+async def _cancel_on_stop(scan: ScanRun) -> None:
+    # Ctrl-C asks for a stop: the scan ends with what it has, and the table shows it.
+    await engine.current_shutdown().wait()
+    scan.cancel()
 
 
 def _table(scan: ScanRun, limit: int) -> None:
