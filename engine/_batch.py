@@ -32,6 +32,7 @@ import trio
 from ._batch_runners import (
     AsyncRunner,
     ChunkReport,
+    Finished,
     ProcessRunner,
     ResultsLost,
     Runner,
@@ -57,6 +58,14 @@ _TARGET_CALL_SECONDS = 0.1
 # more in dispatch than they save in waiting.
 _MIN_CALL_SECONDS = 0.004
 _MAX_CHUNK = 4096
+# A call carries at most this much pickled input (unless one item is more):
+# items that it has no time left to start travel for nothing.
+_MAX_CALL_BYTES = 8 << 20
+
+
+# Outcomes recorded between two schedule points of the collector (about
+# 0.3 ms of work).
+_RECORD_SLICE = 128
 
 
 class Status(enum.StrEnum):
@@ -143,6 +152,15 @@ class BatchStatistics:
     split_chunks: int
 
 
+@attrs.define(eq=False)
+class _Arrived:
+    """A call's report, waiting for its outcomes to be recorded."""
+
+    chunk: list[tuple[int, Any]]
+    report: ChunkReport
+    decoded: collections.deque[Finished] | None = None
+
+
 class Batch(Generic[T, R]):
     """What :func:`map_batch` yields: iterate it for outcomes in completion order."""
 
@@ -166,29 +184,28 @@ class Batch(Generic[T, R]):
         self._on_progress = on_progress
         self._results: list[Outcome[T, R] | None] = [None] * len(items)
         self._counts: collections.Counter[Status] = collections.Counter()
+        self._completed = 0  # outcomes other than cancelled
         self._attempts = [1] * len(items)
         self._queued = [0.0] * len(items)
         self._next = 0  # first item never dispatched
         self._retry: collections.deque[int] = collections.deque()  # single re-runs, first
-        self._resume: collections.deque[list[int]] = collections.deque()  # never started
+        self._resume: collections.deque[int] = collections.deque()  # sent, never started
         self._work_changed = trio.Event()
         # Chunks that finished cleanly wait here for their outcomes to be
         # recorded by the collector task, so a worker's next call is sent first.
-        self._finished: collections.deque[tuple[list[tuple[int, Any]], ChunkReport]] = (
-            collections.deque()
-        )
+        self._finished: collections.deque[_Arrived] = collections.deque()
         self._finished_added = trio.Event()
         self._tallied: collections.Counter[Status] = collections.Counter()
         self._in_flight = 0
-        # The calls running now: when each started and how many items it has,
-        # so the last calls can be sized to end together.
-        self._running: dict[int, tuple[float, int]] = {}
+        # The calls running now: when each started, its items, its worker's
+        # speed if known, and its time limit, so that the last calls can be
+        # sized to end together.
+        self._running: dict[int, tuple[float, int, float | None, float]] = {}
         self._calls = 0
         self._split = 0
         self._per_item: float | None = None  # measured seconds per item
         self._ran_total = 0.0
         self._ran_count = 0
-        self._fastest = math.inf
         self._started_at = 0.0
         self._cancel_scope = trio.CancelScope()
         self._send: SendChannel[Outcome[T, R]]
@@ -255,21 +272,37 @@ class Batch(Generic[T, R]):
         while True:
             await self._finished_added.wait()
             self._finished_added = trio.Event()
-            self._record_finished()
+            # A slice at a time, letting other tasks in between: a worker
+            # whose call just returned sends its next one within a slice's
+            # time, not after a whole call's outcomes.
+            while self._record_finished(_RECORD_SLICE):
+                await trio.lowlevel.checkpoint()
             self._notify()  # workers wait for this before they call it a day
 
-    def _record_finished(self) -> None:
-        while self._finished:
-            chunk, report = self._finished.popleft()
-            try:
-                finished = report.decode() if report.decode is not None else report.finished
-            except ResultsLost as failure:
-                self._split_chunk(chunk, failure)
-                continue
-            for done in finished:
+    def _record_finished(self, limit: float = math.inf) -> bool:
+        """Record the outcomes of finished calls, up to ``limit``; whether some are left."""
+        recorded = 0
+        while self._finished and recorded < limit:
+            arrived = self._finished[0]
+            if arrived.decoded is None:
+                report = arrived.report
+                try:
+                    finished = report.decode() if report.decode is not None else report.finished
+                except ResultsLost as failure:
+                    self._finished.popleft()
+                    self._split_chunk(arrived.chunk, failure)
+                    continue
+                arrived.decoded = collections.deque(finished)
+            decoded = arrived.decoded
+            while decoded and recorded < limit:
+                done = decoded.popleft()
                 status = Status.OK if done.ok else Status.ERROR
                 self._finish(done.index, status, value=done.value, error=done.error, ran=done.ran)
+                recorded += 1
+            if not decoded:
+                self._finished.popleft()
         self._flush_tally()
+        return bool(self._finished)
 
     def _flush_tally(self) -> None:
         # The run-wide counters take one update per chunk, not one per item.
@@ -280,84 +313,108 @@ class Batch(Generic[T, R]):
                 self._tallied[status] = count
 
     async def _worker(self) -> None:
+        # Seconds per item on this worker, from its last call of several
+        # items: workers of one batch can differ by half (a busy CPU).
+        speed: float | None = None
         while True:
-            chunk = self._take()
-            if chunk is None:
+            planned = self._take(speed)
+            if planned is None:
                 # Results not yet decoded may still send items back for a re-run.
                 if self._in_flight == 0 and not self._finished:
                     return
                 await self._work_changed.wait()
                 continue
+            chunk, stop_after = planned
             if not chunk:
                 continue  # every item of it failed to pickle
             self._in_flight += 1
             self._calls += 1
             call = self._calls
             now = trio.current_time()
-            self._running[call] = (now, len(chunk))
+            self._running[call] = (now, len(chunk), speed, stop_after)
             for index, _ in chunk:
                 self._queued[index] = now - self._started_at
             try:
-                report = await self._runner.run(self._fn, chunk, self._deadline)
+                report = await self._runner.run(self._fn, chunk, self._deadline, stop_after)
             finally:
                 self._in_flight -= 1
                 del self._running[call]
                 self._notify()
-            if report.timed_out or report.not_started or report.unknown:
+            ran = [d.ran for d in report.finished] + report.ran
+            self._measure(ran)
+            if len(ran) > 1:
+                speed = sum(ran) / len(ran)
+            if report.not_started:
+                # Back to the front of the line, in order.
+                self._resume.extendleft(reversed(report.not_started))
+            if report.timed_out or report.unknown:
                 self._absorb(chunk, report)
             else:
                 # The common case: record the outcomes after this worker's next
                 # call is on its way, not before (the collector runs once this
                 # task waits on that call).
-                self._measure([d.ran for d in report.finished] + report.ran)
-                self._finished.append((chunk, report))
+                self._finished.append(_Arrived(chunk, report))
                 self._finished_added.set()
 
     def _notify(self) -> None:
         self._work_changed.set()
         self._work_changed = trio.Event()
 
-    def _take(self) -> list[tuple[int, Any]] | None:
+    def _take(self, speed: float | None) -> tuple[list[tuple[int, Any]], float] | None:
+        """The next call: its chunk, and when its worker stops starting items."""
         if self._retry:
-            return self._prepare([self._retry.popleft()])
-        if self._resume:
-            return self._prepare(self._resume.popleft())
-        if self._next >= len(self._items):
+            return self._prepare([self._retry.popleft()]), math.inf
+        waiting = len(self._resume) + len(self._items) - self._next
+        if not waiting:
             return None
-        size = self._size()
-        indices = list(range(self._next, min(self._next + size, len(self._items))))
-        self._next += len(indices)
-        return self._prepare(indices)
+        size, stop_after = self._plan(speed, waiting)
+        indices: list[int] = []
+        while self._resume and len(indices) < size:
+            indices.append(self._resume.popleft())
+        if len(indices) < size:
+            fresh = min(self._next + size - len(indices), len(self._items))
+            indices.extend(range(self._next, fresh))
+            self._next = fresh
+        return self._prepare(indices), stop_after
 
-    def _size(self) -> int:
+    def _plan(self, speed: float | None, waiting: int) -> tuple[int, float]:
+        """How many items the next call takes, and after how long it stops starting them."""
         if not self._runner.chunked:
-            return 1
+            return 1, math.inf
         if self._chunk_size is not None:
-            return self._chunk_size
-        if self._per_item is None:
-            # The first calls measure how long an item takes. One item each:
-            # with several, a call of long items would run into the half
-            # deadline of a chunk and have them all run again.
-            return 1
+            return self._chunk_size, math.inf
         budget = _TARGET_CALL_SECONDS
         if math.isfinite(self._deadline):
-            budget = min(budget, self._deadline / 4)
-        per_item = max(self._per_item, 1e-7)
+            budget = min(budget, self._deadline / 8)
+        # The worker starts no item after twice the aim: a call whose items
+        # prove slower than measured ends anyway, and the unmeasured first
+        # calls end by the clock. (So the call can be given all but this of
+        # the deadline; see chunk_deadline.)
+        stop_after = 2 * budget
+        if self._per_item is None:
+            # Nothing measured yet: an even share of what waits, for the
+            # worker's clock to cut short if the items are slow.
+            free = max(1, self._workers - self._in_flight)
+            return min(_MAX_CHUNK, math.ceil(waiting / free)), stop_after
+        per_item = max(speed or self._per_item, 1e-7)
         # (+1e-9: 0.05 / 0.001 must be 50 items, not 49.99999 -> 49)
         size = max(1, min(int(budget / per_item + 1e-9), _MAX_CHUNK))
-        # Near the end, share what is left so that every worker ends at once:
-        # this call's part of the remaining work, counting what the running
-        # calls still have to do. Not into calls too small to be worth their
-        # dispatch, though, and leave no crumb behind for one more call.
-        remaining = len(self._items) - self._next
+        # Near the end, share what is left so that every worker ends at once,
+        # counting what the running calls still have to do and how fast their
+        # workers go. Not into calls too small to be worth their dispatch,
+        # though, and leave no crumb behind for one more call.
         now = trio.current_time()
-        busy = sum(max(0.0, start + n * per_item - now) for start, n in self._running.values())
-        fair = math.ceil((remaining * per_item + busy) / self._workers / per_item - 1e-9)
+        running = []
+        for started, count, its_speed, its_stop in self._running.values():
+            its_speed = its_speed or self._per_item
+            running.append((started + min(count * its_speed, its_stop + its_speed), its_speed))
+        end = _balanced_end(now, waiting, per_item, self._workers, running)
+        fair = math.ceil((end - now) / per_item - 1e-9)
         floor = max(1, min(size, int(_MIN_CALL_SECONDS / per_item + 1e-9)))
         size = min(size, max(fair, floor))
-        if remaining - size < floor and remaining * per_item <= budget:
-            size = remaining
-        return size
+        if waiting - size < floor and waiting * per_item <= budget:
+            size = waiting
+        return size, stop_after
 
     def _prepare(self, indices: list[int]) -> list[tuple[int, Any]]:
         """The chunk to send; items that cannot travel to a process end as errors here."""
@@ -365,10 +422,14 @@ class Batch(Generic[T, R]):
         if not isinstance(self._runner, ProcessRunner):
             return chunk
         try:  # one pickle for the chunk; item by item only to name the culprits
-            pickle.dumps([item for _, item in chunk], protocol=pickle.HIGHEST_PROTOCOL)
+            size = len(pickle.dumps([item for _, item in chunk], protocol=pickle.HIGHEST_PROTOCOL))
         except Exception:
             pass
         else:
+            if size > _MAX_CALL_BYTES and len(chunk) > 1:
+                keep = max(1, len(chunk) * _MAX_CALL_BYTES // size)
+                self._resume.extendleft(reversed([index for index, _ in chunk[keep:]]))
+                chunk = chunk[:keep]
             return chunk
         travelling = []
         for index, item in chunk:
@@ -383,28 +444,17 @@ class Batch(Generic[T, R]):
         return travelling
 
     def _measure(self, ran: list[float]) -> None:
-        # The mean over every item so far: the first lone items weigh as
-        # little as they are few. Until more than those have come back, the
-        # quickest of them: a worker's first item pays for its cold caches
-        # (twice to eight times the others, measured), and the mean of such
-        # items would make the first real calls needlessly small.
+        # The mean over every item so far.
         if ran:
             self._ran_total += sum(ran)
             self._ran_count += len(ran)
-            self._fastest = min(self._fastest, *ran)
-            if self._ran_count <= self._workers:
-                self._per_item = self._fastest
-            else:
-                self._per_item = self._ran_total / self._ran_count
+            self._per_item = self._ran_total / self._ran_count
 
     def _absorb(self, chunk: list[tuple[int, Any]], report: ChunkReport) -> None:
-        self._measure([d.ran for d in report.finished] + report.ran)
-        self._finished.append((chunk, report))
+        self._finished.append(_Arrived(chunk, report))
         self._record_finished()
         for index, ran in report.timed_out:
             self._finish(index, Status.TIMEOUT, error=report.failure, ran=ran)
-        if report.not_started:
-            self._resume.append(report.not_started)
         if report.unknown:
             if len(chunk) == 1:
                 (index,) = report.unknown
@@ -443,21 +493,52 @@ class Batch(Generic[T, R]):
         if self._results[index] is not None:
             raise AssertionError(f"engine bug: item {index} of a batch finished twice")
         outcome: Outcome[T, R] = Outcome(
-            index=index,
-            item=self._items[index],
-            status=status,
-            value=value,  # type: ignore[arg-type]  # R by construction when OK
-            error=error,
-            queued=self._queued[index],
-            ran=ran,
-            attempts=self._attempts[index],
+            index,
+            self._items[index],
+            status,
+            value,  # type: ignore[arg-type]  # R by construction when OK
+            error,
+            self._queued[index],
+            ran,
+            self._attempts[index],
         )
         self._results[index] = outcome
         self._counts[status] += 1
         self._send.send_nowait(outcome)
-        if status is not Status.CANCELLED and self._on_progress is not None:
-            completed = sum(self._counts.values()) - self._counts[Status.CANCELLED]
-            self._on_progress(completed, len(self._items))
+        if status is not Status.CANCELLED:
+            self._completed += 1
+            if self._on_progress is not None:
+                self._on_progress(self._completed, len(self._items))
+
+
+def _balanced_end(
+    now: float,
+    waiting: int,
+    per_item: float,
+    workers: int,
+    running: list[tuple[float, float]],
+) -> float:
+    """When ``waiting`` items would all be done, shared so that every worker ends at once.
+
+    The asking worker is free now and does an item in ``per_item`` seconds;
+    each running call ``(ends, per_item)`` frees its worker at ``ends``, which
+    then goes at its own speed; other workers are free now, at ``per_item``.
+    Solves ``sum((end - free_at) / speed) == waiting`` over the workers free
+    by ``end``.
+    """
+    starts = [(now, per_item)] * (workers - len(running)) + [
+        (max(now, ends), speed) for ends, speed in running
+    ]
+    starts.sort()
+    rate = 0.0  # items per second of the workers free so far
+    offset = 0.0  # sum of free_at * their rates
+    for position, (free_at, speed) in enumerate(starts):
+        rate += 1 / max(speed, 1e-9)
+        offset += free_at / max(speed, 1e-9)
+        end = (waiting + offset) / rate
+        if position + 1 == len(starts) or end <= starts[position + 1][0]:
+            return end
+    return now  # no workers: unreachable, ``workers`` is at least 1
 
 
 class Bridge(enum.StrEnum):

@@ -55,19 +55,55 @@ class Runner(Protocol):
 
     chunked: bool  # whether chunks of more than one item make sense
 
-    async def run(self, fn: Any, chunk: list[tuple[int, Any]], deadline: float) -> ChunkReport: ...
+    async def run(
+        self, fn: Any, chunk: list[tuple[int, Any]], deadline: float, stop_after: float
+    ) -> ChunkReport:
+        """Run ``chunk``, starting items only while :func:`may_start` allows.
+
+        Items never started are reported ``not_started``.
+        """
+        ...
 
 
-def chunk_deadline(deadline: float, size: int) -> float:
+# A call past its ``stop_after`` still finishes a remainder that, at its pace
+# so far, ends within this much of ``stop_after``: a last few items cost less
+# to run than to send back for one more call.
+_GRACE = 1.25
+
+
+def may_start(elapsed: float, done: int, left: int, stop_after: float) -> bool:
+    """Whether a call starts its next item.
+
+    ``elapsed`` seconds into the call, with ``done`` items run and ``left``
+    still to go (the next one included).
+
+    Always before ``stop_after``; after it, only if the rest, at the call's
+    pace so far, would end by ``stop_after * _GRACE``. So every item starts
+    within ``stop_after * _GRACE`` of the call's start.
+    """
+    if not done or elapsed < stop_after:
+        return True
+    return elapsed + left * elapsed / done <= stop_after * _GRACE
+
+
+def chunk_deadline(deadline: float, size: int, stop_after: float = math.inf) -> float:
     """How long a call of ``size`` items may run in a worker that cannot report progress.
 
-    A lone item gets its full deadline. A chunk gets half: if it runs out, its
-    items run again one by one, and a hung one is then cut at most
-    ``deadline / 2`` + (its chunk-mates' run time) + ``deadline`` after its
-    first dispatch; chunks are sized to a quarter of the deadline, so that is
-    within twice the deadline.
+    A lone item gets its full deadline. A call limited by ``stop_after`` (see
+    :func:`may_start`) starts every item within ``latest = stop_after *
+    _GRACE``, and gets ``deadline - latest``, so no item is cut before it has
+    had ``deadline - 2 * latest``. If the call runs out, its items run again
+    alone, first in line, and a hung one is cut at most ``deadline - latest``
+    + (its chunk-mates before it, all started within ``latest``) +
+    ``deadline`` after its first dispatch: within twice its deadline. A chunk
+    without such a limit gets half the deadline.
     """
-    return deadline if size == 1 else deadline / 2
+    latest = stop_after * _GRACE
+    if size == 1:
+        return deadline
+    if latest < deadline / 2:
+        return deadline - latest
+    return deadline / 2
 
 
 def too_slow(deadline: float) -> trio.TooSlowError:
@@ -87,18 +123,23 @@ def _portable(exc: BaseException) -> BaseException:
 
 
 def run_chunk_in_worker(
-    fn: Callable[[Any], object], items: list[Any]
+    fn: Callable[[Any], object], items: list[Any], stop_after: float = math.inf
 ) -> tuple[list[tuple[bool, BaseException | None, float]], bytes]:
     """Worker side: each item's outcome and run time, and every result pickled together.
 
-    The items arrive as one pickle, and the results travel as one (one
-    ``loads`` in the parent, not one per item); only when that fails are
-    they pickled one by one, to say which item's result could not travel.
+    Items run in order while :func:`may_start` allows; the parent counts
+    the rest (those past the outcomes) as never started. The items arrive
+    as one pickle, and the results travel as one (one ``loads`` in the
+    parent, not one per item); only when that fails are they pickled one
+    by one, to say which item's result could not travel.
     """
     outcomes: list[tuple[bool, BaseException | None, float]] = []
     values: list[object] = []
-    for item in items:
+    call_started = time.perf_counter()
+    for position, item in enumerate(items):
         started = time.perf_counter()
+        if not may_start(started - call_started, position, len(items) - position, stop_after):
+            break
         try:
             value = fn(item)
         except Exception as exc:
@@ -126,13 +167,16 @@ class ProcessRunner:
     pool: ProcessPool
     chunked: bool = True
 
-    async def run(self, fn: Any, chunk: list[tuple[int, Any]], deadline: float) -> ChunkReport:
+    async def run(
+        self, fn: Any, chunk: list[tuple[int, Any]], deadline: float, stop_after: float
+    ) -> ChunkReport:
         report = ChunkReport()
-        payload = pickle_call(run_chunk_in_worker, (fn, [item for _, item in chunk]))
+        payload = pickle_call(run_chunk_in_worker, (fn, [item for _, item in chunk], stop_after))
         async with self.pool._limiter:
             await self.pool._ensure_idle_worker()
             # A started worker is ours: the deadline starts now.
-            with trio.move_on_after(chunk_deadline(deadline, len(chunk))) as scope:
+            limit = chunk_deadline(deadline, len(chunk), stop_after)
+            with trio.move_on_after(limit) as scope:
                 try:
                     data = await self.pool._dispatch(payload, fn, kill_on_cancel=True)
                 except WorkerCrashed as exc:
@@ -156,7 +200,8 @@ class ProcessRunner:
                 report.unknown = [index for index, _ in chunk]
                 return report
         outcomes, blob = pickle.loads(data)
-        indices = [index for index, _ in chunk]
+        indices = [index for index, _ in chunk[: len(outcomes)]]
+        report.not_started = [index for index, _ in chunk[len(outcomes) :]]
         report.ran = [ran for _, _, ran in outcomes]
         report.decode = functools.partial(_decode, indices, outcomes, blob)
         return report
@@ -197,6 +242,7 @@ class _ThreadChunk:
     position: int = 0  # index into the chunk of the item running now
     item_started: float = 0.0
     abandoned: bool = False
+    stopped: int | None = None  # where the thread stopped at ``stop_after``
     finished: list[Finished] = attrs.Factory(list)
     lock: threading.Lock = attrs.Factory(threading.Lock)
 
@@ -208,17 +254,24 @@ class ThreadRunner:
     # The batch's own limiter bounds its threads; trio's default one (40) must not.
     unlimited: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(math.inf))
 
-    async def run(self, fn: Any, chunk: list[tuple[int, Any]], deadline: float) -> ChunkReport:
+    async def run(
+        self, fn: Any, chunk: list[tuple[int, Any]], deadline: float, stop_after: float
+    ) -> ChunkReport:
         state = _ThreadChunk(clock=trio.lowlevel.current_clock())
 
         def work() -> None:
+            call_started = time.perf_counter()
             for position, (index, item) in enumerate(chunk):
+                started = time.perf_counter()
+                left = len(chunk) - position
+                if not may_start(started - call_started, position, left, stop_after):
+                    state.stopped = position
+                    return
                 with state.lock:
                     if state.abandoned:
                         return
                     state.position = position
                     state.item_started = state.clock.current_time()
-                started = time.perf_counter()
                 try:
                     result = Finished(index, True, fn(item), None, 0.0)
                 except Exception as exc:
@@ -235,6 +288,8 @@ class ThreadRunner:
                 await to_thread(work, limiter=self.unlimited)
                 nursery.cancel_scope.cancel()
         report = ChunkReport(finished=state.finished)
+        if state.stopped is not None:
+            report.not_started = [index for index, _ in chunk[state.stopped :]]
         if state.abandoned:
             report.timed_out = [(chunk[state.position][0], deadline)]
             report.not_started = [index for index, _ in chunk[state.position + 1 :]]
@@ -265,7 +320,11 @@ class AsyncRunner:
     chunked: bool = False
 
     async def run(
-        self, fn: Callable[[Any], Awaitable[object]], chunk: list[tuple[int, Any]], deadline: float
+        self,
+        fn: Callable[[Any], Awaitable[object]],
+        chunk: list[tuple[int, Any]],
+        deadline: float,
+        stop_after: float,
     ) -> ChunkReport:
         report = ChunkReport()
         for index, item in chunk:

@@ -24,6 +24,7 @@ from tests.batch_jobs.jobs import (
     fragile,
     indicators,
     kind,
+    nap,
     parse_order_line,
     square,
 )
@@ -262,6 +263,37 @@ async def test_thread_bridge_cuts_a_hung_item_and_keeps_its_chunk_mates() -> Non
     assert engine.bridge_statistics().threads_abandoned == 1
 
 
+async def test_a_process_call_ends_by_the_workers_clock_and_the_rest_run_later(
+    pool: engine.ProcessPool,
+) -> None:
+    async with engine.map_batch(nap, [0.05] * 12, pool=pool, workers=1) as batch:
+        pass
+    outcomes = batch.results()
+    # The first call carries all twelve, but its worker starts none after
+    # 200 ms: the rest come back unstarted and go in later calls.
+    assert [o.value for o in outcomes] == [0.05] * 12
+    assert all(o.attempts == 1 for o in outcomes)
+    assert batch.statistics().calls >= 3
+    assert outcomes[0].queued < 0.05 < outcomes[-1].queued
+
+
+async def test_a_thread_call_ends_by_its_clock_and_the_rest_run_later() -> None:
+    async with engine.map_batch(nap, [0.05] * 8, bridge="thread", workers=1) as batch:
+        pass
+    outcomes = batch.results()
+    assert [o.value for o in outcomes] == [0.05] * 8
+    assert all(o.attempts == 1 for o in outcomes)
+    assert batch.statistics().calls >= 2
+
+
+async def test_a_call_carries_at_most_8_mib_of_items(pool: engine.ProcessPool) -> None:
+    blobs = [bytes([i]) * (1 << 20) for i in range(20)]  # distinct: pickle would share one
+    async with engine.map_batch(len, blobs, pool=pool, workers=1) as batch:
+        pass
+    assert [o.value for o in batch.results()] == [1 << 20] * 20
+    assert batch.statistics().calls >= 3
+
+
 async def test_small_items_are_chunked_to_amortise_dispatch(pool: engine.ProcessPool) -> None:
     async with engine.map_batch(square, range(2_000), pool=pool) as batch:
         pass
@@ -348,34 +380,110 @@ async def test_virtual_bridge_splits_a_hung_chunk_within_twice_the_deadline(
     assert bridge.calls[1:] == [[i] for i in range(10)]
 
 
-async def test_chunks_are_sized_from_measured_times_and_end_together(
+# Items of 2**-10 s: sums of them are exact, so times can be asserted exactly.
+TICK = 2**-10
+
+
+async def test_first_calls_share_the_items_then_calls_are_sized_and_end_together(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    bridge = engine.testing.VirtualBridge(duration=lambda item: 0.001)
+    bridge = engine.testing.VirtualBridge(duration=lambda item: TICK)
     outcomes = await engine.run_batch(square, range(1_000), bridge=bridge, workers=2)
     assert [o.value for o in outcomes] == [i * i for i in range(1_000)]
     sizes = [len(call) for call in bridge.calls]
-    # A lone item per worker measures the work; then calls of about 100 ms of it,
-    # and at the end two calls sized from what is left (running calls
-    # included), so both workers finish at the same moment.
-    assert sizes == [1, 1] + [100] * 8 + [99, 99]
-    assert trio.current_time() == pytest.approx(0.5)
+    # Nothing measured yet: each worker is sent half the items, and its clock
+    # ends the call after 200 ms (205 items); the other 295 of each come
+    # back. Then calls of 100 ms of measured work (102 items), and two last
+    # calls sized from what is left so that both workers end together.
+    assert sizes == [500, 500] + [102] * 4 + [91, 91]
+    assert [o.queued for o in outcomes[:205]] == [0] * 205
+    assert outcomes[205].queued > 0
+    # No item ran twice, and neither worker idled: 1,000 ticks over two.
+    assert all(o.attempts == 1 for o in outcomes)
+    assert trio.current_time() == 500 * TICK
+
+
+async def test_a_batch_that_fits_in_one_call_per_worker_makes_one_each(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    bridge = engine.testing.VirtualBridge(duration=lambda item: TICK)
+    await engine.run_batch(square, range(206), bridge=bridge, workers=2)
+    assert [len(call) for call in bridge.calls] == [103, 103]
+    assert trio.current_time() == 103 * TICK
+    # 206 items each: the clock's 200 ms pass after 205, but one item more
+    # costs less than sending it back for a call of its own.
+    bridge = engine.testing.VirtualBridge(duration=lambda item: TICK)
+    started = trio.current_time()
+    await engine.run_batch(square, range(412), bridge=bridge, workers=2)
+    assert [len(call) for call in bridge.calls] == [206, 206]
+    assert trio.current_time() - started == 206 * TICK
 
 
 async def test_the_last_calls_are_never_smaller_than_a_few_ms_of_work(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    bridge = engine.testing.VirtualBridge(duration=lambda item: 0.001)
-    await engine.run_batch(square, range(206), bridge=bridge, workers=2)
-    # 4 items left as both 100 ms calls end: one call of 4 ms, not two of 2.
-    assert [len(call) for call in bridge.calls] == [1, 1, 100, 100, 4]
-    assert trio.current_time() == pytest.approx(0.105)
-    bridge = engine.testing.VirtualBridge(duration=lambda item: 0.001)
-    started = trio.current_time()
-    await engine.run_batch(square, range(14), bridge=bridge, workers=2)
-    # 12 items left after the measuring calls: shared so both end at 7 ms.
-    assert [len(call) for call in bridge.calls] == [1, 1, 6, 6]
-    assert trio.current_time() - started == pytest.approx(0.007)
+    bridge = engine.testing.VirtualBridge(duration=lambda item: TICK)
+    await engine.run_batch(square, range(620), bridge=bridge, workers=2)
+    # The clocks end both first calls at 205 items (0.2 s), 105 each come
+    # back. The worker back first takes a fair part of what it sees (53); the
+    # other 102 (100 ms). At 258 ticks the first would take 52 of the 55 left
+    # and leave 3 for the other, under 4 ms of work: it takes all 55 instead,
+    # ending 3 ticks later than an even split, one dispatch cheaper.
+    assert [len(call) for call in bridge.calls] == [310, 310, 53, 102, 55]
+    assert trio.current_time() == 313 * TICK
+
+
+def test_a_call_past_its_time_starts_no_item_but_to_finish_a_small_rest() -> None:
+    may_start = engine._batch_runners.may_start
+    assert may_start(0.0, 0, 10, stop_after=0.0)  # the first item always runs
+    assert may_start(0.19, 19, 81, stop_after=0.2)
+    assert not may_start(0.2, 20, 80, stop_after=0.2)
+    # Past the time, a rest that ends within a quarter more still runs.
+    assert may_start(0.2, 20, 5, stop_after=0.2)
+    assert not may_start(0.2, 20, 6, stop_after=0.2)
+    assert not may_start(0.26, 26, 1, stop_after=0.2)
+
+
+def test_a_clock_limited_call_gets_all_but_its_latest_start_of_the_deadline() -> None:
+    chunk_deadline = engine._batch_runners.chunk_deadline
+    assert chunk_deadline(60, 1, 0.2) == 60  # alone: the whole deadline
+    assert chunk_deadline(60, 10, 0.2) == 60 - 0.25  # every item starts by 0.25 s
+    assert chunk_deadline(60, 10) == 30  # no clock: half
+    assert chunk_deadline(1, 10, 0.5) == 0.5  # a clock too long for the deadline: half
+
+
+def test_the_balanced_end_counts_each_workers_own_speed() -> None:
+    balanced_end = engine._batch._balanced_end
+    # Alone until 10 s at 1 item/s (10 items); then joined by a worker doing
+    # 2 items/s: the other 20 take 20/3 s more.
+    assert balanced_end(0.0, 30, 1.0, 2, [(10.0, 0.5)]) == pytest.approx(10 + 20 / 3)
+    # The running worker never frees up in time: the asker does them all.
+    assert balanced_end(0.0, 5, 1.0, 2, [(100.0, 0.5)]) == 5
+    # Two free workers of equal speed split evenly.
+    assert balanced_end(0.0, 10, 1.0, 2, []) == 5
+
+
+async def test_a_hung_item_in_a_clock_limited_call_is_cut_within_twice_its_deadline(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    step = 2**-5
+    bridge = engine.testing.VirtualBridge(duration=lambda item: math.inf if item == 3 else step)
+    reported: dict[int, float] = {}
+    async with engine.map_batch(
+        square, range(10), bridge=bridge, workers=1, item_deadline=60
+    ) as batch:
+        async for outcome in batch:
+            reported[outcome.index] = trio.current_time()
+    outcomes = batch.results()
+    # The first call has all ten; item 3 starts at 3 steps and hangs. Every
+    # item of the call starts within 0.25 s, so the call may run 59.75 s;
+    # then its items run again alone, first in line: 0-2, then 3, cut after
+    # its full 60 s: 119.84375 s from dispatch, inside twice the deadline.
+    assert bridge.calls[0] == list(range(10))
+    assert reported[3] == 59.75 + 3 * step + 60 < 120
+    assert outcomes[3].status == engine.Status.TIMEOUT
+    assert [o.value for o in outcomes if o.ok] == [i * i for i in range(10) if i != 3]
+    assert all(o.attempts == 2 for o in outcomes)
 
 
 async def test_virtual_bridge_crash_is_isolated_to_its_item(autojump_clock: trio.abc.Clock) -> None:
@@ -396,7 +504,10 @@ async def test_virtual_bridge_60s_deadlines_start_when_a_worker_takes_the_item(
     outcomes = await engine.run_batch(
         str.lower, list(durations), bridge=bridge, workers=2, item_deadline=60
     )
-    # A and B run 0-50; C and D are taken at 50: C ends at 100, D is cut at 110.
+    # Each worker is sent two items; A and C run 0-50, and the workers' clocks
+    # end both calls there. B and D are taken at 50: B ends at 100, D is cut
+    # at 110, 60 s after a worker took it.
     assert [o.status for o in outcomes] == ["ok", "ok", "ok", "timeout"]
-    assert [o.queued for o in outcomes] == [0, 0, 50, 50]
+    assert [o.queued for o in outcomes] == [0, 50, 0, 50]
+    assert [o.attempts for o in outcomes] == [1, 1, 1, 1]
     assert trio.current_time() == 110

@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 import trio
 
-from .._batch_runners import ChunkReport, Finished, chunk_deadline, too_slow
+from .._batch_runners import ChunkReport, Finished, chunk_deadline, may_start, too_slow
 from .._exceptions import WorkerCrashed
 
 
@@ -42,26 +42,38 @@ class VirtualBridge:
     _in_flight: int = attrs.field(default=0, init=False)
 
     async def run(
-        self, fn: Callable[[Any], object], chunk: list[tuple[int, Any]], deadline: float
+        self,
+        fn: Callable[[Any], object],
+        chunk: list[tuple[int, Any]],
+        deadline: float,
+        stop_after: float = math.inf,
     ) -> ChunkReport:
         """Run one call of ``chunk`` (called by the batch; not for users)."""
         self.calls.append([index for index, _ in chunk])
         self._in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self._in_flight)
         try:
-            return await self._run(fn, chunk, deadline)
+            return await self._run(fn, chunk, deadline, stop_after)
         finally:
             self._in_flight -= 1
 
     async def _run(
-        self, fn: Callable[[Any], object], chunk: list[tuple[int, Any]], deadline: float
+        self,
+        fn: Callable[[Any], object],
+        chunk: list[tuple[int, Any]],
+        deadline: float,
+        stop_after: float,
     ) -> ChunkReport:
-        limit = chunk_deadline(deadline, len(chunk))
+        limit = chunk_deadline(deadline, len(chunk), stop_after)
         # Results stay in the "worker" until the call returns: a crash or a
         # kill loses all of them, as it would in a real process.
         report = ChunkReport()
         elapsed = 0.0
-        for index, item in chunk:
+        for position, (index, item) in enumerate(chunk):
+            if not may_start(elapsed, position, len(chunk) - position, stop_after):
+                # Out of time: the rest go back unstarted, as in a real worker.
+                report.not_started = [i for i, _ in chunk[position:]]
+                break
             if self.crashes(item):
                 await trio.sleep(elapsed)
                 return ChunkReport(

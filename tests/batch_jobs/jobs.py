@@ -43,6 +43,12 @@ def pid() -> int:
     return os.getpid()
 
 
+def nap(seconds: float) -> float:
+    """Work that takes ``seconds`` of wall time (for calls ended by the worker's clock)."""
+    time.sleep(seconds)
+    return seconds
+
+
 def indicators(symbol_seed: int) -> dict[str, float]:
     """Seed 002's per-symbol job: a seeded random walk of 252 closes, EMA12/26, MACD, RSI14."""
     import numpy as np
