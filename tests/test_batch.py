@@ -384,53 +384,45 @@ async def test_virtual_bridge_splits_a_hung_chunk_within_twice_the_deadline(
 TICK = 2**-10
 
 
-async def test_first_calls_share_the_items_then_calls_are_sized_and_end_together(
+async def test_first_calls_take_half_a_share_then_calls_are_sized_and_end_together(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     bridge = engine.testing.VirtualBridge(duration=lambda item: TICK)
     outcomes = await engine.run_batch(square, range(1_000), bridge=bridge, workers=2)
     assert [o.value for o in outcomes] == [i * i for i in range(1_000)]
-    sizes = [len(call) for call in bridge.calls]
-    # Nothing measured yet: each worker is sent half the items, and its clock
-    # ends the call after 200 ms (205 items); the other 295 of each come
-    # back. Then calls of 100 ms of measured work (102 items), and two last
-    # calls sized from what is left so that both workers end together.
-    assert sizes == [500, 500] + [102] * 4 + [91, 91]
-    assert [o.queued for o in outcomes[:205]] == [0] * 205
-    assert outcomes[205].queued > 0
+    # Nothing measured yet: each worker is sent half of an even share (250).
+    # Then calls of 100 ms of measured work (102 items), and two last calls
+    # sized from what is left so that both workers end together.
+    assert [len(call) for call in bridge.calls] == [250, 250] + [102] * 4 + [46, 46]
     # No item ran twice, and neither worker idled: 1,000 ticks over two.
     assert all(o.attempts == 1 for o in outcomes)
     assert trio.current_time() == 500 * TICK
 
 
-async def test_a_batch_that_fits_in_one_call_per_worker_makes_one_each(
+async def test_the_workers_clock_ends_a_call_of_slower_items_than_sent(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     bridge = engine.testing.VirtualBridge(duration=lambda item: TICK)
-    await engine.run_batch(square, range(206), bridge=bridge, workers=2)
-    assert [len(call) for call in bridge.calls] == [103, 103]
-    assert trio.current_time() == 103 * TICK
-    # 206 items each: the clock's 200 ms pass after 205, but one item more
-    # costs less than sending it back for a call of its own.
-    bridge = engine.testing.VirtualBridge(duration=lambda item: TICK)
-    started = trio.current_time()
-    await engine.run_batch(square, range(412), bridge=bridge, workers=2)
-    assert [len(call) for call in bridge.calls] == [206, 206]
-    assert trio.current_time() - started == 206 * TICK
+    outcomes = await engine.run_batch(square, range(2_000), bridge=bridge, workers=2)
+    # Each first call carries 500 items, but its worker starts none after
+    # 200 ms (205 items): the other 295 come back and go first in line.
+    assert [len(call) for call in bridge.calls][:2] == [500, 500]
+    assert [o.queued for o in outcomes[:205]] == [0] * 205
+    assert outcomes[205].queued == 205 * TICK
+    assert all(o.attempts == 1 for o in outcomes)
+    assert trio.current_time() == 1_000 * TICK
 
 
 async def test_the_last_calls_are_never_smaller_than_a_few_ms_of_work(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     bridge = engine.testing.VirtualBridge(duration=lambda item: TICK)
-    await engine.run_batch(square, range(620), bridge=bridge, workers=2)
-    # The clocks end both first calls at 205 items (0.2 s), 105 each come
-    # back. The worker back first takes a fair part of what it sees (53); the
-    # other 102 (100 ms). At 258 ticks the first would take 52 of the 55 left
-    # and leave 3 for the other, under 4 ms of work: it takes all 55 instead,
-    # ending 3 ticks later than an even split, one dispatch cheaper.
-    assert [len(call) for call in bridge.calls] == [310, 310, 53, 102, 55]
-    assert trio.current_time() == 313 * TICK
+    await engine.run_batch(square, range(824), bridge=bridge, workers=2)
+    # The first calls (206 items) pass 200 ms after 205, but finish the one
+    # item left rather than send it back. 4 items are left as both 100 ms
+    # calls end: one call of 4 ms, not two of 2.
+    assert [len(call) for call in bridge.calls] == [206, 206] + [102] * 4 + [4]
+    assert trio.current_time() == 414 * TICK
 
 
 def test_a_call_past_its_time_starts_no_item_but_to_finish_a_small_rest() -> None:
@@ -475,15 +467,16 @@ async def test_a_hung_item_in_a_clock_limited_call_is_cut_within_twice_its_deadl
         async for outcome in batch:
             reported[outcome.index] = trio.current_time()
     outcomes = batch.results()
-    # The first call has all ten; item 3 starts at 3 steps and hangs. Every
-    # item of the call starts within 0.25 s, so the call may run 59.75 s;
-    # then its items run again alone, first in line: 0-2, then 3, cut after
-    # its full 60 s: 119.84375 s from dispatch, inside twice the deadline.
-    assert bridge.calls[0] == list(range(10))
+    # The first call has five items; item 3 starts at 3 steps and hangs.
+    # Every item of the call starts within 0.25 s, so the call may run
+    # 59.75 s; then its items run again alone, first in line: 0-2, then 3,
+    # cut after its full 60 s: 119.84375 s from dispatch, inside twice the
+    # deadline. Items 5-9 were never in the failed call.
+    assert bridge.calls[0] == list(range(5))
     assert reported[3] == 59.75 + 3 * step + 60 < 120
     assert outcomes[3].status == engine.Status.TIMEOUT
     assert [o.value for o in outcomes if o.ok] == [i * i for i in range(10) if i != 3]
-    assert all(o.attempts == 2 for o in outcomes)
+    assert [o.attempts for o in outcomes] == [2] * 5 + [1] * 5
 
 
 async def test_virtual_bridge_crash_is_isolated_to_its_item(autojump_clock: trio.abc.Clock) -> None:
@@ -504,10 +497,9 @@ async def test_virtual_bridge_60s_deadlines_start_when_a_worker_takes_the_item(
     outcomes = await engine.run_batch(
         str.lower, list(durations), bridge=bridge, workers=2, item_deadline=60
     )
-    # Each worker is sent two items; A and C run 0-50, and the workers' clocks
-    # end both calls there. B and D are taken at 50: B ends at 100, D is cut
-    # at 110, 60 s after a worker took it.
+    # A and B run 0-50; C and D are taken at 50: C ends at 100, D is cut at
+    # 110, 60 s after a worker took it.
     assert [o.status for o in outcomes] == ["ok", "ok", "ok", "timeout"]
-    assert [o.queued for o in outcomes] == [0, 50, 0, 50]
+    assert [o.queued for o in outcomes] == [0, 0, 50, 50]
     assert [o.attempts for o in outcomes] == [1, 1, 1, 1]
     assert trio.current_time() == 110
