@@ -624,8 +624,9 @@ def map_batch(
             takes it; ``math.inf`` (default) for none.
         on_progress: called as ``on_progress(completed, total)`` in the
             trio thread after each item completes.
-        chunk_size: items per call; ``None`` (default) sizes chunks from
-            measured run times. Ignored for ``"async"``.
+        chunk_size: items per call; ``None`` (default) sizes calls by time:
+            each worker's measured speed, and a clock in the worker that ends
+            a call of slower items early. Ignored for ``"async"``.
         pool: the process pool to use; defaults to the run's default pool.
 
     Returns:
