@@ -22,8 +22,8 @@ class VirtualBridge:
     which ``crashes(item)`` is true kills its "worker" when it starts. Chunks
     behave exactly as on the process bridge: a call's clock stops it starting
     items, a chunk that runs past its deadline, or whose worker dies, loses
-    its results and is re-run item by item. Under ``autojump_clock`` a batch with 60 s deadlines runs in
-    milliseconds with exact, asserted times.
+    its results and is re-run item by item. Under ``autojump_clock`` a batch
+    with 60 s deadlines runs in milliseconds with exact, asserted times.
 
     Args:
         duration: virtual seconds each item takes.
