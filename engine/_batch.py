@@ -31,12 +31,14 @@ import trio
 
 from ._batch_runners import (
     AsyncRunner,
+    Call,
     ChunkReport,
     ProcessRunner,
     ResultsLost,
     Row,
     Runner,
     ThreadRunner,
+    latest_start,
 )
 from ._bridgestats import tally
 from ._channels import ReceiveChannel, SendChannel, open_channel
@@ -58,8 +60,9 @@ _TARGET_CALL_SECONDS = 0.1
 # more in dispatch than they save in waiting.
 _MIN_CALL_SECONDS = 0.004
 _MAX_CHUNK = 4096
-# What part of an even share of the items each worker's first call takes.
-_FIRST_SHARE = 0.5
+# A worker with nothing left to take recalls a call that still has more than
+# this much work ahead: sharing it pays for the two calls that takes.
+_RECALL_AFTER_SECONDS = 2 * _MIN_CALL_SECONDS
 # A call carries at most this much pickled input (unless one item is more):
 # items that it has no time left to start travel for nothing.
 _MAX_CALL_BYTES = 8 << 20
@@ -203,7 +206,7 @@ class Batch(Generic[T, R]):
         # The calls running now: when each started, its items, its worker's
         # speed if known, and its time limit, so that the last calls can be
         # sized to end together.
-        self._running: dict[int, tuple[float, int, float | None, float]] = {}
+        self._running: dict[int, tuple[float, int, float | None, float, Call]] = {}
         self._calls = 0
         self._split = 0
         self._per_item: float | None = None  # measured seconds per item
@@ -329,6 +332,9 @@ class Batch(Generic[T, R]):
                 # Results not yet decoded may still send items back for a re-run.
                 if self._in_flight == 0 and not self._finished:
                     return
+                # Nothing left to take: a call with much still to do is asked
+                # to stop, so that this worker shares what it has not started.
+                self._recall_slowest()
                 await self._work_changed.wait()
                 continue
             chunk, stop_after = planned
@@ -338,11 +344,12 @@ class Batch(Generic[T, R]):
             self._calls += 1
             call = self._calls
             now = trio.current_time()
-            self._running[call] = (now, len(chunk), speed, stop_after)
+            handle = Call()
+            self._running[call] = (now, len(chunk), speed, stop_after, handle)
             for index, _ in chunk:
                 self._queued[index] = now - self._started_at
             try:
-                report = await self._runner.run(self._fn, chunk, self._deadline, stop_after)
+                report = await self._runner.run(self._fn, chunk, self._deadline, stop_after, handle)
             finally:
                 self._in_flight -= 1
                 del self._running[call]
@@ -399,11 +406,10 @@ class Batch(Generic[T, R]):
         # the deadline; see chunk_deadline.)
         stop_after = 2 * budget
         if self._per_item is None:
-            # Nothing measured yet: half of an even share, for the worker's
-            # clock to cut short if the items are slow. The other half is
-            # shared out once each worker's speed is measured, so that
-            # workers of different speeds still end together.
-            share = math.ceil(len(self._items) / self._workers * _FIRST_SHARE)
+            # Nothing measured yet: an even share, for the worker's clock to
+            # cut short if the items are slow. A worker that turns out slower
+            # than the others is recalled when they run out of work.
+            share = math.ceil(len(self._items) / self._workers)
             return min(_MAX_CHUNK, share, waiting), stop_after
         per_item = max(speed or self._per_item, 1e-7)
         # (+1e-9: 0.05 / 0.001 must be 50 items, not 49.99999 -> 49)
@@ -413,10 +419,7 @@ class Batch(Generic[T, R]):
         # workers go. Not into calls too small to be worth their dispatch,
         # though, and leave no crumb behind for one more call.
         now = trio.current_time()
-        running = []
-        for started, count, its_speed, its_stop in self._running.values():
-            its_speed = its_speed or self._per_item
-            running.append((started + min(count * its_speed, its_stop + its_speed), its_speed))
+        running = [self._expected_end(now, *entry) for entry in self._running.values()]
         end = _balanced_end(now, waiting, per_item, self._workers, running)
         fair = math.ceil((end - now) / per_item - 1e-9)
         floor = max(1, min(size, int(_MIN_CALL_SECONDS / per_item + 1e-9)))
@@ -424,6 +427,44 @@ class Batch(Generic[T, R]):
         if waiting - size < floor and waiting * per_item <= budget:
             size = waiting
         return size, stop_after
+
+    def _expected_end(
+        self,
+        now: float,
+        started: float,
+        count: int,
+        speed: float | None,
+        stop_after: float,
+        call: Call,
+    ) -> tuple[float, float]:
+        """When a running call should end, and its worker's seconds per item."""
+        assert self._per_item is not None
+        begun = call.started() if call.started is not None else 0
+        if speed is None:
+            # Its worker's first call: the pace so far, once an item is done.
+            speed = (now - started) / (begun - 1) if begun > 1 else self._per_item
+        if call.recalled:
+            count = begun
+        # The item running now ends when the call's pace says, but not before now.
+        end = max(now, started + begun * speed) + (count - begun) * speed
+        return min(end, started + latest_start(stop_after) + speed), speed
+
+    def _recall_slowest(self) -> None:
+        """Recall the running call that would end last, if it has work worth sharing."""
+        if self._per_item is None:
+            return
+        now = trio.current_time()
+        slowest, latest = None, now + _RECALL_AFTER_SECONDS
+        for entry in self._running.values():
+            call = entry[-1]
+            if call.recall is None or call.recalled:
+                continue
+            end, _ = self._expected_end(now, *entry)
+            if end > latest:
+                slowest, latest = call, end
+        if slowest is not None and slowest.recall is not None:
+            slowest.recalled = True
+            slowest.recall()
 
     def _prepare(self, indices: list[int]) -> list[tuple[int, Any]]:
         """The chunk to send; items that cannot travel to a process end as errors here."""
@@ -673,7 +714,7 @@ async def _open_batch(
         if pool is None:
             pool = await _default_pool()
         count = workers or pool.workers
-        runner = ProcessRunner(pool)
+        runner = ProcessRunner(pool, count)
     elif kind is Bridge.THREAD:
         count = workers or os.cpu_count() or 1
         runner = ThreadRunner(trio.CapacityLimiter(count))
@@ -692,9 +733,13 @@ async def _open_batch(
         chunk_size=chunk_size,
         on_progress=on_progress,
     )
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(batch._run)
-        yield batch
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(batch._run)
+            yield batch
+    finally:
+        if isinstance(runner, ProcessRunner):
+            runner.close()
 
 
 async def _default_pool() -> ProcessPool:

@@ -8,7 +8,9 @@ or died with the results inside it; the batch re-runs those one by one).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import math
 import pickle
 import threading
@@ -19,9 +21,12 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from ._board import Board, Slot
 from ._exceptions import SerializationError, WorkerCrashed
 from ._processes import ProcessPool, pickle_call
 from ._threads import to_thread
+
+logger = logging.getLogger("engine.batch")
 
 
 @attrs.define
@@ -52,6 +57,20 @@ class ChunkReport:
     ran: list[float] = attrs.Factory(list)
 
 
+@attrs.define(eq=False)
+class Call:
+    """The batch's handle on a call in flight, filled in by its runner where it can.
+
+    ``started()`` says how many items the call has started so far;
+    ``recall()`` asks it to start no more (it then returns soon, reporting
+    the rest ``not_started``).
+    """
+
+    started: Callable[[], int] | None = None
+    recall: Callable[[], None] | None = None
+    recalled: bool = False
+
+
 class ResultsLost(SerializationError):
     """A chunk's results could not be unpickled here; its items run again alone."""
 
@@ -62,7 +81,12 @@ class Runner(Protocol):
     chunked: bool  # whether chunks of more than one item make sense
 
     async def run(
-        self, fn: Any, chunk: list[tuple[int, Any]], deadline: float, stop_after: float
+        self,
+        fn: Any,
+        chunk: list[tuple[int, Any]],
+        deadline: float,
+        stop_after: float,
+        call: Call,
     ) -> ChunkReport:
         """Run ``chunk``, starting items only while :func:`may_start` allows.
 
@@ -89,7 +113,12 @@ def may_start(elapsed: float, done: int, left: int, stop_after: float) -> bool:
     """
     if not done or elapsed < stop_after:
         return True
-    return elapsed + left * elapsed / done <= stop_after * _GRACE
+    return elapsed + left * elapsed / done <= latest_start(stop_after)
+
+
+def latest_start(stop_after: float) -> float:
+    """The latest a call limited by ``stop_after`` starts an item (see :func:`may_start`)."""
+    return stop_after * _GRACE
 
 
 def chunk_deadline(deadline: float, size: int, stop_after: float = math.inf) -> float:
@@ -104,7 +133,7 @@ def chunk_deadline(deadline: float, size: int, stop_after: float = math.inf) -> 
     ``deadline`` after its first dispatch: within twice its deadline. A chunk
     without such a limit gets half the deadline.
     """
-    latest = stop_after * _GRACE
+    latest = latest_start(stop_after)
     if size == 1:
         return deadline
     if latest < deadline / 2:
@@ -129,7 +158,10 @@ def _portable(exc: BaseException) -> BaseException:
 
 
 def run_chunk_in_worker(
-    fn: Callable[[Any], object], items: list[Any], stop_after: float = math.inf
+    fn: Callable[[Any], object],
+    items: list[Any],
+    stop_after: float = math.inf,
+    board: tuple[str, int] | None = None,
 ) -> tuple[list[tuple[bool, BaseException | None, float]], bytes]:
     """Worker side: each item's outcome and run time, and every result pickled together.
 
@@ -141,11 +173,21 @@ def run_chunk_in_worker(
     """
     outcomes: list[tuple[bool, BaseException | None, float]] = []
     values: list[object] = []
+    slot = None
+    if board is not None:
+        # Progress and recalls are an optimisation: without the board, run unwatched.
+        with contextlib.suppress(OSError):
+            slot = Slot(*board)
     call_started = time.perf_counter()
     for position, item in enumerate(items):
         started = time.perf_counter()
-        if not may_start(started - call_started, position, len(items) - position, stop_after):
+        if position and (
+            not may_start(started - call_started, position, len(items) - position, stop_after)
+            or (slot is not None and slot.recalled())
+        ):
             break
+        if slot is not None:
+            slot.report(position + 1)
         try:
             value = fn(item)
         except Exception as exc:
@@ -171,13 +213,54 @@ def run_chunk_in_worker(
 @attrs.define
 class ProcessRunner:
     pool: ProcessPool
+    slots: int  # the most calls the batch makes at once
     chunked: bool = True
+    board: Board | None = None
+    no_board: bool = False  # the system would not give one: calls run unwatched
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
     async def run(
-        self, fn: Any, chunk: list[tuple[int, Any]], deadline: float, stop_after: float
+        self,
+        fn: Any,
+        chunk: list[tuple[int, Any]],
+        deadline: float,
+        stop_after: float,
+        call: Call,
+    ) -> ChunkReport:
+        if self.board is None and not self.no_board:
+            try:
+                self.board = Board(self.slots)
+            except OSError as exc:
+                # Progress and recalls are an optimisation: do without them.
+                logger.warning("no progress board for this batch (%s)", exc)
+                self.no_board = True
+        board = self.board
+        if board is None:
+            return await self._run(fn, chunk, deadline, stop_after, None)
+        slot = board.take()
+        try:
+            call.started = functools.partial(board.started, slot)
+            call.recall = functools.partial(board.recall, slot)
+            return await self._run(fn, chunk, deadline, stop_after, (board.path, slot))
+        finally:
+            call.started = call.recall = None
+            board.give_back(slot)
+
+    async def _run(
+        self,
+        fn: Any,
+        chunk: list[tuple[int, Any]],
+        deadline: float,
+        stop_after: float,
+        slot: tuple[str, int] | None,
     ) -> ChunkReport:
         report = ChunkReport()
-        payload = pickle_call(run_chunk_in_worker, (fn, [item for _, item in chunk], stop_after))
+        items = [item for _, item in chunk]
+        payload = pickle_call(run_chunk_in_worker, (fn, items, stop_after, slot))
         async with self.pool._limiter:
             await self.pool._ensure_idle_worker()
             # A started worker is ours: the deadline starts now.
@@ -248,7 +331,9 @@ class _ThreadChunk:
     position: int = 0  # index into the chunk of the item running now
     item_started: float = 0.0
     abandoned: bool = False
-    stopped: int | None = None  # where the thread stopped at ``stop_after``
+    started: int = 0  # items started so far
+    recalled: bool = False  # the batch asked the thread to start no more
+    stopped: int | None = None  # where the thread stopped, by its clock or recalled
     finished: list[Finished] = attrs.Factory(list)
     lock: threading.Lock = attrs.Factory(threading.Lock)
 
@@ -261,7 +346,12 @@ class ThreadRunner:
     unlimited: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(math.inf))
 
     async def run(
-        self, fn: Any, chunk: list[tuple[int, Any]], deadline: float, stop_after: float
+        self,
+        fn: Any,
+        chunk: list[tuple[int, Any]],
+        deadline: float,
+        stop_after: float,
+        call: Call,
     ) -> ChunkReport:
         state = _ThreadChunk(clock=trio.lowlevel.current_clock())
 
@@ -270,13 +360,17 @@ class ThreadRunner:
             for position, (index, item) in enumerate(chunk):
                 started = time.perf_counter()
                 left = len(chunk) - position
-                if not may_start(started - call_started, position, left, stop_after):
+                if position and (
+                    state.recalled
+                    or not may_start(started - call_started, position, left, stop_after)
+                ):
                     state.stopped = position
                     return
                 with state.lock:
                     if state.abandoned:
                         return
                     state.position = position
+                    state.started = position + 1
                     state.item_started = state.clock.current_time()
                 try:
                     result = Finished(index, True, fn(item), None, 0.0)
@@ -289,10 +383,15 @@ class ThreadRunner:
 
         async with self.limiter:  # a thread is ours: deadlines start now
             state.item_started = trio.current_time()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch, state, deadline, nursery.cancel_scope)
-                await to_thread(work, limiter=self.unlimited)
-                nursery.cancel_scope.cancel()
+            call.started = lambda: state.started
+            call.recall = functools.partial(setattr, state, "recalled", True)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch, state, deadline, nursery.cancel_scope)
+                    await to_thread(work, limiter=self.unlimited)
+                    nursery.cancel_scope.cancel()
+            finally:
+                call.started = call.recall = None
         report = ChunkReport(finished=state.finished)
         if state.stopped is not None:
             report.not_started = [index for index, _ in chunk[state.stopped :]]
@@ -331,6 +430,7 @@ class AsyncRunner:
         chunk: list[tuple[int, Any]],
         deadline: float,
         stop_after: float,
+        call: Call,
     ) -> ChunkReport:
         report = ChunkReport()
         for index, item in chunk:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import pickle
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -286,6 +289,81 @@ async def test_a_thread_call_ends_by_its_clock_and_the_rest_run_later() -> None:
     assert batch.statistics().calls >= 2
 
 
+@pytest.mark.parametrize("bridge", ["process", "thread"])
+async def test_a_worker_out_of_work_recalls_the_slower_worker_mid_call(
+    pool: engine.ProcessPool, bridge: str
+) -> None:
+    # Each worker is sent half: the first gets 15 items of 10 ms, the second
+    # 15 of 1 ms. When the second is done, the first has most of its items
+    # still to start: it is recalled, and the two share the rest.
+    work = [0.01] * 15 + [0.001] * 15
+    async with engine.map_batch(nap, work, bridge=bridge, pool=pool, workers=2) as batch:
+        pass
+    outcomes = batch.results()
+    assert [o.value for o in outcomes] == work
+    assert all(o.attempts == 1 for o in outcomes)
+    assert batch.statistics().calls >= 4
+    # The last slow item went out again, in a later call, never started in the first.
+    assert outcomes[14].queued > 0.005
+
+
+def test_the_board_carries_progress_out_and_a_recall_in() -> None:
+    board = engine._board.Board(2)
+    try:
+        slot = board.take()
+        worker_side = engine._board.Slot(board.path, slot)
+        assert (board.started(slot), worker_side.recalled()) == (0, False)
+        worker_side.report(3)
+        board.recall(slot)
+        assert (board.started(slot), worker_side.recalled()) == (3, True)
+        board.give_back(slot)
+        # A slot taken again starts clear.
+        again = board.take()
+        assert again == slot
+        assert (board.started(again), worker_side.recalled()) == (0, False)
+    finally:
+        board.close()
+    assert not os.path.exists(board.path)
+
+
+async def test_without_a_board_calls_run_unwatched(
+    pool: engine.ProcessPool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_room(slots: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine._batch_runners, "Board", no_room)
+    outcomes = await engine.run_batch(square, range(50), pool=pool)
+    assert [o.value for o in outcomes] == [i * i for i in range(50)]
+    assert "no progress board for this batch" in caplog.text
+    # A worker that cannot open the board runs its items all the same.
+    results, blob = engine._batch_runners.run_chunk_in_worker(
+        square, [2, 3], board=("/nonexistent/engine-board", 0)
+    )
+    assert [ok for ok, _, _ in results] == [True, True]
+    assert pickle.loads(blob) == [4, 9]
+
+
+def board_files() -> set[str]:
+    directory = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    return set(glob.glob(os.path.join(directory, "engine-board-*")))
+
+
+async def test_a_batch_leaves_no_board_behind_even_when_cancelled(
+    pool: engine.ProcessPool,
+) -> None:
+    before = board_files()
+    async with engine.map_batch(square, range(100), pool=pool) as batch:
+        pass
+    assert batch.statistics().calls >= 1
+    async with engine.map_batch(nap, [0.05] * 40, pool=pool) as cancelled:
+        async for _ in cancelled:
+            assert len(board_files()) == len(before) + 1  # in use while it runs
+            cancelled.cancel()
+    assert cancelled.statistics().cancelled > 0
+    assert board_files() == before
+
+
 async def test_a_call_carries_at_most_8_mib_of_items(pool: engine.ProcessPool) -> None:
     blobs = [bytes([i]) * (1 << 20) for i in range(20)]  # distinct: pickle would share one
     async with engine.map_batch(len, blobs, pool=pool, workers=1) as batch:
@@ -384,33 +462,38 @@ async def test_virtual_bridge_splits_a_hung_chunk_within_twice_the_deadline(
 TICK = 2**-10
 
 
-async def test_first_calls_take_half_a_share_then_calls_are_sized_and_end_together(
+async def test_first_calls_share_the_items_then_calls_are_sized_and_end_together(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     bridge = engine.testing.VirtualBridge(duration=lambda item: TICK)
     outcomes = await engine.run_batch(square, range(1_000), bridge=bridge, workers=2)
     assert [o.value for o in outcomes] == [i * i for i in range(1_000)]
-    # Nothing measured yet: each worker is sent half of an even share (250).
-    # Then calls of 100 ms of measured work (102 items), and two last calls
-    # sized from what is left so that both workers end together.
-    assert [len(call) for call in bridge.calls] == [250, 250] + [102] * 4 + [46, 46]
+    # Nothing measured yet: each worker is sent an even share (500), and its
+    # clock ends the call after 200 ms (205 items); the other 295 of each
+    # come back and go first in line. Then calls of 100 ms of measured work
+    # (102 items), and two last calls sized so both workers end together.
+    assert [len(call) for call in bridge.calls] == [500, 500] + [102] * 4 + [91, 91]
+    assert [o.queued for o in outcomes[:205]] == [0] * 205
+    assert outcomes[205].queued == 205 * TICK
     # No item ran twice, and neither worker idled: 1,000 ticks over two.
     assert all(o.attempts == 1 for o in outcomes)
     assert trio.current_time() == 500 * TICK
 
 
-async def test_the_workers_clock_ends_a_call_of_slower_items_than_sent(
+async def test_a_batch_that_fits_in_one_call_per_worker_makes_one_each(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     bridge = engine.testing.VirtualBridge(duration=lambda item: TICK)
-    outcomes = await engine.run_batch(square, range(2_000), bridge=bridge, workers=2)
-    # Each first call carries 500 items, but its worker starts none after
-    # 200 ms (205 items): the other 295 come back and go first in line.
-    assert [len(call) for call in bridge.calls][:2] == [500, 500]
-    assert [o.queued for o in outcomes[:205]] == [0] * 205
-    assert outcomes[205].queued == 205 * TICK
-    assert all(o.attempts == 1 for o in outcomes)
-    assert trio.current_time() == 1_000 * TICK
+    await engine.run_batch(square, range(206), bridge=bridge, workers=2)
+    assert [len(call) for call in bridge.calls] == [103, 103]
+    assert trio.current_time() == 103 * TICK
+    # 206 items each: the clock's 200 ms pass after 205, but one item more
+    # costs less than sending it back for a call of its own.
+    bridge = engine.testing.VirtualBridge(duration=lambda item: TICK)
+    started = trio.current_time()
+    await engine.run_batch(square, range(412), bridge=bridge, workers=2)
+    assert [len(call) for call in bridge.calls] == [206, 206]
+    assert trio.current_time() - started == 206 * TICK
 
 
 async def test_the_last_calls_are_never_smaller_than_a_few_ms_of_work(
@@ -418,11 +501,28 @@ async def test_the_last_calls_are_never_smaller_than_a_few_ms_of_work(
 ) -> None:
     bridge = engine.testing.VirtualBridge(duration=lambda item: TICK)
     await engine.run_batch(square, range(824), bridge=bridge, workers=2)
-    # The first calls (206 items) pass 200 ms after 205, but finish the one
-    # item left rather than send it back. 4 items are left as both 100 ms
-    # calls end: one call of 4 ms, not two of 2.
-    assert [len(call) for call in bridge.calls] == [206, 206] + [102] * 4 + [4]
-    assert trio.current_time() == 414 * TICK
+    # 409 items each after the first calls and two of 100 ms: 6 are left.
+    # Split, each worker would get 3, under 4 ms of work: the one back first
+    # takes all 6, ending 3 ticks after an even split, one dispatch cheaper.
+    assert [len(call) for call in bridge.calls] == [412, 412] + [102] * 4 + [6]
+    assert trio.current_time() == 415 * TICK
+
+
+async def test_a_worker_out_of_work_recalls_a_slower_call_and_shares_its_rest(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The first worker's share takes three ticks an item, the second's one.
+    bridge = engine.testing.VirtualBridge(duration=lambda item: 3 * TICK if item < 200 else TICK)
+    outcomes = await engine.run_batch(square, range(400), bridge=bridge, workers=2)
+    assert [o.value for o in outcomes] == [i * i for i in range(400)]
+    # At 200 ticks the second worker is done; the first has started 67 items.
+    # It is recalled, ends its 67th at 201, and the 133 it never started are
+    # shared (another recall at the end evens out the last of them).
+    assert [len(call) for call in bridge.calls][:2] == [200, 200]
+    assert bridge.calls[2][0] == 67
+    assert all(o.attempts == 1 for o in outcomes)
+    # 800 ticks of work over two workers: 400 at best; without the recall, 600.
+    assert trio.current_time() == 402 * TICK
 
 
 def test_a_call_past_its_time_starts_no_item_but_to_finish_a_small_rest() -> None:
@@ -467,16 +567,15 @@ async def test_a_hung_item_in_a_clock_limited_call_is_cut_within_twice_its_deadl
         async for outcome in batch:
             reported[outcome.index] = trio.current_time()
     outcomes = batch.results()
-    # The first call has five items; item 3 starts at 3 steps and hangs.
-    # Every item of the call starts within 0.25 s, so the call may run
-    # 59.75 s; then its items run again alone, first in line: 0-2, then 3,
-    # cut after its full 60 s: 119.84375 s from dispatch, inside twice the
-    # deadline. Items 5-9 were never in the failed call.
-    assert bridge.calls[0] == list(range(5))
+    # The first call has all ten; item 3 starts at 3 steps and hangs. Every
+    # item of the call starts within 0.25 s, so the call may run 59.75 s;
+    # then its items run again alone, first in line: 0-2, then 3, cut after
+    # its full 60 s: 119.84375 s from dispatch, inside twice the deadline.
+    assert bridge.calls[0] == list(range(10))
     assert reported[3] == 59.75 + 3 * step + 60 < 120
     assert outcomes[3].status == engine.Status.TIMEOUT
     assert [o.value for o in outcomes if o.ok] == [i * i for i in range(10) if i != 3]
-    assert [o.attempts for o in outcomes] == [2] * 5 + [1] * 5
+    assert all(o.attempts == 2 for o in outcomes)
 
 
 async def test_virtual_bridge_crash_is_isolated_to_its_item(autojump_clock: trio.abc.Clock) -> None:
@@ -497,9 +596,10 @@ async def test_virtual_bridge_60s_deadlines_start_when_a_worker_takes_the_item(
     outcomes = await engine.run_batch(
         str.lower, list(durations), bridge=bridge, workers=2, item_deadline=60
     )
-    # A and B run 0-50; C and D are taken at 50: C ends at 100, D is cut at
-    # 110, 60 s after a worker took it.
+    # Each worker is sent two items; A and C run 0-50, and the workers' clocks
+    # end both calls there. B and D are taken at 50: B ends at 100, D is cut
+    # at 110, 60 s after a worker took it.
     assert [o.status for o in outcomes] == ["ok", "ok", "ok", "timeout"]
-    assert [o.queued for o in outcomes] == [0, 0, 50, 50]
+    assert [o.queued for o in outcomes] == [0, 50, 0, 50]
     assert [o.attempts for o in outcomes] == [1, 1, 1, 1]
     assert trio.current_time() == 110

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import attrs
 import trio
 
-from .._batch_runners import ChunkReport, Finished, chunk_deadline, may_start, too_slow
+from .._batch_runners import Call, ChunkReport, Finished, chunk_deadline, may_start, too_slow
 from .._exceptions import WorkerCrashed
 
 
@@ -47,15 +48,22 @@ class VirtualBridge:
         chunk: list[tuple[int, Any]],
         deadline: float,
         stop_after: float = math.inf,
+        call: Call | None = None,
     ) -> ChunkReport:
         """Run one call of ``chunk`` (called by the batch; not for users)."""
         self.calls.append([index for index, _ in chunk])
         self._in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        progress = _Progress()
+        if call is not None:
+            call.started = lambda: progress.started
+            call.recall = functools.partial(setattr, progress, "recalled", True)
         try:
-            return await self._run(fn, chunk, deadline, stop_after)
+            return await self._run(fn, chunk, deadline, stop_after, progress)
         finally:
             self._in_flight -= 1
+            if call is not None:
+                call.started = call.recall = None
 
     async def _run(
         self,
@@ -63,6 +71,7 @@ class VirtualBridge:
         chunk: list[tuple[int, Any]],
         deadline: float,
         stop_after: float,
+        progress: _Progress,
     ) -> ChunkReport:
         limit = chunk_deadline(deadline, len(chunk), stop_after)
         # Results stay in the "worker" until the call returns: a crash or a
@@ -70,12 +79,15 @@ class VirtualBridge:
         report = ChunkReport()
         elapsed = 0.0
         for position, (index, item) in enumerate(chunk):
-            if not may_start(elapsed, position, len(chunk) - position, stop_after):
-                # Out of time: the rest go back unstarted, as in a real worker.
+            if position and (
+                progress.recalled
+                or not may_start(elapsed, position, len(chunk) - position, stop_after)
+            ):
+                # Recalled or out of time: the rest go back unstarted, as in a real worker.
                 report.not_started = [i for i, _ in chunk[position:]]
                 break
+            progress.started = position + 1
             if self.crashes(item):
-                await trio.sleep(elapsed)
                 return ChunkReport(
                     unknown=[i for i, _ in chunk],
                     failure=WorkerCrashed(
@@ -85,12 +97,19 @@ class VirtualBridge:
             took = self.duration(item)
             if elapsed + took > limit:
                 # Past the deadline the worker is killed, taking all results with it.
-                await trio.sleep(limit if math.isfinite(limit) else math.inf)
+                await trio.sleep(limit - elapsed if math.isfinite(limit) else math.inf)
                 return ChunkReport(unknown=[i for i, _ in chunk], failure=too_slow(deadline))
+            # Item by item, so that the batch sees how far the call has got.
+            await trio.sleep(took)
             elapsed += took
             try:
                 report.finished.append(Finished(index, True, fn(item), None, took))
             except Exception as exc:
                 report.finished.append(Finished(index, False, None, exc, took))
-        await trio.sleep(elapsed)
         return report
+
+
+@attrs.define
+class _Progress:
+    started: int = 0
+    recalled: bool = False

@@ -1,0 +1,97 @@
+"""A progress board shared with worker processes (private).
+
+A call running in a worker process is otherwise opaque until it returns.
+The board is a small file mapped into memory by the parent and by every
+worker: one slot per call in flight, two 64-bit words each. The worker
+writes how many items it has started; the parent reads that to see how far
+a call has got, and may raise the slot's recall word, after which the
+worker starts no more items and returns at once with what it has done.
+
+Nothing here synchronises: each word has one writer, a stale read only
+costs an item's time, and an item the worker has not reported started is
+never given to anyone else until its call has returned saying so.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import mmap
+import os
+import tempfile
+
+_WORDS_PER_SLOT = 2  # recall flag, items started
+_RECALL, _STARTED = 0, 1
+_WORD = 8
+
+
+class Board:
+    """The parent's side: slots to lend to calls, read and recall."""
+
+    def __init__(self, slots: int) -> None:
+        # Memory-backed where the system has it; any file works, only its pages are used.
+        directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        fd, self.path = tempfile.mkstemp(prefix="engine-board-", dir=directory)
+        try:
+            os.ftruncate(fd, max(1, slots) * _WORDS_PER_SLOT * _WORD)
+            self._map = mmap.mmap(fd, 0)
+        finally:
+            os.close(fd)
+        self._words = memoryview(self._map).cast("q")
+        self._free = list(range(slots))
+
+    def take(self) -> int:
+        """A free slot, cleared for a new call."""
+        slot = self._free.pop()
+        self._words[slot * _WORDS_PER_SLOT + _RECALL] = 0
+        self._words[slot * _WORDS_PER_SLOT + _STARTED] = 0
+        return slot
+
+    def give_back(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def started(self, slot: int) -> int:
+        """Items the call in ``slot`` has started so far."""
+        return int(self._words[slot * _WORDS_PER_SLOT + _STARTED])
+
+    def recall(self, slot: int) -> None:
+        """Ask the call in ``slot`` to start no more items."""
+        self._words[slot * _WORDS_PER_SLOT + _RECALL] = 1
+
+    def close(self) -> None:
+        self._words.release()
+        self._map.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+# -- the worker's side --------------------------------------------------------------
+
+# Boards this worker has mapped, most recent last: a worker serves many
+# batches, and each batch has its own board.
+_MAPPED: collections.OrderedDict[str, memoryview] = collections.OrderedDict()
+_KEEP = 8
+
+
+class Slot:
+    """A worker's view of one slot: report progress, see a recall."""
+
+    def __init__(self, path: str, slot: int) -> None:
+        words = _MAPPED.get(path)
+        if words is None:
+            with open(path, "r+b") as file:
+                words = memoryview(mmap.mmap(file.fileno(), 0)).cast("q")
+            _MAPPED[path] = words
+            while len(_MAPPED) > _KEEP:
+                _MAPPED.popitem(last=False)[1].release()
+        _MAPPED.move_to_end(path)
+        self._words = words
+        self._base = slot * _WORDS_PER_SLOT
+
+    def recalled(self) -> bool:
+        """Whether the parent has asked the call to start no more items."""
+        return bool(self._words[self._base + _RECALL])
+
+    def report(self, started: int) -> None:
+        """Tell the parent ``started`` items have been started."""
+        self._words[self._base + _STARTED] = started
