@@ -8,10 +8,13 @@ progress callback and a pool owned by a context manager. Here:
 - every item ends as exactly one of ok, error, timeout, crashed, cancelled;
 - an item's deadline starts when a worker takes it, never while it queues;
 - never more calls in flight than ``workers``;
-- small items travel in chunks, sized from measured run times, so dispatch
-  cost is amortised; a chunk that times out or whose worker dies is split
-  and its items re-run one by one first in line, so each still gets its own
-  true outcome, and a hung item is reported within about twice its deadline.
+- small items travel in chunks, sized by each worker's measured speed and
+  ended by a clock in the worker, so dispatch cost is amortised; a worker
+  out of work recalls a slower call and shares its rest;
+- a chunk that times out or whose worker dies is split: the item it was
+  running runs again alone, first in line, the others again or for the
+  first time, so each still gets its own true outcome, and a hung item is
+  reported within twice its deadline.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import logging
 import math
 import os
 import pickle
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Generic, TypeVar
 
@@ -101,7 +104,8 @@ class Outcome(Generic[T, R]):
         queued: seconds from the batch's start until a worker took the item
             (its last attempt).
         ran: seconds the item ran, measured where it ran (0 if it never did).
-        attempts: 2 when its chunk failed and it was re-run on its own.
+        attempts: 2 when a call it had started in failed (timed out, or its
+            worker died), so that it ran again.
     """
 
     index: int
@@ -142,7 +146,8 @@ class BatchStatistics:
         ok, error, timeout, crashed, cancelled: outcomes so far, by status.
         in_flight: calls running now (never more than ``workers``).
         calls: calls made so far (chunks and single re-runs).
-        split_chunks: chunks that failed as a whole and were re-run item by item.
+        split_chunks: calls that failed (timed out, or their worker died);
+            the item each was running then ran again alone.
     """
 
     total: int
@@ -299,7 +304,7 @@ class Batch(Generic[T, R]):
                         rows = [(d.index, d.ok, d.value, d.error, d.ran) for d in report.finished]
                 except ResultsLost as failure:
                     self._finished.popleft()
-                    self._split_chunk(arrived.chunk, failure)
+                    self._split_chunk([index for index, _ in arrived.chunk], failure)
                     continue
                 arrived.decoded = rows
             rows = arrived.decoded
@@ -516,20 +521,28 @@ class Batch(Generic[T, R]):
                     self._finish(index, Status.CRASHED, error=report.failure)
             else:
                 assert report.failure is not None
-                self._split_chunk(chunk, report.failure)
+                self._split_chunk(report.unknown, report.failure, lost=report.lost)
         self._flush_tally()
         self._notify()
 
-    def _split_chunk(self, chunk: list[tuple[int, Any]], failure: BaseException) -> None:
-        # Which item hung, crashed the worker or could not travel is unknown,
-        # and so are the results of the others: each runs again alone, first.
+    def _split_chunk(
+        self, suspects: list[int], failure: BaseException, *, lost: Sequence[int] = ()
+    ) -> None:
+        # The suspects (the item that hung, crashed the worker or could not
+        # travel, or all of a call when which is unknown) each run again
+        # alone, first in line; the lost ones ran, but their results died
+        # with the worker, so they run again too, next in line.
         self._split += 1
         logger.warning(
-            "a chunk of %d items failed (%s); re-running them one by one", len(chunk), failure
+            "a call failed (%s): %d items run again alone, %d others again",
+            failure,
+            len(suspects),
+            len(lost),
         )
-        for index, _ in chunk:
+        for index in (*suspects, *lost):
             self._attempts[index] += 1
-        self._retry.extend(index for index, _ in chunk)
+        self._retry.extend(suspects)
+        self._resume.extendleft(reversed(lost))
 
     def _record_rows(self, rows: list[Row]) -> None:
         """``_finish`` for many finished items: the same steps, with lookups hoisted."""

@@ -1,9 +1,11 @@
 """How one chunk of a batch runs on each bridge, and what comes back (private).
 
-A runner takes a chunk (a list of ``(index, item)``) and a per-item deadline,
-runs it, and reports per item: finished (ok or error, with its run time),
-timed out for certain, not started, or of unknown fate (the worker was killed
-or died with the results inside it; the batch re-runs those one by one).
+A runner takes a chunk (a list of ``(index, item)``), a per-item deadline and
+a time after which to start no more items, runs it, and reports per item:
+finished (ok or error, with its run time), timed out for certain, not
+started, lost (it ran, but its result died with the worker), or of unknown
+fate (running when the worker was killed or died; the batch re-runs each
+such item alone).
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class ChunkReport:
     finished: list[Finished] = attrs.Factory(list)
     timed_out: list[tuple[int, float]] = attrs.Factory(list)  # (index, ran) known to be hung
     not_started: list[int] = attrs.Factory(list)
-    unknown: list[int] = attrs.Factory(list)  # fate lost with the worker
+    unknown: list[int] = attrs.Factory(list)  # fate lost with the worker: each runs again alone
+    lost: list[int] = attrs.Factory(list)  # ran, but their results died with the worker
     failure: BaseException | None = None  # why the unknown ones are unknown
     # Results still to be decoded (process bridge): the batch decodes them
     # after the worker's next call is on its way; ``ran`` sizes that call.
@@ -240,12 +243,14 @@ class ProcessRunner:
                 self.no_board = True
         board = self.board
         if board is None:
-            return await self._run(fn, chunk, deadline, stop_after, None)
+            return await self._run(fn, chunk, deadline, stop_after, None, None)
         slot = board.take()
         try:
             call.started = functools.partial(board.started, slot)
             call.recall = functools.partial(board.recall, slot)
-            return await self._run(fn, chunk, deadline, stop_after, (board.path, slot))
+            return await self._run(
+                fn, chunk, deadline, stop_after, (board.path, slot), call.started
+            )
         finally:
             call.started = call.recall = None
             board.give_back(slot)
@@ -257,6 +262,7 @@ class ProcessRunner:
         deadline: float,
         stop_after: float,
         slot: tuple[str, int] | None,
+        started: Callable[[], int] | None,
     ) -> ChunkReport:
         report = ChunkReport()
         items = [item for _, item in chunk]
@@ -286,14 +292,35 @@ class ProcessRunner:
                 # Still holding the slot: replace the lost worker now, so the
                 # next item's deadline does not pay for a process start.
                 await self.pool._replace_lost_worker()
-                report.unknown = [index for index, _ in chunk]
-                return report
+                begun = started() if started is not None else 0
+                return lost_with_the_worker(chunk, begun, report.failure)
         outcomes, blob = pickle.loads(data)
         indices = [index for index, _ in chunk[: len(outcomes)]]
         report.not_started = [index for index, _ in chunk[len(outcomes) :]]
         report.ran = [ran for _, _, ran in outcomes]
         report.decode = functools.partial(_decode, indices, outcomes, blob)
         return report
+
+
+def lost_with_the_worker(
+    chunk: list[tuple[int, Any]], begun: int, failure: BaseException
+) -> ChunkReport:
+    """What is known of a call whose worker was killed or died, ``begun`` items in.
+
+    The item running then (the last begun) hung or crashed the worker: only
+    it runs again alone. The ones before it ran, but their results died
+    with the worker; the ones after it never started. Without progress
+    (``begun`` 0), every item is a suspect.
+    """
+    indices = [index for index, _ in chunk]
+    if not begun:
+        return ChunkReport(unknown=indices, failure=failure)
+    return ChunkReport(
+        lost=indices[: begun - 1],
+        unknown=[indices[begun - 1]],
+        not_started=indices[begun:],
+        failure=failure,
+    )
 
 
 def _decode(

@@ -10,7 +10,15 @@ from typing import Any
 import attrs
 import trio
 
-from .._batch_runners import Call, ChunkReport, Finished, chunk_deadline, may_start, too_slow
+from .._batch_runners import (
+    Call,
+    ChunkReport,
+    Finished,
+    chunk_deadline,
+    lost_with_the_worker,
+    may_start,
+    too_slow,
+)
 from .._exceptions import WorkerCrashed
 
 
@@ -73,6 +81,7 @@ class VirtualBridge:
         stop_after: float,
         progress: _Progress,
     ) -> ChunkReport:
+        await trio.lowlevel.checkpoint()  # a real call always lets others run
         limit = chunk_deadline(deadline, len(chunk), stop_after)
         # Results stay in the "worker" until the call returns: a crash or a
         # kill loses all of them, as it would in a real process.
@@ -88,17 +97,13 @@ class VirtualBridge:
                 break
             progress.started = position + 1
             if self.crashes(item):
-                return ChunkReport(
-                    unknown=[i for i, _ in chunk],
-                    failure=WorkerCrashed(
-                        f"running item {index} (virtual)", exit_code=None, signal=9
-                    ),
-                )
+                crash = WorkerCrashed(f"running item {index} (virtual)", exit_code=None, signal=9)
+                return lost_with_the_worker(chunk, progress.started, crash)
             took = self.duration(item)
             if elapsed + took > limit:
                 # Past the deadline the worker is killed, taking all results with it.
                 await trio.sleep(limit - elapsed if math.isfinite(limit) else math.inf)
-                return ChunkReport(unknown=[i for i, _ in chunk], failure=too_slow(deadline))
+                return lost_with_the_worker(chunk, progress.started, too_slow(deadline))
             # Item by item, so that the batch sees how far the call has got.
             await trio.sleep(took)
             elapsed += took
