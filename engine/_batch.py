@@ -162,6 +162,17 @@ class BatchStatistics:
     split_chunks: int
 
 
+@attrs.frozen
+class _Running:
+    """A call in flight, as the batch sizes the next calls around it."""
+
+    started: float  # trio time it was sent
+    count: int  # items sent
+    speed: float | None  # its worker's seconds per item, from an earlier call
+    stop_after: float  # its worker starts no item after this (see may_start)
+    call: Call  # how far it has got, and how to recall it
+
+
 @attrs.define(eq=False)
 class _Arrived:
     """A call's report, waiting for its outcomes to be recorded."""
@@ -208,10 +219,9 @@ class Batch(Generic[T, R]):
         self._finished_added = trio.Event()
         self._tallied: collections.Counter[Status] = collections.Counter()
         self._in_flight = 0
-        # The calls running now: when each started, its items, its worker's
-        # speed if known, and its time limit, so that the last calls can be
-        # sized to end together.
-        self._running: dict[int, tuple[float, int, float | None, float, Call]] = {}
+        # The calls in flight, by number, so that the next calls can be sized
+        # to end together with them.
+        self._running: dict[int, _Running] = {}
         self._calls = 0
         self._split = 0
         self._per_item: float | None = None  # measured seconds per item
@@ -347,17 +357,17 @@ class Batch(Generic[T, R]):
                 continue  # every item of it failed to pickle
             self._in_flight += 1
             self._calls += 1
-            call = self._calls
+            number = self._calls
             now = trio.current_time()
-            handle = Call()
-            self._running[call] = (now, len(chunk), speed, stop_after, handle)
+            call = Call()
+            self._running[number] = _Running(now, len(chunk), speed, stop_after, call)
             for index, _ in chunk:
                 self._queued[index] = now - self._started_at
             try:
-                report = await self._runner.run(self._fn, chunk, self._deadline, stop_after, handle)
+                report = await self._runner.run(self._fn, chunk, self._deadline, stop_after, call)
             finally:
                 self._in_flight -= 1
-                del self._running[call]
+                del self._running[number]
                 self._notify()
             ran = [d.ran for d in report.finished] + report.ran
             self._measure(ran)
@@ -424,7 +434,7 @@ class Batch(Generic[T, R]):
         # workers go. Not into calls too small to be worth their dispatch,
         # though, and leave no crumb behind for one more call.
         now = trio.current_time()
-        running = [self._expected_end(now, *entry) for entry in self._running.values()]
+        running = [self._expected_end(now, entry) for entry in self._running.values()]
         end = _balanced_end(now, waiting, per_item, self._workers, running)
         fair = math.ceil((end - now) / per_item - 1e-9)
         floor = max(1, min(size, int(_MIN_CALL_SECONDS / per_item + 1e-9)))
@@ -433,17 +443,10 @@ class Batch(Generic[T, R]):
             size = waiting
         return size, stop_after
 
-    def _expected_end(
-        self,
-        now: float,
-        started: float,
-        count: int,
-        speed: float | None,
-        stop_after: float,
-        call: Call,
-    ) -> tuple[float, float]:
+    def _expected_end(self, now: float, running: _Running) -> tuple[float, float]:
         """When a running call should end, and its worker's seconds per item."""
         assert self._per_item is not None
+        call, started, count, speed = running.call, running.started, running.count, running.speed
         begun = call.started() if call.started is not None else 0
         if speed is None:
             # Its worker's first call: the pace so far, once an item is done.
@@ -452,7 +455,7 @@ class Batch(Generic[T, R]):
             count = begun
         # The item running now ends when the call's pace says, but not before now.
         end = max(now, started + begun * speed) + (count - begun) * speed
-        return min(end, started + latest_start(stop_after) + speed), speed
+        return min(end, started + latest_start(running.stop_after) + speed), speed
 
     def _recall_slowest(self) -> None:
         """Recall the running call that would end last, if it has work worth sharing."""
@@ -460,11 +463,11 @@ class Batch(Generic[T, R]):
             return
         now = trio.current_time()
         slowest, latest = None, now + _RECALL_AFTER_SECONDS
-        for entry in self._running.values():
-            call = entry[-1]
+        for running in self._running.values():
+            call = running.call
             if call.recall is None or call.recalled:
                 continue
-            end, _ = self._expected_end(now, *entry)
+            end, _ = self._expected_end(now, running)
             if end > latest:
                 slowest, latest = call, end
         if slowest is not None and slowest.recall is not None:
