@@ -243,14 +243,12 @@ class ProcessRunner:
                 self.no_board = True
         board = self.board
         if board is None:
-            return await self._run(fn, chunk, deadline, stop_after, None, None)
+            return await self._run(fn, chunk, deadline, stop_after, None)
         slot = board.take()
         try:
             call.started = functools.partial(board.started, slot)
             call.recall = functools.partial(board.recall, slot)
-            return await self._run(
-                fn, chunk, deadline, stop_after, (board.path, slot), call.started
-            )
+            return await self._run(fn, chunk, deadline, stop_after, slot)
         finally:
             call.started = call.recall = None
             board.give_back(slot)
@@ -261,12 +259,12 @@ class ProcessRunner:
         chunk: list[tuple[int, Any]],
         deadline: float,
         stop_after: float,
-        slot: tuple[str, int] | None,
-        started: Callable[[], int] | None,
+        slot: int | None,  # on self.board
     ) -> ChunkReport:
         report = ChunkReport()
         items = [item for _, item in chunk]
-        payload = pickle_call(run_chunk_in_worker, (fn, items, stop_after, slot))
+        board = (self.board.path, slot) if self.board is not None and slot is not None else None
+        payload = pickle_call(run_chunk_in_worker, (fn, items, stop_after, board))
         async with self.pool._limiter:
             await self.pool._ensure_idle_worker()
             # A started worker is ours: the deadline starts now.
@@ -292,7 +290,9 @@ class ProcessRunner:
                 # Still holding the slot: replace the lost worker now, so the
                 # next item's deadline does not pay for a process start.
                 await self.pool._replace_lost_worker()
-                begun = started() if started is not None else 0
+                begun = 0
+                if self.board is not None and slot is not None:
+                    begun = self.board.started(slot)
                 return lost_with_the_worker(chunk, begun, report.failure)
         outcomes, blob = pickle.loads(data)
         indices = [index for index, _ in chunk[: len(outcomes)]]

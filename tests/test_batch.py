@@ -539,6 +539,17 @@ def test_a_call_past_its_time_starts_no_item_but_to_finish_a_small_rest() -> Non
     assert not may_start(0.26, 26, 1, stop_after=0.2)
 
 
+def test_a_worker_past_its_time_returns_the_rest_unstarted() -> None:
+    # The worker side of a call, without a process: with no time at all,
+    # only the first item runs (one always does); the parent counts the rest
+    # as never started.
+    results, blob = engine._batch_runners.run_chunk_in_worker(square, [2, 3, 4], stop_after=0.0)
+    assert [ok for ok, _, _ in results] == [True]
+    assert pickle.loads(blob) == [4]
+    results, blob = engine._batch_runners.run_chunk_in_worker(square, [2, 3, 4])
+    assert pickle.loads(blob) == [4, 9, 16]
+
+
 def test_a_clock_limited_call_gets_all_but_its_latest_start_of_the_deadline() -> None:
     chunk_deadline = engine._batch_runners.chunk_deadline
     assert chunk_deadline(60, 1, 0.2) == 60  # alone: the whole deadline
