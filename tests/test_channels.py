@@ -154,6 +154,82 @@ async def test_receive_batch_admits_blocked_senders() -> None:
         assert receive.receive_batch_nowait(10) == [4]
 
 
+async def test_send_batch_nowait_hands_to_parked_receivers_in_order_then_buffers() -> None:
+    send, receive = engine.open_channel[int](10)
+    got: dict[str, object] = {}
+
+    async def one() -> None:
+        got["receive"] = await receive.receive()
+
+    async def batch() -> None:
+        got["receive_batch"] = await receive.receive_batch(3)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(batch)
+        await trio.testing.wait_all_tasks_blocked()
+        send.send_batch_nowait([1, 2, 3, 4, 5, 6])
+    # Parked first, served first (the two then wake in either order).
+    assert got == {"receive": 1, "receive_batch": [2, 3, 4]}
+    assert drain(receive) == [5, 6]
+    stats = send.statistics()
+    assert (stats.sent, stats.delivered, stats.dropped, stats.depth) == (6, 6, 0, 0)
+    assert stats.peak_depth == 2
+
+
+async def test_send_batch_nowait_under_block_sends_all_or_nothing() -> None:
+    send, receive = engine.open_channel[int](3)
+    send.send_nowait(0)
+    with pytest.raises(trio.WouldBlock):
+        send.send_batch_nowait([1, 2, 3])
+    stats = send.statistics()
+    assert (stats.sent, stats.depth, stats.peak_depth) == (1, 1, 1)
+    send.send_batch_nowait([1, 2])
+    send.send_batch_nowait([])
+    assert drain(receive) == [0, 1, 2]
+
+
+async def test_send_batch_nowait_on_closed_or_broken_channels() -> None:
+    send, receive = engine.open_channel[int](3)
+    other = send.clone()
+    other.close()
+    with pytest.raises(trio.ClosedResourceError):
+        other.send_batch_nowait([1])
+    receive.close()
+    with pytest.raises(trio.BrokenResourceError):
+        send.send_batch_nowait([1])
+    assert send.statistics().sent == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    overflow=st.sampled_from(["block", "drop_newest", "drop_oldest"]),
+    maxsize=st.integers(1, 5),
+    before=st.integers(0, 5),
+    batch=st.lists(st.integers(), max_size=12),
+)
+def test_send_batch_nowait_equals_send_nowait_for_each(
+    overflow: str, maxsize: int, before: int, batch: list[int]
+) -> None:
+    one, one_receive = engine.open_channel[int](maxsize, overflow=overflow)
+    many, many_receive = engine.open_channel[int](maxsize, overflow=overflow)
+    for i in range(min(before, maxsize)):
+        one.send_nowait(-i)
+        many.send_nowait(-i)
+    fits = len(batch) <= maxsize - min(before, maxsize)
+    if overflow == "block" and not fits:
+        with pytest.raises(trio.WouldBlock):
+            many.send_batch_nowait(batch)
+        batch = []  # nothing was sent: compare with sending nothing
+    else:
+        many.send_batch_nowait(batch)
+    for value in batch:
+        one.send_nowait(value)
+    assert many.statistics() == one.statistics()
+    assert drain(many_receive) == drain(one_receive)
+
+
 async def test_end_of_channel_only_when_every_send_clone_is_closed() -> None:
     send, receive = engine.open_channel[int](5)
     other = send.clone()
@@ -250,6 +326,7 @@ OPERATIONS = st.lists(
     st.one_of(
         st.tuples(st.just("send"), st.integers(1, 3)),  # a task sends n messages, may park
         st.tuples(st.just("send_nowait"), st.integers(1, 3)),
+        st.tuples(st.just("send_batch_nowait"), st.integers(1, 3)),
         st.tuples(st.just("receive"), st.integers(1, 3)),  # a task receives, may park
         st.tuples(st.just("receive_nowait"), st.integers(1, 3)),
         st.tuples(st.just("receive_batch"), st.integers(1, 4)),
@@ -336,6 +413,13 @@ async def _conservation_scenario(
                     except (trio.WouldBlock, *expected_errors):
                         continue
                     accepted.add(message)
+            elif operation == "send_batch_nowait":
+                messages = [next(next_id) for _ in range(n)]
+                try:
+                    sender.send_batch_nowait(messages)
+                except (trio.WouldBlock, *expected_errors):
+                    continue
+                accepted.update(messages)
             elif operation == "receive":
                 nursery.start_soon(receiving_task, receiver, n)
             elif operation == "receive_nowait":
