@@ -38,7 +38,7 @@ from ._batch_runners import (
     ChunkReport,
     ProcessRunner,
     ResultsLost,
-    Row,
+    Rows,
     Runner,
     ThreadRunner,
     latest_start,
@@ -179,7 +179,7 @@ class _Arrived:
 
     chunk: list[tuple[int, Any]]
     report: ChunkReport
-    decoded: list[Row] | None = None
+    decoded: Rows | None = None
     recorded: int = 0  # of ``decoded``
 
 
@@ -311,22 +311,21 @@ class Batch(Generic[T, R]):
                 report = arrived.report
                 try:
                     if report.decode is not None:
-                        rows = report.decode()
+                        arrived.decoded = report.decode()
                     else:
-                        rows = [(d.index, d.ok, d.value, d.error, d.ran) for d in report.finished]
+                        arrived.decoded = Rows.of(report.finished)
                 except ResultsLost as failure:
                     self._finished.popleft()
                     self._split_chunk([index for index, _ in arrived.chunk], failure)
                     continue
-                arrived.decoded = rows
             rows = arrived.decoded
-            start, end = arrived.recorded, len(rows)
+            start, end = arrived.recorded, len(rows.indices)
             if limit is not None:
                 end = min(end, start + limit - recorded)
-            self._record_rows(rows[start:end])
+            self._record_rows(rows, start, end)
             recorded += end - start
             arrived.recorded = end
-            if end == len(rows):
+            if end == len(rows.indices):
                 self._finished.popleft()
         self._flush_tally()
         return bool(self._finished)
@@ -371,7 +370,7 @@ class Batch(Generic[T, R]):
                 self._in_flight -= 1
                 del self._running[number]
                 self._notify()
-            ran = [d.ran for d in report.finished] + report.ran
+            ran = report.ran or [d.ran for d in report.finished]
             self._measure(ran)
             if len(ran) > 1:
                 speed = sum(ran) / len(ran)
@@ -503,7 +502,7 @@ class Batch(Generic[T, R]):
                 travelling.append((index, item))
         return travelling
 
-    def _measure(self, ran: list[float]) -> None:
+    def _measure(self, ran: Sequence[float]) -> None:
         # The mean over every item so far.
         if ran:
             self._ran_total += sum(ran)
@@ -549,43 +548,52 @@ class Batch(Generic[T, R]):
         self._retry.extend(suspects)
         self._resume.extendleft(reversed(lost))
 
-    def _record_rows(self, rows: list[Row]) -> None:
-        """``_finish`` for many finished items, with the per-item work hoisted out.
+    def _record_rows(self, rows: Rows, start: int, end: int) -> None:
+        """``_finish`` for the items ``start:end`` of a call's rows, per-item work hoisted.
 
         Without a progress callback nothing outside the batch runs between
         two of these outcomes, so the counters and the channel take them
         all at once: 1,250 outcomes cost about 0.8 ms instead of 1.25.
         """
+        indices, values, ran, errors = rows.indices, rows.values, rows.ran, rows.errors
         if self._on_progress is not None:
-            for index, ok, value, error, ran in rows:
-                status = Status.OK if ok else Status.ERROR
-                self._finish(index, status, value=value, error=error, ran=ran)
+            for position in range(start, end):
+                error = errors.get(position)
+                self._finish(
+                    indices[position],
+                    Status.OK if error is None else Status.ERROR,
+                    value=values[position],
+                    error=error,
+                    ran=ran[position],
+                )
             return
         results, items, queued, attempts = self._results, self._items, self._queued, self._attempts
         made: list[Outcome[T, R]] = []
-        errors = 0
-        for index, ok, value, error, ran in rows:
+        columns = (indices[start:end], values[start:end], ran[start:end])
+        for index, value, took in zip(*columns, strict=True):
             if results[index] is not None:
                 raise AssertionError(f"engine bug: item {index} of a batch finished twice")
-            if ok:
-                status = Status.OK
-            else:
-                status = Status.ERROR
-                errors += 1
             outcome: Outcome[T, R] = Outcome(
                 index,
                 items[index],
-                status,
+                Status.OK,
                 value,  # type: ignore[arg-type]  # R by construction when OK
-                error,
+                None,
                 queued[index],
-                ran,
+                took,
                 attempts[index],
             )
             results[index] = outcome
             made.append(outcome)
-        self._counts[Status.OK] += len(made) - errors
-        self._counts[Status.ERROR] += errors
+        failed = 0
+        for position, error in errors.items():
+            if start <= position < end:
+                # Few, if any: made as OK above, corrected here.
+                outcome = attrs.evolve(made[position - start], status=Status.ERROR, error=error)
+                results[outcome.index] = made[position - start] = outcome
+                failed += 1
+        self._counts[Status.OK] += len(made) - failed
+        self._counts[Status.ERROR] += failed
         self._completed += len(made)
         self._ended += len(made)
         self._send.send_batch_nowait(made)

@@ -10,6 +10,7 @@ such item alone).
 
 from __future__ import annotations
 
+import array
 import contextlib
 import functools
 import logging
@@ -17,7 +18,7 @@ import math
 import pickle
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -40,10 +41,27 @@ class Finished:
     ran: float
 
 
-# One finished item as the process bridge decodes it: (index, ok, value,
-# error, ran). Plain tuples: thousands are made per call, and each costs
-# less than half of an attrs instance.
-Row = tuple[int, bool, object, BaseException | None, float]
+@attrs.frozen
+class Rows:
+    """The finished items of one call, by column.
+
+    Thousands finish per call: a list per column costs far less to send,
+    unpickle and read than an object (or a tuple) per item.
+    """
+
+    indices: list[int]
+    values: list[object]  # None where the item failed
+    ran: Sequence[float]  # seconds each item ran
+    errors: dict[int, BaseException]  # by position in the columns: the items that failed
+
+    @classmethod
+    def of(cls, finished: list[Finished]) -> Rows:
+        return cls(
+            [d.index for d in finished],
+            [d.value for d in finished],
+            [d.ran for d in finished],
+            {position: d.error for position, d in enumerate(finished) if d.error is not None},
+        )
 
 
 @attrs.define
@@ -56,8 +74,8 @@ class ChunkReport:
     failure: BaseException | None = None  # why the unknown ones are unknown
     # Results still to be decoded (process bridge): the batch decodes them
     # after the worker's next call is on its way; ``ran`` sizes that call.
-    decode: Callable[[], list[Row]] | None = None
-    ran: list[float] = attrs.Factory(list)
+    decode: Callable[[], Rows] | None = None
+    ran: Sequence[float] = attrs.Factory(list)
 
 
 @attrs.define(eq=False)
@@ -165,16 +183,18 @@ def run_chunk_in_worker(
     items: list[Any],
     stop_after: float = math.inf,
     board: tuple[str, int] | None = None,
-) -> tuple[list[tuple[bool, BaseException | None, float]], bytes]:
-    """Worker side: each item's outcome and run time, and every result pickled together.
+) -> tuple[array.array[float], dict[int, BaseException], bytes]:
+    """Worker side: each item's run time, the failed ones' errors, every result pickled together.
 
     Items run in order while :func:`may_start` allows; the parent counts
-    the rest (those past the outcomes) as never started. The items arrive
+    the rest (those past the run times) as never started. The items arrive
     as one pickle, and the results travel as one (one ``loads`` in the
     parent, not one per item); only when that fails are they pickled one
-    by one, to say which item's result could not travel.
+    by one, to say which item's result could not travel. Errors are keyed
+    by position in the chunk; a failed item's result is ``None``.
     """
-    outcomes: list[tuple[bool, BaseException | None, float]] = []
+    ran = array.array("d")
+    errors: dict[int, BaseException] = {}
     values: list[object] = []
     slot = None
     if board is not None:
@@ -194,23 +214,25 @@ def run_chunk_in_worker(
         try:
             value = fn(item)
         except Exception as exc:
-            outcomes.append((False, _portable(exc), time.perf_counter() - started))
+            ran.append(time.perf_counter() - started)
+            errors[position] = _portable(exc)
             values.append(None)
             continue
-        outcomes.append((True, None, time.perf_counter() - started))
+        ran.append(time.perf_counter() - started)
         values.append(value)
     try:
-        return outcomes, pickle.dumps(values, protocol=pickle.HIGHEST_PROTOCOL)
+        return ran, errors, pickle.dumps(values, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:
         pass
     for position, value in enumerate(values):
         try:
             pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
-            error = SerializationError("result", f"of item: {type(value).__name__} ({exc})")
-            outcomes[position] = (False, error, outcomes[position][2])
+            errors[position] = SerializationError(
+                "result", f"of item: {type(value).__name__} ({exc})"
+            )
             values[position] = None
-    return outcomes, pickle.dumps(values, protocol=pickle.HIGHEST_PROTOCOL)
+    return ran, errors, pickle.dumps(values, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 @attrs.define
@@ -294,11 +316,11 @@ class ProcessRunner:
                 if self.board is not None and slot is not None:
                     begun = self.board.started(slot)
                 return lost_with_the_worker(chunk, begun, report.failure)
-        outcomes, blob = pickle.loads(data)
-        indices = [index for index, _ in chunk[: len(outcomes)]]
-        report.not_started = [index for index, _ in chunk[len(outcomes) :]]
-        report.ran = [ran for _, _, ran in outcomes]
-        report.decode = functools.partial(_decode, indices, outcomes, blob)
+        ran, errors, blob = pickle.loads(data)
+        indices = [index for index, _ in chunk[: len(ran)]]
+        report.not_started = [index for index, _ in chunk[len(ran) :]]
+        report.ran = ran
+        report.decode = functools.partial(_decode, indices, ran, errors, blob)
         return report
 
 
@@ -324,8 +346,8 @@ def lost_with_the_worker(
 
 
 def _decode(
-    indices: list[int], outcomes: list[tuple[bool, BaseException | None, float]], blob: bytes
-) -> list[Row]:
+    indices: list[int], ran: Sequence[float], errors: dict[int, BaseException], blob: bytes
+) -> Rows:
     """A chunk's results, unpickled.
 
     Raises:
@@ -339,12 +361,8 @@ def _decode(
         failure = ResultsLost("result", f"could not be unpickled here ({exc})")
         if len(indices) > 1:
             raise failure from exc
-        outcomes = [(False, error or failure, ran) for _, error, ran in outcomes]
-        values = [None]
-    return [
-        (index, ok, value, error, ran)
-        for index, (ok, error, ran), value in zip(indices, outcomes, values, strict=True)
-    ]
+        return Rows(indices, [None], ran, {0: errors.get(0, failure)})
+    return Rows(indices, values, ran, errors)
 
 
 # -- threads ---------------------------------------------------------------------

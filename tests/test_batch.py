@@ -192,11 +192,21 @@ async def test_seed_002_row_a_60s_timeout_is_recorded_and_the_batch_continues(
     assert outcomes[3].queued == 2  # its deadline started when a worker took it, at t=2
 
 
+@pytest.mark.parametrize("progress", [False, True], ids=["recorded-at-once", "with-progress"])
 async def test_seed_002_row_an_exception_is_recorded_and_the_batch_continues(
-    pool: engine.ProcessPool,
+    pool: engine.ProcessPool, progress: bool
 ) -> None:
-    outcomes = await engine.run_batch(behave, [("ok", 1), ("raise", 2), ("ok", 3)], pool=pool)
+    # Outcomes are recorded a call at a time, or one by one for a progress callback.
+    seen: list[tuple[int, int]] = []
+    on_progress = (lambda *a: seen.append(a)) if progress else None
+    items = [("ok", 1), ("raise", 2), ("ok", 3)]
+    async with engine.map_batch(behave, items, pool=pool, on_progress=on_progress) as batch:
+        streamed = {o.index: o async for o in batch}
+    outcomes = batch.results()
     assert [o.status for o in outcomes] == ["ok", "error", "ok"]
+    assert [streamed[i] for i in range(3)] == outcomes  # the same outcomes, streamed once each
+    assert (batch.statistics().ok, batch.statistics().error) == (2, 1)
+    assert seen == ([(1, 3), (2, 3), (3, 3)] if progress else [])
     assert str(outcomes[1].error) == "bad item 2"
     with pytest.raises(ValueError, match="bad item 2"):
         outcomes[1].unwrap()
@@ -339,10 +349,10 @@ async def test_without_a_board_calls_run_unwatched(
     assert [o.value for o in outcomes] == [i * i for i in range(50)]
     assert "no progress board for this batch" in caplog.text
     # A worker that cannot open the board runs its items all the same.
-    results, blob = engine._batch_runners.run_chunk_in_worker(
+    ran, errors, blob = engine._batch_runners.run_chunk_in_worker(
         square, [2, 3], board=("/nonexistent/engine-board", 0)
     )
-    assert [ok for ok, _, _ in results] == [True, True]
+    assert (len(ran), errors) == (2, {})
     assert pickle.loads(blob) == [4, 9]
 
 
@@ -543,10 +553,11 @@ def test_a_worker_past_its_time_returns_the_rest_unstarted() -> None:
     # The worker side of a call, without a process: with no time at all,
     # only the first item runs (one always does); the parent counts the rest
     # as never started.
-    results, blob = engine._batch_runners.run_chunk_in_worker(square, [2, 3, 4], stop_after=0.0)
-    assert [ok for ok, _, _ in results] == [True]
+    ran, errors, blob = engine._batch_runners.run_chunk_in_worker(square, [2, 3, 4], stop_after=0.0)
+    assert (len(ran), errors) == (1, {})
     assert pickle.loads(blob) == [4]
-    results, blob = engine._batch_runners.run_chunk_in_worker(square, [2, 3, 4])
+    ran, errors, blob = engine._batch_runners.run_chunk_in_worker(square, [2, 3, 4])
+    assert len(ran) == 3
     assert pickle.loads(blob) == [4, 9, 16]
 
 
