@@ -4,10 +4,13 @@ Seed 002's job, per symbol: a seeded random walk of 252 daily closes, then
 EMA12, EMA26, MACD, its 9-period signal line and RSI14 in numpy, returning a
 small dict. 2,500 symbols, 2 workers. Every pool is created once, warmed by
 an untimed round, and reused; the variants run in the same process,
-alternating round by round (the order rotates each round) so the noise of
-a shared machine falls on all of them alike; the table shows the median of
-the rounds. Every variant's results are checked, item by item, against the
-serial loop's.
+alternating round by round so the noise of a shared machine falls on all
+of them alike; the table shows the median of the rounds. Each round runs
+them in a new (seeded) random order: what ran just before matters, since a
+pool whose workers sat idle for a while starts its next batch some
+milliseconds slower on a virtual machine, and a fixed or rotated order
+would always give each variant the same predecessor. Every variant's
+results are checked, item by item, against the serial loop's.
 
 Variants:
     serial                   a plain loop in this process
@@ -41,6 +44,7 @@ import gc
 import json
 import multiprocessing
 import os
+import random
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -217,9 +221,10 @@ async def bench(symbols: int, runs: int) -> tuple[dict[str, list[float]], dict[s
             times: dict[str, list[float]] = {name: [] for name in variants}
             names = list(variants)
             for round_number in range(runs + 1):  # round 0 warms every pool and is not kept
-                # Rotate the order so no variant always follows the same neighbour.
-                shift = round_number % len(names)
-                for name in names[shift:] + names[:shift]:
+                # A new order each round: no variant always follows the same one.
+                order = names.copy()
+                random.Random(round_number).shuffle(order)
+                for name in order:
                     # Each variant starts on a collected heap: a full collection
                     # left over from the one before (tens of ms with all the
                     # results kept) would land on whichever runs next.
