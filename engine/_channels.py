@@ -170,6 +170,14 @@ class SendChannel(trio.abc.SendChannel[T]):
         """The channel's counters (shared by all clones of both ends)."""
         return self._state.statistics()
 
+    def _open_state(self) -> _State[T]:
+        """The shared state, once sure this handle may send."""
+        if self._closed:
+            raise trio.ClosedResourceError
+        if not self._state.open_receive:
+            raise trio.BrokenResourceError
+        return self._state
+
     def send_nowait(self, value: T) -> None:
         """Send without waiting; a full buffer is handled by the policy.
 
@@ -178,11 +186,7 @@ class SendChannel(trio.abc.SendChannel[T]):
             trio.ClosedResourceError: this handle was closed.
             trio.BrokenResourceError: every receive handle was closed.
         """
-        if self._closed:
-            raise trio.ClosedResourceError
-        state = self._state
-        if not state.open_receive:
-            raise trio.BrokenResourceError
+        state = self._open_state()
         if state.receive_waiters:
             # A receiver is parked, so the buffer is empty: hand it over.
             task, max_items = state.receive_waiters.popitem(last=False)
@@ -225,11 +229,7 @@ class SendChannel(trio.abc.SendChannel[T]):
             trio.ClosedResourceError: this handle was closed.
             trio.BrokenResourceError: every receive handle was closed.
         """
-        if self._closed:
-            raise trio.ClosedResourceError
-        state = self._state
-        if not state.open_receive:
-            raise trio.BrokenResourceError
+        state = self._open_state()
         total = len(values)
         if state.overflow is Overflow.BLOCK:
             room = state.maxsize - len(state.buffer)
