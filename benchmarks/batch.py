@@ -2,15 +2,15 @@
 
 Seed 002's job, per symbol: a seeded random walk of 252 daily closes, then
 EMA12, EMA26, MACD, its 9-period signal line and RSI14 in numpy, returning a
-small dict. 2,500 symbols, 2 workers. Every pool is created once, warmed by
-an untimed round, and reused; the variants run in the same process,
-alternating round by round so the noise of a shared machine falls on all
-of them alike; the table shows the median of the rounds. Each round runs
-them in a new (seeded) random order: what ran just before matters, since a
-pool whose workers sat idle for a while starts its next batch some
-milliseconds slower on a virtual machine, and a fixed or rotated order
-would always give each variant the same predecessor. Every variant's
-results are checked, item by item, against the serial loop's.
+small dict. 2,500 symbols, 2 workers. Every variant has its own pool,
+created once, warmed by an untimed round, and reused; the variants run in
+the same process, alternating round by round so the noise of a shared
+machine falls on all of them alike; the table shows the median of the
+rounds. Each round runs them in a new (seeded) random order: what ran just
+before matters, since a pool whose workers sat idle for a while starts its
+next batch some milliseconds slower on a virtual machine, and a fixed or
+rotated order would always give each variant the same predecessor. Every
+variant's results are checked, item by item, against the serial loop's.
 
 Variants:
     serial                   a plain loop in this process
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import gc
 import json
 import multiprocessing
@@ -203,7 +204,16 @@ async def bench(symbols: int, runs: int) -> tuple[dict[str, list[float]], dict[s
     seeds = list(range(symbols))
     reference = [indicators(seed) for seed in seeds]
     spawn = multiprocessing.get_context("spawn")  # as the engine and trio-parallel start theirs
-    with concurrent.futures.ProcessPoolExecutor(WORKERS, mp_context=spawn) as executor:
+    with contextlib.ExitStack() as executors:
+        # One executor per variant, as the engine and trio-parallel have their
+        # own pools: workers that just ran are quicker off the mark than
+        # workers that sat idle, so sharing one would favour its variants.
+        as_completed_pool, map50_pool, ceiling_pool = (
+            executors.enter_context(
+                concurrent.futures.ProcessPoolExecutor(WORKERS, mp_context=spawn)
+            )
+            for _ in range(3)
+        )
         async with (
             trio_parallel.open_worker_context() as context,
             engine.open_process_pool(WORKERS) as pool,
@@ -211,9 +221,9 @@ async def bench(symbols: int, runs: int) -> tuple[dict[str, list[float]], dict[s
             await pool.warm()
             variants: dict[str, Variant] = {
                 "serial": lambda: serial(seeds),
-                "ppe_as_completed": lambda: ppe_as_completed(executor, seeds),
-                "ppe_map50": lambda: ppe_map50(executor, seeds),
-                "ceiling": lambda: ceiling(executor, seeds),
+                "ppe_as_completed": lambda: ppe_as_completed(as_completed_pool, seeds),
+                "ppe_map50": lambda: ppe_map50(map50_pool, seeds),
+                "ceiling": lambda: ceiling(ceiling_pool, seeds),
                 "trio_parallel_per_item": lambda: trio_parallel_per_item(context, seeds),
                 "engine": lambda: engine_warm(pool, seeds),
                 "engine_cold": lambda: engine_cold(seeds),
