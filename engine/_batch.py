@@ -136,6 +136,46 @@ class Outcome(Generic[T, R]):
         raise RuntimeError(f"item {self.index} was cancelled before it finished")
 
 
+# attrs' __init__ for a frozen class sets each field through a bound
+# ``object.__setattr__``. A batch makes its outcomes by the thousand, at its
+# end, while its caller waits: writing the slots directly costs about half
+# as much (0.3 against 0.6 µs an outcome here). Same fields, same values:
+# test_batch checks that both ways make equal outcomes.
+_OUTCOME_SLOTS = tuple(getattr(Outcome, field.name).__set__ for field in attrs.fields(Outcome))
+
+
+def _ok_outcomes(
+    indices: Sequence[int],
+    items: Sequence[T],
+    values: Sequence[Any],
+    ran: Sequence[float],
+    queued: Sequence[float],
+    attempts: Sequence[int],
+) -> list[Outcome[T, Any]]:
+    """The ``ok`` outcomes of rows ``(index, value, ran)``, made in bulk.
+
+    Each equals ``Outcome(index, items[index], Status.OK, value, None,
+    queued[index], ran, attempts[index])``.
+    """
+    set_index, set_item, set_status, set_value, set_error, set_queued, set_ran, set_attempts = (
+        _OUTCOME_SLOTS
+    )
+    new, ok = object.__new__, Status.OK
+    made: list[Outcome[T, Any]] = []
+    for index, value, took in zip(indices, values, ran, strict=True):
+        outcome = new(Outcome)
+        set_index(outcome, index)
+        set_item(outcome, items[index])
+        set_status(outcome, ok)
+        set_value(outcome, value)
+        set_error(outcome, None)
+        set_queued(outcome, queued[index])
+        set_ran(outcome, took)
+        set_attempts(outcome, attempts[index])
+        made.append(outcome)
+    return made
+
+
 @attrs.frozen
 class BatchStatistics:
     """A snapshot of a batch.
@@ -567,24 +607,19 @@ class Batch(Generic[T, R]):
                     ran=ran[position],
                 )
             return
-        results, items, queued, attempts = self._results, self._items, self._queued, self._attempts
-        made: list[Outcome[T, R]] = []
-        columns = (indices[start:end], values[start:end], ran[start:end])
-        for index, value, took in zip(*columns, strict=True):
-            if results[index] is not None:
-                raise AssertionError(f"engine bug: item {index} of a batch finished twice")
-            outcome: Outcome[T, R] = Outcome(
-                index,
-                items[index],
-                Status.OK,
-                value,  # type: ignore[arg-type]  # R by construction when OK
-                None,
-                queued[index],
-                took,
-                attempts[index],
-            )
-            results[index] = outcome
-            made.append(outcome)
+        results = self._results
+        made: list[Outcome[T, R]] = _ok_outcomes(
+            indices[start:end],
+            self._items,
+            values[start:end],
+            ran[start:end],
+            self._queued,
+            self._attempts,
+        )
+        for outcome in made:
+            if results[outcome.index] is not None:
+                raise AssertionError(f"engine bug: item {outcome.index} of a batch finished twice")
+            results[outcome.index] = outcome
         failed = 0
         for position, error in errors.items():
             if start <= position < end:

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import attrs
 import psutil
 import pytest
 import trio
@@ -635,3 +636,16 @@ async def test_virtual_bridge_60s_deadlines_start_when_a_worker_takes_the_item(
     assert [o.queued for o in outcomes] == [0, 50, 0, 50]
     assert [o.attempts for o in outcomes] == [1, 1, 1, 1]
     assert trio.current_time() == 110
+
+
+def test_outcomes_made_in_bulk_equal_those_made_by_their_constructor() -> None:
+    items = ["a", "b", "c"]
+    made = engine._batch._ok_outcomes(
+        [2, 0], items, ["C", "A"], [0.5, 0.25], [1.0, 2.0, 3.0], [2, 1, 1]
+    )
+    assert made == [
+        engine.Outcome(2, "c", engine.Status.OK, "C", None, 3.0, 0.5, 1),
+        engine.Outcome(0, "a", engine.Status.OK, "A", None, 1.0, 0.25, 2),
+    ]
+    # Every field was set: a frozen value, hashable and complete.
+    assert all(hash(outcome) == hash(attrs.evolve(outcome)) for outcome in made)
