@@ -11,7 +11,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
@@ -38,6 +38,7 @@ from services.market.broadcast import (
     BroadcastServer,
     serve_broadcast,
 )
+from services.market.broadcast._client import Client
 from services.market.broadcast._topics import expand, parse_pattern, parse_request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -688,3 +689,55 @@ def test_docs_example_runs() -> None:
     assert lines[0] == "fast got 300 of 300"
     assert lines[1].startswith("slow closed: 4000 too slow: lost ")
     assert lines[2].startswith("statistics: 1 slow disconnect(s)")
+
+
+# -- queued covers the write under way ------------------------------------------
+#
+# A frame handed to the writer has left the queue but is not sent yet: queued
+# still counts it, so queued + sent + dropped is every frame offered.
+
+
+class _HeldWrite:
+    """A client socket whose write is under way until the test ends it."""
+
+    def __init__(self) -> None:
+        self.socket = self  # for the client's peer name
+        self.written: list[bytes] = []
+        self.done = trio.Event()
+
+    def getpeername(self) -> tuple[str, int]:
+        return ("127.0.0.1", 1)
+
+    async def send_all(self, data: bytes) -> None:
+        self.written.append(data)  # a reader may have it from here on
+        await self.done.wait()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.sleep_forever()
+
+
+async def test_a_broadcast_client_counts_frames_as_queued_until_they_are_written() -> None:
+    stream = _HeldWrite()
+    config = BroadcastConfig(ping_interval=math.inf)
+    client = Client(cast(trio.SocketStream, stream), config, 1, lambda _: None)
+    client.open(("trades.>",))
+    seen: list[tuple[int, int]] = []
+
+    def look() -> None:
+        stats = client.statistics()
+        seen.append((stats.queued, stats.sent))
+
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.run)
+            await trio.testing.wait_all_tasks_blocked()  # the writer waits for frames
+            client.offer(b"frame")
+            look()  # handed to the waiting writer, which has not run yet
+            await trio.testing.wait_all_tasks_blocked()
+            look()  # being written
+            stream.done.set()
+            await trio.testing.wait_all_tasks_blocked()
+            look()
+            nursery.cancel_scope.cancel()
+    assert stream.written == [b"frame"]
+    assert seen == [(1, 0), (1, 0), (0, 1)]

@@ -137,7 +137,11 @@ def settled(service: MarketService, simulator: Simulator, reader: Reader) -> boo
     """Whether every message the (stalled) simulator sent has reached ``reader``.
 
     Simulator -> feed -> processors -> bus -> broadcast -> the reader's socket:
-    each stage has taken everything the one before it passed on.
+    each stage has taken everything the one before it passed on. That holds
+    only if no counter lags what it counts: the simulator counts a burst
+    before a client can read it (and a stall holds even a burst already due),
+    and a client's ``queued`` covers the frames its writer is writing (both
+    tested in test_simulator and test_broadcast).
     """
     sent = simulator.statistics()
     feed = service.feed.statistics()

@@ -19,7 +19,7 @@ import urllib.request
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -39,12 +39,15 @@ from wsproto.events import (
 
 from services.market.simulator import (
     Simulator,
+    SimulatorAddress,
     SimulatorConfig,
     SimulatorStatistics,
     open_simulator,
 )
 from services.market.simulator._instruments import instruments
 from services.market.simulator._pacing import Pacer
+from services.market.simulator._session import Session
+from services.market.simulator._state import Counters, SharedState
 from services.market.simulator._streams import parse_streams
 from services.market.simulator._tape import Tape
 
@@ -771,3 +774,87 @@ def test_the_command_line_serves_until_sigterm() -> None:
     assert listed == ["BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT"]
     assert out == "stopped: received SIGTERM\n", err
     assert child.returncode == 0
+
+
+# -- the counters a client can rely on ------------------------------------------
+#
+# messages_sent is never behind what a client can have read, and a stall holds
+# even a burst that fell due before it: tests that wait for "everything sent
+# has arrived" depend on both (the market end-to-end reconnect test once
+# counted one trade more than the feed when they did not hold).
+
+
+class _Wire:
+    """A socket as a simulator session sees it: a write is taken whole, then a checkpoint.
+
+    (As trio's ``send_all`` ends.) At each write it notes how many of the
+    bytes a client could read by then the simulator had not counted.
+    """
+
+    def __init__(self, counters: Counters) -> None:
+        self.counters = counters
+        self.written = 0
+        self.uncounted: list[int] = []
+
+    async def send_all(self, data: bytes) -> None:
+        self.written += len(data)
+        self.uncounted.append(self.written - self.counters.bytes_sent)
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.sleep_forever()
+
+
+class _Beats:
+    """A pacer the test drives: each burst is due when the test says so."""
+
+    skipped = 0
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[int](math.inf)
+
+    def due(self, count: int) -> None:
+        self._send.send_nowait(count)
+
+    def restart(self) -> None:
+        pass
+
+    def sent(self, count: int) -> None:
+        pass
+
+    async def next_burst(self) -> int:
+        return await self._receive.receive()
+
+
+async def test_the_simulator_counts_a_burst_before_it_is_sent_and_a_stall_holds_a_due_one() -> None:
+    config = SimulatorConfig(symbols=("BTCUSDT",), epoch_ms=EPOCH)
+    state = SharedState.create(config, instruments(config.symbols, config.seed))
+    simulator = Simulator(config, SimulatorAddress("ws://-", "http://-"), state=state)
+    specs = parse_streams(["btcusdt@trade"], state.instruments)
+    tape = Tape(config.seed, specs, combined=False, epoch_ms=EPOCH, rate=config.rate)
+    wire, beats = _Wire(state.counters), _Beats()
+    ws = WSConnection(ConnectionType.SERVER)
+    session = Session(state, cast(trio.SocketStream, wire), ws, tape, cast(Pacer, beats))
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run)
+            beats.due(2)
+            await trio.testing.wait_all_tasks_blocked()
+            first = simulator.statistics().messages_sent
+            # A burst falls due while the socket is busy (answering a ping, say),
+            # and the exchange stalls before the writer gets it.
+            async with session.lock:
+                beats.due(3)
+                await trio.testing.wait_all_tasks_blocked()
+                simulator.stall(math.inf)
+            await trio.testing.wait_all_tasks_blocked()
+            stalled = simulator.statistics().messages_sent, len(wire.uncounted)
+            simulator.resume()
+            beats.due(3)
+            await trio.testing.wait_all_tasks_blocked()
+            resumed = simulator.statistics().messages_sent
+            nursery.cancel_scope.cancel()
+    assert first == 2
+    assert stalled == (2, 1)  # nothing went out once stall() had returned
+    assert resumed == 5
+    assert wire.uncounted == [0, 0]  # a client never has bytes the counters lack

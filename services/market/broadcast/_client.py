@@ -60,8 +60,10 @@ class ClientStatistics:
         client_id: the server's number for it.
         peer: its address.
         topics: the patterns it receives.
-        queued: frames waiting in its queue.
-        peak_queued: the most frames that ever waited.
+        queued: frames not written yet: waiting in its queue, or taken by
+            the writer for the write under way (so ``queued + sent + dropped``
+            is every frame offered, at every moment).
+        peak_queued: the most frames that ever waited in the queue itself.
         sent: frames written to its socket.
         dropped: frames its full queue discarded (oldest first).
         writes: socket writes; ``sent / writes`` is the coalescing factor.
@@ -178,11 +180,13 @@ class Client:
     def statistics(self) -> ClientStatistics:
         """A frozen snapshot of this client's counters."""
         channel = self._send.statistics()
+        # Not just the channel's depth: a frame handed to the waiting writer,
+        # or in the write under way, has left the queue but is not sent yet.
         return ClientStatistics(
             client_id=self.client_id,
             peer=self.peer,
             topics=self.topics,
-            queued=channel.depth,
+            queued=channel.sent - channel.dropped - self._sent,
             peak_queued=channel.peak_depth,
             sent=self._sent,
             dropped=channel.dropped,

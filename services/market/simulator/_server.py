@@ -55,7 +55,9 @@ class SimulatorStatistics:
         connections_total: WebSocket connections accepted with valid streams.
         connections_dropped: connections cut by :meth:`Simulator.drop_connections`.
         streams_rejected: connections closed at once for an unknown stream.
-        messages_sent: stream messages sent, across all connections.
+        messages_sent: stream messages sent, across all connections;
+            counted as each burst is handed to the socket, so a client never
+            has more (a dropped connection may cut the last burst short).
         messages_skipped: messages never sent because a connection fell
             more than a quarter second behind its schedule (a slow client).
         malformed_sent: deliberately broken frames sent.

@@ -106,14 +106,20 @@ class Session:
                 self.pacer.restart()
                 continue
             count = await self.pacer.next_burst()
-            if self.state.stalled() or not self.tape.specs:
-                continue
             async with self.lock:
+                # Checked once the lock is ours (taking it is a checkpoint): a
+                # stall, drop or stream change that came while this task
+                # waited holds the burst too. It is counted before it is
+                # written, with no checkpoint in between, so ``messages_sent``
+                # is never behind what a client can have received (a drop may
+                # cut the last burst short).
+                if self.state.stalled() or not self.tape.specs:
+                    continue
                 payload = self._burst(count)
+                self.pacer.sent(count)
+                counters.messages_sent += count
+                counters.bytes_sent += len(payload)
                 await self.stream.send_all(payload)
-            self.pacer.sent(count)
-            counters.messages_sent += count
-            counters.bytes_sent += len(payload)
 
     def _burst(self, count: int) -> bytes:
         texts = self.tape.texts(count)
