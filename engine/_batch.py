@@ -10,7 +10,8 @@ progress callback and a pool owned by a context manager. Here:
 - never more calls in flight than ``workers``;
 - small items travel in chunks, sized by each worker's measured speed and
   ended by a clock in the worker, so dispatch cost is amortised; a worker
-  out of work recalls a slower call and shares its rest;
+  out of work takes part of a slower call's rest, which goes on without
+  a pause;
 - a chunk that times out or whose worker dies is split: the item it was
   running runs again alone, first in line, the others again or for the
   first time, so each still gets its own true outcome, and a hung item is
@@ -63,9 +64,9 @@ _TARGET_CALL_SECONDS = 0.1
 # more in dispatch than they save in waiting.
 _MIN_CALL_SECONDS = 0.004
 _MAX_CHUNK = 4096
-# A worker with nothing left to take recalls a call that still has more than
-# this much work ahead: sharing it pays for the two calls that takes.
-_RECALL_AFTER_SECONDS = 2 * _MIN_CALL_SECONDS
+# A worker with nothing left to take shares a running call that still has
+# more than this much work ahead (and takes at least _MIN_CALL_SECONDS of it).
+_SHARE_AFTER_SECONDS = 2 * _MIN_CALL_SECONDS
 # A call carries at most this much pickled input (unless one item is more):
 # items that it has no time left to start travel for nothing.
 _MAX_CALL_BYTES = 8 << 20
@@ -207,10 +208,10 @@ class _Running:
     """A call in flight, as the batch sizes the next calls around it."""
 
     started: float  # trio time it was sent
-    count: int  # items sent
+    indices: list[int]  # the items sent, in order
     speed: float | None  # its worker's seconds per item, from an earlier call
     stop_after: float  # its worker starts no item after this (see may_start)
-    call: Call  # how far it has got, and how to recall it
+    call: Call  # how far it has got, and how to take part of it
 
 
 @attrs.define(eq=False)
@@ -388,10 +389,9 @@ class Batch(Generic[T, R]):
                 # Results not yet decoded may still send items back for a re-run.
                 if self._in_flight == 0 and not self._finished:
                     return
-                # Nothing left to take: a call with much still to do is asked
-                # to stop, so that this worker shares what it has not started.
-                self._recall_slowest()
-                await self._work_changed.wait()
+                # Nothing left to take: take part of a call with much still to do.
+                if not self._share_slowest():
+                    await self._work_changed.wait()
                 continue
             chunk, stop_after = planned
             if not chunk:
@@ -401,7 +401,7 @@ class Batch(Generic[T, R]):
             number = self._calls
             now = trio.current_time()
             call = Call()
-            self._running[number] = _Running(now, len(chunk), speed, stop_after, call)
+            self._running[number] = _Running(now, [i for i, _ in chunk], speed, stop_after, call)
             for index, _ in chunk:
                 self._queued[index] = now - self._started_at
             try:
@@ -410,6 +410,7 @@ class Batch(Generic[T, R]):
                 self._in_flight -= 1
                 del self._running[number]
                 self._notify()
+            chunk = chunk[: call.limit]  # the rest was shared: another call's now
             ran = report.ran or [d.ran for d in report.finished]
             self._measure(ran)
             if len(ran) > 1:
@@ -464,7 +465,7 @@ class Batch(Generic[T, R]):
         if self._per_item is None:
             # Nothing measured yet: an even share, for the worker's clock to
             # cut short if the items are slow. A worker that turns out slower
-            # than the others is recalled when they run out of work.
+            # than the others is shared when they run out of work.
             share = math.ceil(len(self._items) / self._workers)
             return min(_MAX_CHUNK, share, waiting), stop_after
         per_item = max(speed or self._per_item, 1e-7)
@@ -487,33 +488,53 @@ class Batch(Generic[T, R]):
     def _expected_end(self, now: float, running: _Running) -> tuple[float, float]:
         """When a running call should end, and its worker's seconds per item."""
         assert self._per_item is not None
-        call, started, count, speed = running.call, running.started, running.count, running.speed
+        call, started, speed = running.call, running.started, running.speed
+        count = min(len(running.indices), call.limit)
         begun = call.started() if call.started is not None else 0
         if speed is None:
             # Its worker's first call: the pace so far, once an item is done.
             speed = (now - started) / (begun - 1) if begun > 1 else self._per_item
-        if call.recalled:
-            count = begun
         # The item running now ends when the call's pace says, but not before now.
         end = max(now, started + begun * speed) + (count - begun) * speed
         return min(end, started + latest_start(running.stop_after) + speed), speed
 
-    def _recall_slowest(self) -> None:
-        """Recall the running call that would end last, if it has work worth sharing."""
+    def _share_slowest(self) -> bool:
+        """Take part of the running call that would end last; whether any was taken.
+
+        Its items not started yet are split so that its worker and this one
+        end together; this worker's part goes
+        to the front of the line. The other worker goes on with its own
+        part: nothing returns early, nothing waits.
+        """
         if self._per_item is None:
-            return
+            return False
         now = trio.current_time()
-        slowest, latest = None, now + _RECALL_AFTER_SECONDS
+        slowest, latest, pace = None, now + _SHARE_AFTER_SECONDS, self._per_item
         for running in self._running.values():
-            call = running.call
-            if call.recall is None or call.recalled:
+            if running.call.cut is None:
                 continue
-            end, _ = self._expected_end(now, running)
+            end, its_pace = self._expected_end(now, running)
             if end > latest:
-                slowest, latest = call, end
-        if slowest is not None and slowest.recall is not None:
-            slowest.recalled = True
-            slowest.recall()
+                slowest, latest, pace = running, end, its_pace
+        if slowest is None:
+            return False
+        call = slowest.call
+        begun = call.started() if call.started is not None else 0
+        end = min(len(slowest.indices), call.limit)
+        left = end - begun
+        # It ends the item it runs now at ``busy_until`` and then ``keep``
+        # more; this worker, free now, does the other ``left - keep``. Both
+        # at the call's pace so far: whether it is slow for its items or for
+        # its CPU cannot be told apart, and if the two still end apart, the
+        # one done first takes part of the other's rest again.
+        busy_until = max(now, slowest.started + begun * pace)
+        keep = max(1, math.ceil((now - busy_until + left * pace) / (2 * pace) - 1e-9))
+        if (left - keep) * pace < _MIN_CALL_SECONDS:
+            return False
+        start = call.cut_at(begun + keep)
+        taken = slowest.indices[start:end]
+        self._resume.extendleft(reversed(taken))
+        return bool(taken)
 
     def _prepare(self, indices: list[int]) -> list[tuple[int, Any]]:
         """The chunk to send; items that cannot travel to a process end as errors here."""

@@ -5,7 +5,8 @@ a time after which to start no more items, runs it, and reports per item:
 finished (ok or error, with its run time), timed out for certain, not
 started, lost (it ran, but its result died with the worker), or of unknown
 fate (running when the worker was killed or died; the batch re-runs each
-such item alone).
+such item alone). While it runs, the batch may cut it (see :class:`Call`):
+the items from the cut on are another call's, and the report leaves them out.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from ._board import Board, Slot
+from ._board import NO_LIMIT, Board, Slot
 from ._exceptions import SerializationError, WorkerCrashed
 from ._processes import ProcessPool, pickle_call
 from ._threads import to_thread
@@ -82,14 +83,33 @@ class ChunkReport:
 class Call:
     """The batch's handle on a call in flight, filled in by its runner where it can.
 
-    ``started()`` says how many items the call has started so far;
-    ``recall()`` asks it to start no more (it then returns soon, reporting
-    the rest ``not_started``).
+    ``started()`` says how many items the call has started so far; ``cut``
+    asks it to start no item at or past a position. The runner sets both
+    while the call runs (neither where it cannot watch the call), and
+    reports, when the call returns, only the items before :attr:`limit`.
     """
 
     started: Callable[[], int] | None = None
-    recall: Callable[[], None] | None = None
-    recalled: bool = False
+    cut: Callable[[int], None] | None = None
+    limit: int = NO_LIMIT  # the items from here on were given to another call
+
+    def cut_at(self, limit: int) -> int:
+        """Take the call's items from ``limit`` on; return where those taken start.
+
+        The items taken end where an earlier cut's began (the call's size at
+        first). The call may have started the item at ``limit``, or past it,
+        before it saw the cut: then the items taken start where it has got
+        to, and none may be left.
+        """
+        if self.cut is None or self.started is None or limit >= self.limit:
+            return self.limit
+        self.cut(limit)
+        begun = self.started()
+        if begun > limit:
+            limit = min(begun, self.limit)
+            self.cut(limit)
+        self.limit = limit
+        return limit
 
 
 class ResultsLost(SerializationError):
@@ -186,8 +206,9 @@ def run_chunk_in_worker(
 ) -> tuple[array.array[float], dict[int, BaseException], bytes]:
     """Worker side: each item's run time, the failed ones' errors, every result pickled together.
 
-    Items run in order while :func:`may_start` allows; the parent counts
-    the rest (those past the run times) as never started. The items arrive
+    Items run in order while :func:`may_start` allows, and only before the
+    board's limit (the parent gives the rest to another worker); the parent
+    counts those past the run times as never started. The items arrive
     as one pickle, and the results travel as one (one ``loads`` in the
     parent, not one per item); only when that fails are they pickled one
     by one, to say which item's result could not travel. Errors are keyed
@@ -198,19 +219,23 @@ def run_chunk_in_worker(
     values: list[object] = []
     slot = None
     if board is not None:
-        # Progress and recalls are an optimisation: without the board, run unwatched.
+        # Progress and cuts are an optimisation: without the board, run unwatched.
         with contextlib.suppress(OSError):
             slot = Slot(*board)
     call_started = time.perf_counter()
     for position, item in enumerate(items):
         started = time.perf_counter()
-        if position and (
-            not may_start(started - call_started, position, len(items) - position, stop_after)
-            or (slot is not None and slot.recalled())
+        if position and not may_start(
+            started - call_started, position, len(items) - position, stop_after
         ):
             break
         if slot is not None:
+            # Claim the item, then look for a cut: the parent lowers the
+            # limit before it reads the claims (see _board).
             slot.report(position + 1)
+            if position >= slot.limit():
+                slot.report(position)
+                break
         try:
             value = fn(item)
         except Exception as exc:
@@ -260,19 +285,19 @@ class ProcessRunner:
             try:
                 self.board = Board(self.slots)
             except OSError as exc:
-                # Progress and recalls are an optimisation: do without them.
+                # Progress and cuts are an optimisation: do without them.
                 logger.warning("no progress board for this batch (%s)", exc)
                 self.no_board = True
         board = self.board
         if board is None:
-            return await self._run(fn, chunk, deadline, stop_after, None)
+            return await self._run(fn, chunk, deadline, stop_after, None, call)
         slot = board.take()
         try:
             call.started = functools.partial(board.started, slot)
-            call.recall = functools.partial(board.recall, slot)
-            return await self._run(fn, chunk, deadline, stop_after, slot)
+            call.cut = functools.partial(board.cut, slot)
+            return await self._run(fn, chunk, deadline, stop_after, slot, call)
         finally:
-            call.started = call.recall = None
+            call.started = call.cut = None
             board.give_back(slot)
 
     async def _run(
@@ -282,8 +307,9 @@ class ProcessRunner:
         deadline: float,
         stop_after: float,
         slot: int | None,  # on self.board
+        call: Call,
     ) -> ChunkReport:
-        report = ChunkReport()
+        failure: BaseException | None = None
         items = [item for _, item in chunk]
         board = (self.board.path, slot) if self.board is not None and slot is not None else None
         payload = pickle_call(run_chunk_in_worker, (fn, items, stop_after, board))
@@ -295,33 +321,55 @@ class ProcessRunner:
                 try:
                     data = await self.pool._dispatch(payload, fn, kill_on_cancel=True)
                 except WorkerCrashed as exc:
-                    report.failure = exc
+                    failure = exc
                 except Exception as exc:
                     # The call failed outside the per-item handling: the worker
                     # could not unpickle the chunk (a class it cannot import).
                     # Which item is unknown; alone, each says for itself.
                     return ChunkReport(
-                        unknown=[index for index, _ in chunk],
+                        unknown=[index for index, _ in chunk[: call.limit]],
                         failure=SerializationError(
                             "argument", f"could not be unpickled in the worker ({exc})"
                         ),
                     )
             if scope.cancelled_caught:
-                report.failure = too_slow(deadline)
-            if report.failure is not None:
+                failure = too_slow(deadline)
+            if failure is not None:
                 # Still holding the slot: replace the lost worker now, so the
                 # next item's deadline does not pay for a process start.
                 await self.pool._replace_lost_worker()
                 begun = 0
                 if self.board is not None and slot is not None:
                     begun = self.board.started(slot)
-                return lost_with_the_worker(chunk, begun, report.failure)
-        ran, errors, blob = pickle.loads(data)
-        indices = [index for index, _ in chunk[: len(ran)]]
-        report.not_started = [index for index, _ in chunk[len(ran) :]]
-        report.ran = ran
-        report.decode = functools.partial(_decode, indices, ran, errors, blob)
-        return report
+                kept = chunk[: call.limit]
+                return lost_with_the_worker(kept, min(begun, len(kept)), failure)
+        return returned(chunk, call.limit, *pickle.loads(data))
+
+
+def returned(
+    chunk: list[tuple[int, Any]],
+    limit: int,
+    ran: Sequence[float],
+    errors: dict[int, BaseException],
+    blob: bytes,
+) -> ChunkReport:
+    """The report of a process call that returned what :func:`run_chunk_in_worker` did.
+
+    Past ``limit`` the items are another call's. If this one ran any of them
+    (its worker saw the cut too late, see ``_board``), the other call's
+    result is the one that counts. Those before ``limit`` it never started
+    go back in line.
+    """
+    done = min(len(ran), limit)
+    indices = [index for index, _ in chunk[:done]]
+    if done < len(ran):
+        ran = ran[:done]
+        errors = {position: error for position, error in errors.items() if position < done}
+    return ChunkReport(
+        not_started=[index for index, _ in chunk[done:limit]],
+        ran=ran,
+        decode=functools.partial(_decode, indices, ran, errors, blob),
+    )
 
 
 def lost_with_the_worker(
@@ -356,7 +404,7 @@ def _decode(
             result it was is unknown. A lone item ends with this error instead.
     """
     try:
-        values = pickle.loads(blob)
+        values = pickle.loads(blob)[: len(indices)]
     except Exception as exc:
         failure = ResultsLost("result", f"could not be unpickled here ({exc})")
         if len(indices) > 1:
@@ -377,10 +425,17 @@ class _ThreadChunk:
     item_started: float = 0.0
     abandoned: bool = False
     started: int = 0  # items started so far
-    recalled: bool = False  # the batch asked the thread to start no more
-    stopped: int | None = None  # where the thread stopped, by its clock or recalled
+    limit: int = NO_LIMIT  # the batch gave the items from here on to another call
+    stopped: int | None = None  # where the thread stopped, by its clock or a cut
     finished: list[Finished] = attrs.Factory(list)
     lock: threading.Lock = attrs.Factory(threading.Lock)
+
+
+def _cut_thread_chunk(state: _ThreadChunk, limit: int) -> None:
+    # Under the lock the thread claims its items with, so that an item is
+    # either started here or taken, never both.
+    with state.lock:
+        state.limit = limit
 
 
 @attrs.define
@@ -405,14 +460,14 @@ class ThreadRunner:
             for position, (index, item) in enumerate(chunk):
                 started = time.perf_counter()
                 left = len(chunk) - position
-                if position and (
-                    state.recalled
-                    or not may_start(started - call_started, position, left, stop_after)
-                ):
+                if position and not may_start(started - call_started, position, left, stop_after):
                     state.stopped = position
                     return
                 with state.lock:
                     if state.abandoned:
+                        return
+                    if position >= state.limit:
+                        state.stopped = position
                         return
                     state.position = position
                     state.started = position + 1
@@ -429,20 +484,20 @@ class ThreadRunner:
         async with self.limiter:  # a thread is ours: deadlines start now
             state.item_started = trio.current_time()
             call.started = lambda: state.started
-            call.recall = functools.partial(setattr, state, "recalled", True)
+            call.cut = functools.partial(_cut_thread_chunk, state)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch, state, deadline, nursery.cancel_scope)
                     await to_thread(work, limiter=self.unlimited)
                     nursery.cancel_scope.cancel()
             finally:
-                call.started = call.recall = None
+                call.started = call.cut = None
         report = ChunkReport(finished=state.finished)
         if state.stopped is not None:
-            report.not_started = [index for index, _ in chunk[state.stopped :]]
+            report.not_started = [index for index, _ in chunk[state.stopped : state.limit]]
         if state.abandoned:
             report.timed_out = [(chunk[state.position][0], deadline)]
-            report.not_started = [index for index, _ in chunk[state.position + 1 :]]
+            report.not_started = [index for index, _ in chunk[state.position + 1 : state.limit]]
             report.failure = too_slow(deadline)
         return report
 

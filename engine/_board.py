@@ -4,12 +4,16 @@ A call running in a worker process is otherwise opaque until it returns.
 The board is a small file mapped into memory by the parent and by every
 worker: one slot per call in flight, two 64-bit words each. The worker
 writes how many items it has started; the parent reads that to see how far
-a call has got, and may raise the slot's recall word, after which the
-worker starts no more items and returns at once with what it has done.
+a call has got, and may lower the slot's limit, after which the worker
+starts no item at or past it: the parent has given those to another worker.
 
-Nothing here synchronises: each word has one writer, a stale read only
-costs an item's time, and an item the worker has not reported started is
-never given to anyone else until its call has returned saying so.
+Nothing here synchronises: each word has one writer. The worker claims an
+item (reports it started) before it looks at the limit, and gives the
+claim back if the item is past it; the parent lowers the limit, then reads
+how far the worker has got, and takes only what lies past both. Without a
+memory fence, both reads can, rarely, be stale at once: then one item runs
+in both calls, and the batch keeps only the second call's result (see
+``_batch_runners``).
 """
 
 from __future__ import annotations
@@ -20,13 +24,15 @@ import mmap
 import os
 import tempfile
 
-_WORDS_PER_SLOT = 2  # recall flag, items started
-_RECALL, _STARTED = 0, 1
+_WORDS_PER_SLOT = 2  # limit, items started
+_LIMIT, _STARTED = 0, 1
 _WORD = 8
+# A slot's limit while nothing is cut: past any chunk.
+NO_LIMIT = 1 << 62
 
 
 class Board:
-    """The parent's side: slots to lend to calls, read and recall."""
+    """The parent's side: slots to lend to calls, read and cut."""
 
     def __init__(self, slots: int) -> None:
         # Memory-backed where the system has it; any file works, only its pages are used.
@@ -43,7 +49,7 @@ class Board:
     def take(self) -> int:
         """A free slot, cleared for a new call."""
         slot = self._free.pop()
-        self._words[slot * _WORDS_PER_SLOT + _RECALL] = 0
+        self._words[slot * _WORDS_PER_SLOT + _LIMIT] = NO_LIMIT
         self._words[slot * _WORDS_PER_SLOT + _STARTED] = 0
         return slot
 
@@ -54,9 +60,9 @@ class Board:
         """Items the call in ``slot`` has started so far."""
         return int(self._words[slot * _WORDS_PER_SLOT + _STARTED])
 
-    def recall(self, slot: int) -> None:
-        """Ask the call in ``slot`` to start no more items."""
-        self._words[slot * _WORDS_PER_SLOT + _RECALL] = 1
+    def cut(self, slot: int, limit: int) -> None:
+        """Ask the call in ``slot`` to start no item at or past position ``limit``."""
+        self._words[slot * _WORDS_PER_SLOT + _LIMIT] = limit
 
     def close(self) -> None:
         self._words.release()
@@ -74,7 +80,7 @@ _KEEP = 8
 
 
 class Slot:
-    """A worker's view of one slot: report progress, see a recall."""
+    """A worker's view of one slot: report progress, see a cut."""
 
     def __init__(self, path: str, slot: int) -> None:
         words = _MAPPED.get(path)
@@ -88,9 +94,9 @@ class Slot:
         self._words = words
         self._base = slot * _WORDS_PER_SLOT
 
-    def recalled(self) -> bool:
-        """Whether the parent has asked the call to start no more items."""
-        return bool(self._words[self._base + _RECALL])
+    def limit(self) -> int:
+        """The first position the call may not start (:data:`NO_LIMIT` until cut)."""
+        return int(self._words[self._base + _LIMIT])
 
     def report(self, started: int) -> None:
         """Tell the parent ``started`` items have been started."""

@@ -303,37 +303,39 @@ async def test_a_thread_call_ends_by_its_clock_and_the_rest_run_later() -> None:
 
 
 @pytest.mark.parametrize("bridge", ["process", "thread"])
-async def test_a_worker_out_of_work_recalls_the_slower_worker_mid_call(
+async def test_a_worker_out_of_work_takes_part_of_the_slower_call_mid_call(
     pool: engine.ProcessPool, bridge: str
 ) -> None:
     # Each worker is sent half: the first gets 15 items of 10 ms, the second
     # 15 of 1 ms. When the second is done, the first has most of its items
-    # still to start: it is recalled, and the two share the rest.
+    # still to start: the second takes the last of them, while the first
+    # goes on with the others.
     work = [0.01] * 15 + [0.001] * 15
     async with engine.map_batch(nap, work, bridge=bridge, pool=pool, workers=2) as batch:
         pass
     outcomes = batch.results()
     assert [o.value for o in outcomes] == work
     assert all(o.attempts == 1 for o in outcomes)
-    assert batch.statistics().calls >= 4
+    assert batch.statistics().calls >= 3
     # The last slow item went out again, in a later call, never started in the first.
     assert outcomes[14].queued > 0.005
 
 
-def test_the_board_carries_progress_out_and_a_recall_in() -> None:
+def test_the_board_carries_progress_out_and_a_cut_in() -> None:
     board = engine._board.Board(2)
+    no_limit = engine._board.NO_LIMIT
     try:
         slot = board.take()
         worker_side = engine._board.Slot(board.path, slot)
-        assert (board.started(slot), worker_side.recalled()) == (0, False)
+        assert (board.started(slot), worker_side.limit()) == (0, no_limit)
         worker_side.report(3)
-        board.recall(slot)
-        assert (board.started(slot), worker_side.recalled()) == (3, True)
+        board.cut(slot, 7)
+        assert (board.started(slot), worker_side.limit()) == (3, 7)
         board.give_back(slot)
         # A slot taken again starts clear.
         again = board.take()
         assert again == slot
-        assert (board.started(again), worker_side.recalled()) == (0, False)
+        assert (board.started(again), worker_side.limit()) == (0, no_limit)
     finally:
         board.close()
     assert not os.path.exists(board.path)
@@ -522,21 +524,23 @@ async def test_the_last_calls_are_never_smaller_than_a_few_ms_of_work(
     assert trio.current_time() == 415 * TICK
 
 
-async def test_a_worker_out_of_work_recalls_a_slower_call_and_shares_its_rest(
+async def test_a_worker_out_of_work_takes_part_of_a_slower_call_which_goes_on(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     # The first worker's share takes three ticks an item, the second's one.
     bridge = engine.testing.VirtualBridge(duration=lambda item: 3 * TICK if item < 200 else TICK)
     outcomes = await engine.run_batch(square, range(400), bridge=bridge, workers=2)
     assert [o.value for o in outcomes] == [i * i for i in range(400)]
-    # At 200 ticks the second worker is done; the first has started 67 items.
-    # It is recalled, ends its 67th at 201, and the 133 it never started are
-    # shared (another recall at the end evens out the last of them).
+    # At 200 ticks the second worker is done; the first has started 67 items
+    # and ends the 67th at 201. Of the 133 it has not started, at its pace
+    # so far, it keeps 66 and the second takes 133-199 at once: both would
+    # end at 399-401. (The first call's clock ends it at 207; the end-game
+    # sizing shares what it leaves.)
     assert [len(call) for call in bridge.calls][:2] == [200, 200]
-    assert bridge.calls[2][0] == 67
+    assert bridge.calls[2] == list(range(133, 200))
     assert all(o.attempts == 1 for o in outcomes)
-    # 800 ticks of work over two workers: 400 at best; without the recall, 600.
-    assert trio.current_time() == 402 * TICK
+    # 800 ticks of work over two workers: 400 at best; without sharing, 600.
+    assert trio.current_time() == 401 * TICK
 
 
 def test_a_call_past_its_time_starts_no_item_but_to_finish_a_small_rest() -> None:
@@ -649,3 +653,70 @@ def test_outcomes_made_in_bulk_equal_those_made_by_their_constructor() -> None:
     ]
     # Every field was set: a frozen value, hashable and complete.
     assert all(hash(outcome) == hash(attrs.evolve(outcome)) for outcome in made)
+
+
+async def test_a_call_that_was_shared_and_then_crashed_reports_only_its_own_part(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # As above, the second worker takes 133-199 from the first call at 200
+    # ticks; item 68, which the first call kept, then kills its worker.
+    bridge = engine.testing.VirtualBridge(
+        duration=lambda item: 3 * TICK if item < 200 else TICK, crashes=lambda item: item == 68
+    )
+    outcomes = await engine.run_batch(square, range(400), bridge=bridge, workers=2)
+    assert bridge.calls[2] == list(range(133, 200))
+    assert [o.status for o in outcomes].count(engine.Status.CRASHED) == 1
+    assert outcomes[68].status == engine.Status.CRASHED
+    assert [o.value for o in outcomes if o.ok] == [i * i for i in range(400) if i != 68]
+    # 0-67 ran again (their results died with the worker), 68 alone; the part
+    # taken by the second worker, and what the first never started, ran once.
+    assert [o.attempts for o in outcomes] == [2] * 69 + [1] * 331
+
+
+def test_a_process_call_reports_only_the_items_before_its_cut() -> None:
+    chunk = [(index, f"item {index}") for index in range(10, 16)]
+    values = pickle.dumps([index * index for index in range(10, 15)])
+    # It ran five, the last two past a cut at 3 that it saw too late: those
+    # are another call's, whose results count.
+    report = engine._batch_runners.returned(
+        chunk, 3, [0.5] * 5, {1: ValueError("x"), 4: ValueError("y")}, values
+    )
+    rows = report.decode() if report.decode is not None else None
+    assert rows is not None
+    assert (rows.indices, rows.values, list(rows.ran)) == ([10, 11, 12], [100, 121, 144], [0.5] * 3)
+    assert list(rows.errors) == [1]
+    assert report.not_started == []
+    # It stopped at 2 by its clock, before a cut at 5: 12-14 go back in line,
+    # 15 is the other call's.
+    report = engine._batch_runners.returned(chunk, 5, [0.5] * 2, {}, pickle.dumps([100, 121]))
+    assert report.not_started == [12, 13, 14]
+
+
+def test_a_cut_behind_the_calls_progress_takes_only_what_it_has_not_started() -> None:
+    cuts: list[int] = []
+    started = 5
+    call = engine._batch_runners.Call(started=lambda: started, cut=cuts.append)
+    # Asked to stop at 3, it had already started 5: the items taken start at 5.
+    assert call.cut_at(3) == 5
+    assert (cuts, call.limit) == ([3, 5], 5)
+    # Items past the limit were given away: a later cut never takes them back.
+    assert call.cut_at(7) == 5
+    started = 6  # a claim of item 5, seen before the worker gives it back
+    assert call.cut_at(4) == 5
+    assert (cuts, call.limit) == ([3, 5, 4, 5], 5)
+    # A call the batch cannot watch is never cut.
+    assert engine._batch_runners.Call().cut_at(2) == engine._board.NO_LIMIT
+
+
+def test_a_worker_starts_no_item_at_or_past_its_cut_and_gives_the_claim_back() -> None:
+    board = engine._board.Board(1)
+    try:
+        slot = board.take()
+        board.cut(slot, 2)
+        ran, errors, blob = engine._batch_runners.run_chunk_in_worker(
+            square, [1, 2, 3, 4], board=(board.path, slot)
+        )
+        assert (len(ran), errors, pickle.loads(blob)) == (2, {}, [1, 4])
+        assert board.started(slot) == 2  # claimed the third, saw the cut, gave it back
+    finally:
+        board.close()

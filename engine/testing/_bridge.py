@@ -19,6 +19,7 @@ from .._batch_runners import (
     may_start,
     too_slow,
 )
+from .._board import NO_LIMIT
 from .._exceptions import WorkerCrashed
 
 
@@ -65,13 +66,13 @@ class VirtualBridge:
         progress = _Progress()
         if call is not None:
             call.started = lambda: progress.started
-            call.recall = functools.partial(setattr, progress, "recalled", True)
+            call.cut = functools.partial(setattr, progress, "limit")
         try:
             return await self._run(fn, chunk, deadline, stop_after, progress)
         finally:
             self._in_flight -= 1
             if call is not None:
-                call.started = call.recall = None
+                call.started = call.cut = None
 
     async def _run(
         self,
@@ -82,28 +83,28 @@ class VirtualBridge:
         progress: _Progress,
     ) -> ChunkReport:
         await trio.lowlevel.checkpoint()  # a real call always lets others run
-        limit = chunk_deadline(deadline, len(chunk), stop_after)
+        time_limit = chunk_deadline(deadline, len(chunk), stop_after)
         # Results stay in the "worker" until the call returns: a crash or a
         # kill loses all of them, as it would in a real process.
         report = ChunkReport()
         elapsed = 0.0
         for position, (index, item) in enumerate(chunk):
-            if position and (
-                progress.recalled
-                or not may_start(elapsed, position, len(chunk) - position, stop_after)
-            ):
-                # Recalled or out of time: the rest go back unstarted, as in a real worker.
-                report.not_started = [i for i, _ in chunk[position:]]
+            if position >= progress.limit:
+                break  # the rest were given to another call
+            if position and not may_start(elapsed, position, len(chunk) - position, stop_after):
+                # Out of time: the rest go back unstarted, as in a real worker.
+                report.not_started = [i for i, _ in chunk[position : progress.limit]]
                 break
             progress.started = position + 1
             if self.crashes(item):
                 crash = WorkerCrashed(f"running item {index} (virtual)", exit_code=None, signal=9)
-                return lost_with_the_worker(chunk, progress.started, crash)
+                return lost_with_the_worker(chunk[: progress.limit], progress.started, crash)
             took = self.duration(item)
-            if elapsed + took > limit:
+            if elapsed + took > time_limit:
                 # Past the deadline the worker is killed, taking all results with it.
-                await trio.sleep(limit - elapsed if math.isfinite(limit) else math.inf)
-                return lost_with_the_worker(chunk, progress.started, too_slow(deadline))
+                await trio.sleep(time_limit - elapsed if math.isfinite(time_limit) else math.inf)
+                kept = chunk[: progress.limit]
+                return lost_with_the_worker(kept, progress.started, too_slow(deadline))
             # Item by item, so that the batch sees how far the call has got.
             await trio.sleep(took)
             elapsed += took
@@ -117,4 +118,4 @@ class VirtualBridge:
 @attrs.define
 class _Progress:
     started: int = 0
-    recalled: bool = False
+    limit: int = NO_LIMIT
