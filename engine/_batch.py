@@ -357,7 +357,10 @@ class Batch(Generic[T, R]):
                         arrived.decoded = Rows.of(report.finished)
                 except ResultsLost as failure:
                     self._finished.popleft()
-                    self._split_chunk([index for index, _ in arrived.chunk], failure)
+                    # Only the items it ran: those it never started (stopped by
+                    # its clock) are back in line already.
+                    ran = arrived.chunk[: len(report.ran)]
+                    self._split_chunk([index for index, _ in ran], failure)
                     continue
             rows = arrived.decoded
             start, end = arrived.recorded, len(rows.indices)
@@ -410,6 +413,9 @@ class Batch(Generic[T, R]):
                 self._in_flight -= 1
                 del self._running[number]
                 self._notify()
+            # Sent alone, an item had its whole deadline; one left alone by a
+            # cut did not, and must still run again alone if its call failed.
+            alone = len(chunk) == 1
             chunk = chunk[: call.limit]  # the rest was shared: another call's now
             ran = report.ran or [d.ran for d in report.finished]
             self._measure(ran)
@@ -419,7 +425,7 @@ class Batch(Generic[T, R]):
                 # Back to the front of the line, in order.
                 self._resume.extendleft(reversed(report.not_started))
             if report.timed_out or report.unknown:
-                self._absorb(chunk, report)
+                self._absorb(chunk, report, alone)
             else:
                 # The common case: record the outcomes after this worker's next
                 # call is on its way, not before (the collector runs once this
@@ -465,7 +471,7 @@ class Batch(Generic[T, R]):
         if self._per_item is None:
             # Nothing measured yet: an even share, for the worker's clock to
             # cut short if the items are slow. A worker that turns out slower
-            # than the others is shared when they run out of work.
+            # than the others has its call shared when they run out of work.
             share = math.ceil(len(self._items) / self._workers)
             return min(_MAX_CHUNK, share, waiting), stop_after
         per_item = max(speed or self._per_item, 1e-7)
@@ -533,8 +539,11 @@ class Batch(Generic[T, R]):
             return False
         start = call.cut_at(begun + keep)
         taken = slowest.indices[start:end]
+        if not taken:
+            return False
         self._resume.extendleft(reversed(taken))
-        return bool(taken)
+        self._notify()  # for any other worker out of work: this one may leave some
+        return True
 
     def _prepare(self, indices: list[int]) -> list[tuple[int, Any]]:
         """The chunk to send; items that cannot travel to a process end as errors here."""
@@ -570,13 +579,13 @@ class Batch(Generic[T, R]):
             self._ran_count += len(ran)
             self._per_item = self._ran_total / self._ran_count
 
-    def _absorb(self, chunk: list[tuple[int, Any]], report: ChunkReport) -> None:
+    def _absorb(self, chunk: list[tuple[int, Any]], report: ChunkReport, alone: bool) -> None:
         self._finished.append(_Arrived(chunk, report))
         self._record_finished()
         for index, ran in report.timed_out:
             self._finish(index, Status.TIMEOUT, error=report.failure, ran=ran)
         if report.unknown:
-            if len(chunk) == 1:
+            if alone:
                 (index,) = report.unknown
                 if isinstance(report.failure, trio.TooSlowError):
                     self._finish(index, Status.TIMEOUT, error=report.failure, ran=self._deadline)

@@ -131,7 +131,8 @@ class Runner(Protocol):
     ) -> ChunkReport:
         """Run ``chunk``, starting items only while :func:`may_start` allows.
 
-        Items never started are reported ``not_started``.
+        Items never started are reported ``not_started``, those before
+        ``call.limit`` only: the batch gave the rest to another call.
         """
         ...
 
@@ -225,9 +226,8 @@ def run_chunk_in_worker(
     call_started = time.perf_counter()
     for position, item in enumerate(items):
         started = time.perf_counter()
-        if position and not may_start(
-            started - call_started, position, len(items) - position, stop_after
-        ):
+        left = len(items) - position if slot is None else min(len(items), slot.limit()) - position
+        if position and not may_start(started - call_started, position, left, stop_after):
             break
         if slot is not None:
             # Claim the item, then look for a cut: the parent lowers the
@@ -459,7 +459,7 @@ class ThreadRunner:
             call_started = time.perf_counter()
             for position, (index, item) in enumerate(chunk):
                 started = time.perf_counter()
-                left = len(chunk) - position
+                left = min(len(chunk), state.limit) - position
                 if position and not may_start(started - call_started, position, left, stop_after):
                     state.stopped = position
                     return

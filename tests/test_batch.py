@@ -30,6 +30,7 @@ from tests.batch_jobs.jobs import (
     kind,
     nap,
     parse_order_line,
+    slow_fragile,
     square,
 )
 
@@ -720,3 +721,40 @@ def test_a_worker_starts_no_item_at_or_past_its_cut_and_gives_the_claim_back() -
         assert board.started(slot) == 2  # claimed the third, saw the cut, gave it back
     finally:
         board.close()
+
+
+async def test_a_call_cut_to_one_item_before_it_began_still_reruns_that_item_alone(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Calls take 5 ms to reach their worker. Items 2-3 end before 4-5's call
+    # starts, so that worker takes item 5, leaving 4 alone in its call. That
+    # call was sent with a chunk's time (half the deadline): when item 4
+    # hangs, it must run again alone, with its whole deadline.
+    durations = {0: 0.01, 1: 0.01, 2: 0.009, 3: 0.009, 4: math.inf, 5: 0.01}
+    bridge = engine.testing.VirtualBridge(duration=durations.__getitem__, dispatch=0.005)
+    outcomes = await engine.run_batch(
+        str, range(6), bridge=bridge, workers=2, chunk_size=2, item_deadline=1.0
+    )
+    assert bridge.calls == [[0, 1], [2, 3], [4, 5], [5], [4]]
+    assert [o.status for o in outcomes] == ["ok"] * 4 + ["timeout", "ok"]
+    assert (outcomes[4].attempts, outcomes[4].ran) == (2, 1.0)
+    assert trio.current_time() == pytest.approx(0.023 + 0.5 + 1.0)
+
+
+def test_a_virtual_bridge_dispatch_must_be_finite_and_not_negative() -> None:
+    for bad in (-0.001, math.inf):
+        with pytest.raises(ValueError, match="dispatch must be a finite number >= 0"):
+            engine.testing.VirtualBridge(duration=lambda item: 1.0, dispatch=bad)
+
+
+async def test_results_that_cannot_be_loaded_rerun_only_the_items_their_call_ran(
+    pool: engine.ProcessPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobs, "REFUSE_TO_LOAD", True)
+    # One worker, items of 60 ms: the call's clock (200 ms) ends it after 4
+    # items, one of which (3) cannot be loaded here. Those 4 run again alone;
+    # 4-7, which it never started, run once.
+    outcomes = await engine.run_batch(slow_fragile, range(8), pool=pool, workers=1)
+    assert [o.status for o in outcomes] == ["ok"] * 3 + ["error"] + ["ok"] * 4
+    assert [o.value for o in outcomes if o.ok] == [i * i for i in range(8) if i != 3]
+    assert [o.attempts for o in outcomes] == [2] * 4 + [1] * 4

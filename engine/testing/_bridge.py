@@ -23,6 +23,13 @@ from .._board import NO_LIMIT
 from .._exceptions import WorkerCrashed
 
 
+def _finite_and_not_negative(
+    instance: object, attribute: attrs.Attribute[float], value: float
+) -> None:
+    if not 0 <= value < math.inf:
+        raise ValueError(f"{attribute.name} must be a finite number >= 0, got {value!r}")
+
+
 @attrs.define(eq=False)
 class VirtualBridge:
     """Pass as ``engine.map_batch(..., bridge=VirtualBridge(...))`` to test deadlines fast.
@@ -38,6 +45,9 @@ class VirtualBridge:
     Args:
         duration: virtual seconds each item takes.
         crashes: which items kill their worker; none by default.
+        dispatch: virtual seconds from sending a call to its first item (a
+            process call's pickling and wake-up), counted against the call's
+            deadline as on the process bridge; 0 by default.
 
     Attributes:
         calls: the item indices of every call, in dispatch order.
@@ -46,6 +56,7 @@ class VirtualBridge:
 
     duration: Callable[[Any], float]
     crashes: Callable[[Any], bool] = attrs.field(default=lambda item: False)
+    dispatch: float = attrs.field(default=0.0, kw_only=True, validator=_finite_and_not_negative)
     chunked: bool = attrs.field(default=True, init=False)
     calls: list[list[int]] = attrs.field(factory=list, init=False)
     max_in_flight: int = attrs.field(default=0, init=False)
@@ -87,11 +98,15 @@ class VirtualBridge:
         # Results stay in the "worker" until the call returns: a crash or a
         # kill loses all of them, as it would in a real process.
         report = ChunkReport()
-        elapsed = 0.0
+        if self.dispatch:
+            await trio.sleep(self.dispatch)
+        # The worker's clock starts with its first item, the deadline's at dispatch.
+        elapsed, spent = 0.0, self.dispatch
         for position, (index, item) in enumerate(chunk):
             if position >= progress.limit:
                 break  # the rest were given to another call
-            if position and not may_start(elapsed, position, len(chunk) - position, stop_after):
+            left = min(len(chunk), progress.limit) - position
+            if position and not may_start(elapsed, position, left, stop_after):
                 # Out of time: the rest go back unstarted, as in a real worker.
                 report.not_started = [i for i, _ in chunk[position : progress.limit]]
                 break
@@ -100,14 +115,15 @@ class VirtualBridge:
                 crash = WorkerCrashed(f"running item {index} (virtual)", exit_code=None, signal=9)
                 return lost_with_the_worker(chunk[: progress.limit], progress.started, crash)
             took = self.duration(item)
-            if elapsed + took > time_limit:
+            if spent + took > time_limit:
                 # Past the deadline the worker is killed, taking all results with it.
-                await trio.sleep(time_limit - elapsed if math.isfinite(time_limit) else math.inf)
+                await trio.sleep(time_limit - spent if math.isfinite(time_limit) else math.inf)
                 kept = chunk[: progress.limit]
                 return lost_with_the_worker(kept, progress.started, too_slow(deadline))
             # Item by item, so that the batch sees how far the call has got.
             await trio.sleep(took)
             elapsed += took
+            spent += took
             try:
                 report.finished.append(Finished(index, True, fn(item), None, took))
             except Exception as exc:

@@ -111,6 +111,12 @@ def fragile(x: int) -> object:
     return LoadsOnlyInWorkers() if x == 3 else x * x
 
 
+def slow_fragile(x: int) -> object:
+    """:func:`fragile`, taking 60 ms of wall time (for calls ended by the worker's clock)."""
+    time.sleep(0.06)
+    return fragile(x)
+
+
 def _never_loads() -> object:
     raise RuntimeError("this argument cannot be rebuilt in a worker")
 
