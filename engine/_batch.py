@@ -416,7 +416,6 @@ class Batch(Generic[T, R]):
             # Sent alone, an item had its whole deadline; one left alone by a
             # cut did not, and must still run again alone if its call failed.
             alone = len(chunk) == 1
-            chunk = chunk[: call.limit]  # the rest was shared: another call's now
             ran = report.ran or [d.ran for d in report.finished]
             self._measure(ran)
             if len(ran) > 1:

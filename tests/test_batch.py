@@ -18,6 +18,8 @@ import psutil
 import pytest
 import trio
 import trio.testing
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import engine
 import engine.testing
@@ -758,3 +760,66 @@ async def test_results_that_cannot_be_loaded_rerun_only_the_items_their_call_ran
     assert [o.status for o in outcomes] == ["ok"] * 3 + ["error"] + ["ok"] * 4
     assert [o.value for o in outcomes if o.ok] == [i * i for i in range(8) if i != 3]
     assert [o.attempts for o in outcomes] == [2] * 4 + [1] * 4
+
+
+_KINDS = st.sampled_from(["ok"] * 12 + ["hang", "crash"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    kinds=st.lists(st.tuples(_KINDS, st.sampled_from([0.001, 0.003, 0.01, 0.05])), max_size=60),
+    workers=st.integers(1, 4),
+    dispatch=st.sampled_from([0.0, 0.002, 0.006, 0.02]),
+    deadline=st.sampled_from([0.5, 10.0]),
+    chunk_size=st.one_of(st.none(), st.integers(1, 8)),
+)
+# Two calls end together; the first worker free takes 4-5, and the other,
+# finding nothing left, takes 5 from that call before it began: 4, left
+# alone in a call sent as two, hangs.
+@example(
+    kinds=[("ok", 0.01)] * 4 + [("hang", 0.01), ("ok", 0.01)],
+    workers=2,
+    dispatch=0.006,
+    deadline=0.5,
+    chunk_size=2,
+)
+def test_any_mix_of_speeds_hangs_and_crashes_gives_each_item_its_own_true_outcome(
+    kinds: list[tuple[str, float]],
+    workers: int,
+    dispatch: float,
+    deadline: float,
+    chunk_size: int | None,
+) -> None:
+    # Chunks of uneven items, calls reaching their workers late, shared
+    # calls, hung and crashing items: whatever happens, one outcome each.
+    def duration(index: int) -> float:
+        kind, seconds = kinds[index]
+        return math.inf if kind == "hang" else seconds
+
+    bridge = engine.testing.VirtualBridge(
+        duration=duration, crashes=lambda index: kinds[index][0] == "crash", dispatch=dispatch
+    )
+
+    async def batch() -> list[engine.Outcome[int, Any]]:
+        return await engine.run_batch(
+            square,
+            range(len(kinds)),
+            bridge=bridge,
+            workers=workers,
+            item_deadline=deadline,
+            chunk_size=chunk_size,
+        )
+
+    outcomes = trio.run(batch, clock=trio.testing.MockClock(autojump_threshold=0))
+    expected = {
+        "ok": engine.Status.OK,
+        "hang": engine.Status.TIMEOUT,
+        "crash": engine.Status.CRASHED,
+    }
+    assert [o.index for o in outcomes] == list(range(len(kinds)))
+    assert [o.status for o in outcomes] == [expected[kind] for kind, _ in kinds]
+    assert all(o.value == o.index**2 for o in outcomes if o.ok)
+    # An item is called hung or a crasher only after it ran alone.
+    alone = {call[0] for call in bridge.calls if len(call) == 1}
+    assert all(o.index in alone for o in outcomes if not o.ok)
+    assert bridge.max_in_flight <= workers
