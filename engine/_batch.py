@@ -820,7 +820,7 @@ async def _open_batch(
         if pool is None:
             pool = await _default_pool()
         count = workers or pool.workers
-        runner = ProcessRunner(pool, count)
+        runner = ProcessRunner(pool)
     elif kind is Bridge.THREAD:
         count = workers or os.cpu_count() or 1
         runner = ThreadRunner(trio.CapacityLimiter(count))
@@ -839,13 +839,9 @@ async def _open_batch(
         chunk_size=chunk_size,
         on_progress=on_progress,
     )
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(batch._run)
-            yield batch
-    finally:
-        if isinstance(runner, ProcessRunner):
-            runner.close()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batch._run)
+        yield batch
 
 
 async def _default_pool() -> ProcessPool:

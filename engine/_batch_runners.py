@@ -263,15 +263,7 @@ def run_chunk_in_worker(
 @attrs.define
 class ProcessRunner:
     pool: ProcessPool
-    slots: int  # the most calls the batch makes at once
     chunked: bool = True
-    board: Board | None = None
-    no_board: bool = False  # the system would not give one: calls run unwatched
-
-    def close(self) -> None:
-        if self.board is not None:
-            self.board.close()
-            self.board = None
 
     async def run(
         self,
@@ -281,24 +273,20 @@ class ProcessRunner:
         stop_after: float,
         call: Call,
     ) -> ChunkReport:
-        if self.board is None and not self.no_board:
+        async with self.pool._limiter:
+            # Holding a worker, so a slot is free: the pool's board has one
+            # per worker (or there is no board, and the call runs unwatched).
+            board = self.pool._progress_board()
+            if board is None:
+                return await self._run(fn, chunk, deadline, stop_after, None, call)
+            slot = board.take()
             try:
-                self.board = Board(self.slots)
-            except OSError as exc:
-                # Progress and cuts are an optimisation: do without them.
-                logger.warning("no progress board for this batch (%s)", exc)
-                self.no_board = True
-        board = self.board
-        if board is None:
-            return await self._run(fn, chunk, deadline, stop_after, None, call)
-        slot = board.take()
-        try:
-            call.started = functools.partial(board.started, slot)
-            call.cut = functools.partial(board.cut, slot)
-            return await self._run(fn, chunk, deadline, stop_after, slot, call)
-        finally:
-            call.started = call.cut = None
-            board.give_back(slot)
+                call.started = functools.partial(board.started, slot)
+                call.cut = functools.partial(board.cut, slot)
+                return await self._run(fn, chunk, deadline, stop_after, (board, slot), call)
+            finally:
+                call.started = call.cut = None
+                board.give_back(slot)
 
     async def _run(
         self,
@@ -306,43 +294,40 @@ class ProcessRunner:
         chunk: list[tuple[int, Any]],
         deadline: float,
         stop_after: float,
-        slot: int | None,  # on self.board
+        place: tuple[Board, int] | None,  # the call's slot on the board
         call: Call,
     ) -> ChunkReport:
         failure: BaseException | None = None
         items = [item for _, item in chunk]
-        board = (self.board.path, slot) if self.board is not None and slot is not None else None
+        board = (place[0].path, place[1]) if place is not None else None
         payload = pickle_call(run_chunk_in_worker, (fn, items, stop_after, board))
-        async with self.pool._limiter:
-            await self.pool._ensure_idle_worker()
-            # A started worker is ours: the deadline starts now.
-            limit = chunk_deadline(deadline, len(chunk), stop_after)
-            with trio.move_on_after(limit) as scope:
-                try:
-                    data = await self.pool._dispatch(payload, fn, kill_on_cancel=True)
-                except WorkerCrashed as exc:
-                    failure = exc
-                except Exception as exc:
-                    # The call failed outside the per-item handling: the worker
-                    # could not unpickle the chunk (a class it cannot import).
-                    # Which item is unknown; alone, each says for itself.
-                    return ChunkReport(
-                        unknown=[index for index, _ in chunk[: call.limit]],
-                        failure=SerializationError(
-                            "argument", f"could not be unpickled in the worker ({exc})"
-                        ),
-                    )
-            if scope.cancelled_caught:
-                failure = too_slow(deadline)
-            if failure is not None:
-                # Still holding the slot: replace the lost worker now, so the
-                # next item's deadline does not pay for a process start.
-                await self.pool._replace_lost_worker()
-                begun = 0
-                if self.board is not None and slot is not None:
-                    begun = self.board.started(slot)
-                kept = chunk[: call.limit]
-                return lost_with_the_worker(kept, min(begun, len(kept)), failure)
+        await self.pool._ensure_idle_worker()
+        # A started worker is ours: the deadline starts now.
+        limit = chunk_deadline(deadline, len(chunk), stop_after)
+        with trio.move_on_after(limit) as scope:
+            try:
+                data = await self.pool._dispatch(payload, fn, kill_on_cancel=True)
+            except WorkerCrashed as exc:
+                failure = exc
+            except Exception as exc:
+                # The call failed outside the per-item handling: the worker
+                # could not unpickle the chunk (a class it cannot import).
+                # Which item is unknown; alone, each says for itself.
+                return ChunkReport(
+                    unknown=[index for index, _ in chunk[: call.limit]],
+                    failure=SerializationError(
+                        "argument", f"could not be unpickled in the worker ({exc})"
+                    ),
+                )
+        if scope.cancelled_caught:
+            failure = too_slow(deadline)
+        if failure is not None:
+            # Still holding the worker's place: replace the lost worker now, so
+            # the next item's deadline does not pay for a process start.
+            await self.pool._replace_lost_worker()
+            begun = place[0].started(place[1]) if place is not None else 0
+            kept = chunk[: call.limit]
+            return lost_with_the_worker(kept, min(begun, len(kept)), failure)
         return returned(chunk, call.limit, *pickle.loads(data))
 
 

@@ -73,8 +73,8 @@ class Board:
 
 # -- the worker's side --------------------------------------------------------------
 
-# Boards this worker has mapped, most recent last: a worker serves many
-# batches, and each batch has its own board.
+# Boards this worker has mapped, most recent last. A worker serves one pool,
+# so it maps that pool's board once, at its first batch call, and keeps it.
 _MAPPED: collections.OrderedDict[str, memoryview] = collections.OrderedDict()
 _KEEP = 8
 

@@ -25,6 +25,7 @@ import attrs
 import trio
 import trio_parallel
 
+from ._board import Board
 from ._bridgestats import tally
 from ._exceptions import SerializationError, WorkerCrashed
 from ._validation import check_choice, check_count, check_duration
@@ -134,6 +135,26 @@ class ProcessPool:
         self._limiter = trio.CapacityLimiter(workers)
         # trio-parallel takes a limiter too; ours already bounds the calls.
         self._unlimited = trio.CapacityLimiter(math.inf)
+        # Where map_batch calls report progress (see _board): one slot per
+        # worker, made with the pool's first batch and kept until it closes.
+        self._board: Board | None = None
+        self._no_board = False  # the system would not give one
+
+    def _progress_board(self) -> Board | None:
+        """The pool's progress board, made on first use; ``None`` if the system gives none."""
+        if self._board is None and not self._no_board:
+            try:
+                self._board = Board(self._workers)
+            except OSError as exc:
+                # Progress and cuts are an optimisation: batches do without them.
+                logger.warning("no progress board for this process pool (%s)", exc)
+                self._no_board = True
+        return self._board
+
+    def _close_board(self) -> None:
+        if self._board is not None:
+            self._board.close()
+            self._board = None
 
     @property
     def workers(self) -> int:
@@ -281,11 +302,14 @@ async def _open_pool(workers: int, **options: Any) -> AsyncIterator[ProcessPool]
     body_error: BaseException | None = None
     try:
         async with trio_parallel.open_worker_context(**options) as context:
+            pool = ProcessPool(context, workers)
             try:
-                yield ProcessPool(context, workers)
+                yield pool
             except BaseException as exc:
                 body_error = exc
                 raise
+            finally:
+                pool._close_board()
     except trio_parallel.BrokenWorkerError as exc:
         if exc is body_error:
             raise

@@ -350,10 +350,12 @@ async def test_without_a_board_calls_run_unwatched(
     def no_room(slots: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(engine._batch_runners, "Board", no_room)
-    outcomes = await engine.run_batch(square, range(50), pool=pool)
-    assert [o.value for o in outcomes] == [i * i for i in range(50)]
-    assert "no progress board for this batch" in caplog.text
+    monkeypatch.setattr(engine._processes, "Board", no_room)
+    async with engine.open_process_pool(2) as fresh:
+        for _ in range(2):  # said once; every batch runs all the same
+            outcomes = await engine.run_batch(square, range(50), pool=fresh)
+            assert [o.value for o in outcomes] == [i * i for i in range(50)]
+    assert caplog.text.count("no progress board for this process pool") == 1
     # A worker that cannot open the board runs its items all the same.
     ran, errors, blob = engine._batch_runners.run_chunk_in_worker(
         square, [2, 3], board=("/nonexistent/engine-board", 0)
@@ -367,18 +369,22 @@ def board_files() -> set[str]:
     return set(glob.glob(os.path.join(directory, "engine-board-*")))
 
 
-async def test_a_batch_leaves_no_board_behind_even_when_cancelled(
-    pool: engine.ProcessPool,
-) -> None:
+async def test_a_pool_keeps_one_board_for_all_its_batches_and_leaves_none_behind() -> None:
     before = board_files()
-    async with engine.map_batch(square, range(100), pool=pool) as batch:
-        pass
-    assert batch.statistics().calls >= 1
-    async with engine.map_batch(nap, [0.05] * 40, pool=pool) as cancelled:
-        async for _ in cancelled:
-            assert len(board_files()) == len(before) + 1  # in use while it runs
-            cancelled.cancel()
-    assert cancelled.statistics().cancelled > 0
+    async with engine.open_process_pool(2) as pool:
+        async with engine.map_batch(square, range(100), pool=pool) as batch:
+            pass
+        assert batch.statistics().calls >= 1
+        made = board_files() - before
+        assert len(made) == 1
+        async with engine.map_batch(nap, [0.05] * 40, pool=pool) as cancelled:
+            async for _ in cancelled:
+                cancelled.cancel()
+        assert cancelled.statistics().cancelled > 0
+        # The cancelled calls gave their slots back: both workers' calls find one.
+        outcomes = await engine.run_batch(nap, [0.01] * 4, pool=pool, chunk_size=1)
+        assert all(o.ok for o in outcomes)
+        assert board_files() - before == made
     assert board_files() == before
 
 
