@@ -71,10 +71,13 @@ async def test_a_busy_but_turning_loop_is_not_stalled() -> None:
 
 async def test_the_thread_sees_a_stall_while_it_lasts() -> None:
     seen: list[engine.LoopStall | None] = []
-    stalled = threading.Event()
+    watching: list[engine.LoopWatch] = []
+    opened, stalled = threading.Event(), threading.Event()
 
-    def observe(watch: engine.LoopWatch) -> None:
+    def observe() -> None:
         # Other threads may ask while the loop is blocked.
+        opened.wait(3)
+        (watch,) = watching
         deadline = time.monotonic() + 3
         while (stall := watch.current_stall()) is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -84,10 +87,14 @@ async def test_the_thread_sees_a_stall_while_it_lasts() -> None:
         seen.append(stall)
         stalled.set()
 
+    # Started before the watch opens: starting a thread waits for it to run,
+    # and on a busy machine that wait alone can stall the loop, at another line.
+    observer = threading.Thread(target=observe)
+    observer.start()
     with trio.fail_after(5):
         async with engine.open_loop_watch() as watch:
-            observer = threading.Thread(target=observe, args=(watch,))
-            observer.start()
+            watching.append(watch)
+            opened.set()
             stalled.wait(3)  # blocks the loop until the observer has seen the stall
             await trio.to_thread.run_sync(observer.join)
 
