@@ -413,9 +413,6 @@ class Batch(Generic[T, R]):
                 self._in_flight -= 1
                 del self._running[number]
                 self._notify()
-            # Sent alone, an item had its whole deadline; one left alone by a
-            # cut did not, and must still run again alone if its call failed.
-            alone = len(chunk) == 1
             ran = report.ran or [d.ran for d in report.finished]
             self._measure(ran)
             if len(ran) > 1:
@@ -424,7 +421,7 @@ class Batch(Generic[T, R]):
                 # Back to the front of the line, in order.
                 self._resume.extendleft(reversed(report.not_started))
             if report.timed_out or report.unknown:
-                self._absorb(chunk, report, alone)
+                self._absorb(chunk, report)
             else:
                 # The common case: record the outcomes after this worker's next
                 # call is on its way, not before (the collector runs once this
@@ -507,9 +504,9 @@ class Batch(Generic[T, R]):
         """Take part of the running call that would end last; whether any was taken.
 
         Its items not started yet are split so that its worker and this one
-        end together; this worker's part goes
-        to the front of the line. The other worker goes on with its own
-        part: nothing returns early, nothing waits.
+        end together; this worker's part goes to the front of the line. The
+        other worker goes on with its own part: nothing returns early,
+        nothing waits.
         """
         if self._per_item is None:
             return False
@@ -578,13 +575,15 @@ class Batch(Generic[T, R]):
             self._ran_count += len(ran)
             self._per_item = self._ran_total / self._ran_count
 
-    def _absorb(self, chunk: list[tuple[int, Any]], report: ChunkReport, alone: bool) -> None:
+    def _absorb(self, chunk: list[tuple[int, Any]], report: ChunkReport) -> None:
         self._finished.append(_Arrived(chunk, report))
         self._record_finished()
         for index, ran in report.timed_out:
             self._finish(index, Status.TIMEOUT, error=report.failure, ran=ran)
         if report.unknown:
-            if alone:
+            # Sent alone (not left alone by a cut: that call had a chunk's
+            # time), the item had its whole deadline.
+            if len(chunk) == 1:
                 (index,) = report.unknown
                 if isinstance(report.failure, trio.TooSlowError):
                     self._finish(index, Status.TIMEOUT, error=report.failure, ran=self._deadline)
