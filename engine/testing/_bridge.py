@@ -101,7 +101,7 @@ class VirtualBridge:
         if self.dispatch:
             await trio.sleep(self.dispatch)
         # The worker's clock starts with its first item, the deadline's at dispatch.
-        elapsed, spent = 0.0, self.dispatch
+        elapsed = 0.0
         for position, (index, item) in enumerate(chunk):
             if position >= progress.limit:
                 break  # the rest were given to another call
@@ -115,6 +115,7 @@ class VirtualBridge:
                 crash = WorkerCrashed(f"running item {index} (virtual)", exit_code=None, signal=9)
                 return lost_with_the_worker(chunk[: progress.limit], progress.started, crash)
             took = self.duration(item)
+            spent = self.dispatch + elapsed
             if spent + took > time_limit:
                 # Past the deadline the worker is killed, taking all results with it.
                 await trio.sleep(time_limit - spent if math.isfinite(time_limit) else math.inf)
@@ -123,7 +124,6 @@ class VirtualBridge:
             # Item by item, so that the batch sees how far the call has got.
             await trio.sleep(took)
             elapsed += took
-            spent += took
             try:
                 report.finished.append(Finished(index, True, fn(item), None, took))
             except Exception as exc:
