@@ -43,6 +43,8 @@ from ._loopwatch import LoopStatistics as LoopStatistics
 from ._loopwatch import LoopWatch as LoopWatch
 from ._loopwatch import open_loop_watch as open_loop_watch
 from ._metrics import HasStatistics as HasStatistics
+from ._metrics import counter_metric as counter_metric
+from ._metrics import gauge_metric as gauge_metric
 from ._ops import OpsServer as OpsServer
 from ._ops import serve_ops as serve_ops
 from ._periodic import Cycle as Cycle
@@ -109,8 +111,10 @@ __all__ = [
     "bridge_statistics",
     "configure_logging",
     "consume",
+    "counter_metric",
     "current_shutdown",
     "every",
+    "gauge_metric",
     "heartbeat",
     "iterate_in_thread",
     "map_batch",

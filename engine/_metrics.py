@@ -4,9 +4,11 @@
 holds no counters of its own. Each scrape takes ``statistics()`` of the
 supervisor tree, of every registered source and of the bridges, and turns
 each snapshot into samples through a builder chosen by the snapshot's type.
-A new statistics type needs one builder decorated with ``@builds(Type)``;
-until it has one, its numeric fields are exported as gauges named
-``engine_<type>_<field>`` so nothing is invisible.
+A new statistics type needs one builder decorated with ``@builds(Type)``,
+or none: the fields of any attrs snapshot are exported by the generic
+builder, as declared with :func:`counter_metric` and :func:`gauge_metric`
+(counters, labelled counters, named units), and undeclared numeric fields as
+gauges named ``engine_<type>_<field>``, so nothing is invisible.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import attrs
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -36,6 +38,81 @@ class HasStatistics(Protocol):
 
 
 S = TypeVar("S")
+
+_METRIC = "engine.metric"
+
+
+@attrs.frozen
+class MetricSpec:
+    """How one field of a statistics snapshot is exported (private: see :func:`counter_metric`)."""
+
+    kind: Literal["counter", "gauge"]
+    doc: str
+    label: str | None
+    name: str | None
+
+
+def _metric(spec: MetricSpec) -> dict[str, MetricSpec]:
+    if not isinstance(spec.doc, str) or not spec.doc:
+        raise ValueError(f"doc must be a non-empty string, got {spec.doc!r}")
+    for what, value in (("label", spec.label), ("name", spec.name)):
+        if value is not None and not _SNAKE.fullmatch(value):
+            raise ValueError(f"{what} must be snake_case, got {value!r}")
+    return {_METRIC: spec}
+
+
+def counter_metric(
+    doc: str, *, label: str | None = None, name: str | None = None
+) -> dict[str, MetricSpec]:
+    """Field metadata that exports a field of a statistics snapshot as a counter.
+
+    Use it for a count that only grows over the life of its source::
+
+        @attrs.frozen
+        class FeedStatistics:
+            received: int = attrs.field(metadata=engine.counter_metric("Messages read"))
+            rejected: dict[str, int] = attrs.field(
+                metadata=engine.counter_metric("Refused, by reason", label="reason")
+            )
+
+    The family is ``engine_<type>_<name>_total``, where ``<type>`` is the
+    snapshot's class name without ``Statistics``, in snake case, and each
+    sample carries the source's name as label ``source``. A field holding a
+    mapping of counts is one labelled family: each key is the value of
+    ``label``. A field whose value is ``None`` is left out.
+
+    Args:
+        doc: the family's help text.
+        label: for a mapping field, the label its keys go under.
+        name: the family name's last part, if not the field's name (to name
+            a unit: ``name="read_bytes"``). Never ends in ``_total``: the
+            exposition adds it.
+
+    Returns:
+        The ``metadata=`` of an :func:`attrs.field`.
+
+    Raises:
+        ValueError: an empty doc, or a label or name that is not snake_case.
+    """
+    if name is not None and name.endswith("_total"):
+        raise ValueError(f"name must not end in _total (the exposition adds it), got {name!r}")
+    return _metric(MetricSpec("counter", doc, label, name))
+
+
+def gauge_metric(
+    doc: str, *, label: str | None = None, name: str | None = None
+) -> dict[str, MetricSpec]:
+    """Field metadata that exports a field of a statistics snapshot as a gauge.
+
+    The same as :func:`counter_metric`, for a value that goes up and down (a
+    depth, a state, a point in time: ``name="last_update_timestamp_seconds"``).
+    Undeclared numeric fields are gauges too; declare one to give it help
+    text, a unit in its name, or a label for a mapping.
+
+    Raises:
+        ValueError: an empty doc, or a label or name that is not snake_case.
+    """
+    return _metric(MetricSpec("gauge", doc, label, name))
 
 
 class Families:
@@ -321,20 +398,38 @@ def _loop(families: Families, name: str, stats: LoopStatistics) -> None:
 
 
 def _generic(families: Families, name: str, stats: object) -> None:
-    """Numeric fields of an attrs snapshot as gauges: visible before it has a builder."""
+    """The fields of an attrs snapshot, as declared; undeclared numeric ones as gauges."""
     cls = type(stats)
     if not attrs.has(cls):
         return
     kind = _snake(cls.__name__.removesuffix("Statistics")) or "source"
     for field in attrs.fields(cls):
         value = getattr(stats, field.name)
-        if isinstance(value, bool | int | float) and math.isfinite(value):
-            families.gauge(
-                f"engine_{kind}_{field.name}",
-                f"{cls.__name__}.{field.name}",
-                {"source": name},
-                value,
-            )
+        spec: MetricSpec | None = field.metadata.get(_METRIC)
+        if spec is None:
+            if _number(value):
+                families.gauge(
+                    f"engine_{kind}_{field.name}",
+                    f"{cls.__name__}.{field.name}",
+                    {"source": name},
+                    value,
+                )
+            continue
+        add = families.counter if spec.kind == "counter" else families.gauge
+        family = f"engine_{kind}_{spec.name or field.name}"
+        if spec.label is not None and isinstance(value, Mapping):
+            for key, count in value.items():
+                if _number(count):
+                    add(family, spec.doc, {"source": name, spec.label: str(key)}, count)
+        elif _number(value):
+            add(family, spec.doc, {"source": name}, value)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, bool | int | float) and math.isfinite(value)
+
+
+_SNAKE = re.compile(r"[a-z][a-z0-9_]*")
 
 
 def _snake(name: str) -> str:

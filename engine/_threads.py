@@ -35,6 +35,8 @@ _ITERATOR_STOP_WAIT = 1.0
 
 @attrs.define
 class _Call:
+    started: bool = False  # the thread has begun fn
+    cancelled: bool = False  # the caller was cancelled
     done: bool = False
     abandoned: bool = False
 
@@ -72,7 +74,16 @@ async def to_thread(
     counters.thread_calls += 1
     call = _Call()
 
+    def abandon() -> None:  # under counters.lock
+        call.abandoned = True
+        counters.threads_abandoned += 1
+        counters.threads_abandoned_running += 1
+
     def run() -> T:
+        with counters.lock:
+            call.started = True
+            if call.cancelled:  # the caller gave up before this thread began
+                abandon()
         try:
             return fn(*args)
         finally:
@@ -88,10 +99,12 @@ async def to_thread(
             )
     except trio.Cancelled:
         with counters.lock:
-            if not call.done:
-                call.abandoned = True
-                counters.threads_abandoned += 1
-                counters.threads_abandoned_running += 1
+            call.cancelled = True
+            # A call cancelled while it waited for its limiter never starts a
+            # thread: nothing is abandoned. One whose thread has yet to begin
+            # counts itself when it does.
+            if call.started and not call.done:
+                abandon()
         raise
 
 

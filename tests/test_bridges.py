@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -46,6 +47,25 @@ async def test_cancelled_thread_is_abandoned_and_counted() -> None:
     await trio.to_thread.run_sync(finished.wait, 5)
     await trio.to_thread.run_sync(lambda: time.sleep(0.01))  # let the thread return
     assert engine.bridge_statistics().threads_abandoned_running == 0
+
+
+async def test_a_call_cancelled_before_its_thread_starts_abandons_nothing() -> None:
+    limiter = trio.CapacityLimiter(1)
+    release = threading.Event()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(engine.to_thread, release.wait, limiter=limiter))
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.CancelScope() as scope:
+                scope.cancel()  # cancelled while it waits for the limiter: no thread begins
+                await engine.to_thread(release.wait, limiter=limiter)
+            release.set()
+    stats = engine.bridge_statistics()
+    assert (stats.thread_calls, stats.threads_abandoned, stats.threads_abandoned_running) == (
+        2,
+        0,
+        0,
+    )
 
 
 async def test_to_thread_without_abandon_waits_for_the_thread() -> None:

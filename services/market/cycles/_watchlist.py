@@ -120,20 +120,43 @@ class WatchlistStatistics:
     """
 
     name: str
-    symbols: int
-    running: bool
-    cycles: int
-    cycle_timeouts: int
-    cycle_errors: int
-    batch_timeouts: int
-    request_timeouts: int
-    request_errors: int
-    malformed_responses: int
-    rejected_symbols: int
-    split_batches: int
-    symbols_ok: int
-    symbols_failed: int
-    last_update: float | None
+    symbols: int = attrs.field(metadata=engine.gauge_metric("Symbols on the watchlist"))
+    running: bool = attrs.field(metadata=engine.gauge_metric("1 while the cycle runs"))
+    cycles: int = attrs.field(metadata=engine.counter_metric("Cycles finished, including cut ones"))
+    cycle_timeouts: int = attrs.field(
+        metadata=engine.counter_metric("Cycles cut by the cycle deadline")
+    )
+    cycle_errors: int = attrs.field(metadata=engine.counter_metric("Cycles that raised"))
+    batch_timeouts: int = attrs.field(
+        metadata=engine.counter_metric("Batches cut by the batch deadline")
+    )
+    request_timeouts: int = attrs.field(
+        metadata=engine.counter_metric("Requests cut by the request deadline")
+    )
+    request_errors: int = attrs.field(
+        metadata=engine.counter_metric("Requests that failed otherwise")
+    )
+    malformed_responses: int = attrs.field(
+        metadata=engine.counter_metric("Answers that were not valid tickers")
+    )
+    rejected_symbols: int = attrs.field(
+        metadata=engine.counter_metric("Symbol fetches the exchange rejected")
+    )
+    split_batches: int = attrs.field(
+        metadata=engine.counter_metric("Batches fetched again symbol by symbol")
+    )
+    symbols_ok: int = attrs.field(
+        metadata=engine.gauge_metric("Symbols that answered in the latest cycle")
+    )
+    symbols_failed: int = attrs.field(
+        metadata=engine.gauge_metric("Symbols that did not answer in the latest cycle")
+    )
+    last_update: float | None = attrs.field(
+        metadata=engine.gauge_metric(
+            "When the latest quote came, in seconds since the epoch",
+            name="last_update_timestamp_seconds",
+        )
+    )
     last_error: str | None
 
 

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
+import engine
 from engine._validation import check_duration
 from engine._watchdog import attach, detach
 
@@ -66,16 +67,32 @@ class SimulatorStatistics:
         stalled: whether a :meth:`Simulator.stall` is holding messages now.
     """
 
-    connections_open: int
-    connections_total: int
-    connections_dropped: int
-    streams_rejected: int
-    messages_sent: int
-    messages_skipped: int
-    malformed_sent: int
-    bytes_sent: int
-    rest_requests: int
-    stalled: bool
+    connections_open: int = attrs.field(
+        metadata=engine.gauge_metric("WebSocket connections streaming now")
+    )
+    connections_total: int = attrs.field(
+        metadata=engine.counter_metric(
+            "WebSocket connections accepted with valid streams", name="connections"
+        )
+    )
+    connections_dropped: int = attrs.field(
+        metadata=engine.counter_metric("Connections cut on purpose")
+    )
+    streams_rejected: int = attrs.field(
+        metadata=engine.counter_metric("Connections closed for an unknown stream")
+    )
+    messages_sent: int = attrs.field(metadata=engine.counter_metric("Stream messages sent"))
+    messages_skipped: int = attrs.field(
+        metadata=engine.counter_metric("Messages skipped for a slow client")
+    )
+    malformed_sent: int = attrs.field(
+        metadata=engine.counter_metric("Broken frames sent on purpose")
+    )
+    bytes_sent: int = attrs.field(
+        metadata=engine.counter_metric("Bytes of stream messages and broken frames")
+    )
+    rest_requests: int = attrs.field(metadata=engine.counter_metric("REST requests answered"))
+    stalled: bool = attrs.field(metadata=engine.gauge_metric("1 while a stall holds messages"))
 
 
 @attrs.define(eq=False)
