@@ -314,7 +314,8 @@ async def test_a_client_that_never_reads_is_closed_while_a_reader_gets_every_tra
             bus = service.bus.statistics()
             nursery.cancel_scope.cancel()
     assert broadcast.disconnected == {"too_slow": 1}
-    assert broadcast.dropped == 1001  # all the slow client's, oldest first
+    assert broadcast.dropped_by_reason["overflow"] == 1001  # the slow client's, oldest first
+    assert broadcast.offered == broadcast.sent + broadcast.dropped + broadcast.queued
     assert reader_stats.dropped == 0
     assert all(s.dropped == 0 for s in bus.subscriptions)
     # The feed's stream list is symbol-major, five kinds each, trade first:

@@ -9,11 +9,34 @@ that does not keep up fills only its own queue: the oldest frames are
 dropped and counted, and past ``max_lost`` it is closed with
 ``CLOSE_TOO_SLOW``. Nothing here ever makes the publisher or another
 client wait.
+
+Every frame offered is accounted for at every moment:
+``offered == sent + dropped + queued``, where ``dropped`` is by reason:
+``overflow`` (the full queue discarded its oldest) or ``closed`` (still
+queued, or in a write that never finished, when the connection ended).
+
+The queue is a ``collections.deque`` bounded by ``maxlen``, not an
+``engine`` channel, because offering a frame is the broadcast's hot path
+(once per frame per client) and the deque makes it cheaper:
+
+- the deque pushes out its oldest item in C as it appends, where the
+  channel's ``send_nowait`` runs Python for every frame (parked
+  receivers, its counters, its peak);
+- a loss must be seen as it happens (``max_lost``), and the channel only
+  says so in a statistics snapshot, too dear per frame: the client would
+  keep a mirror of the channel's depth, which a frame handed straight to
+  the parked writer (never in the buffer) puts out of step. Here the depth
+  is ``len(queue)`` itself and the write under way is ``_in_hand``;
+- the writer waits on an event that a frame, a reply or a close sets,
+  where a writer parked in the channel's ``receive_batch`` can only be
+  woken for a reply or a close by cancelling the wait.
+
+``docs/broadcast.md`` ("Measured") compares the two.
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import json
 import logging
 import math
@@ -32,8 +55,6 @@ from wsproto.events import (
     TextMessage,
 )
 
-import engine
-
 from ._config import (
     CLOSE_PING_TIMEOUT,
     CLOSE_POLICY,
@@ -42,6 +63,7 @@ from ._config import (
     BroadcastConfig,
 )
 from ._handshake import RECEIVE_SIZE
+from ._ratelimit import TokenBucket, Verdict
 from ._topics import BadRequest, Tokens, parse_request, split
 
 logger = logging.getLogger("market.broadcast")
@@ -50,6 +72,8 @@ WRITE_BATCH = 1024
 """Frames joined into one socket write at most (a backlog goes out in a few writes)."""
 MAX_REPLIES = 32
 """Replies (acks, errors) waiting for a client that sends requests but does not read."""
+DROP_REASONS = ("overflow", "closed")
+"""Why a frame offered to a client was never sent: the keys of ``dropped_by_reason``."""
 
 
 @attrs.frozen
@@ -60,12 +84,16 @@ class ClientStatistics:
         client_id: the server's number for it.
         peer: its address.
         topics: the patterns it receives.
+        offered: frames handed to it: at every moment
+            ``offered == sent + dropped + queued``.
         queued: frames not written yet: waiting in its queue, or taken by
-            the writer for the write under way (so ``queued + sent + dropped``
-            is every frame offered, at every moment).
+            the writer for the write under way.
         peak_queued: the most frames that ever waited in the queue itself.
         sent: frames written to its socket.
-        dropped: frames its full queue discarded (oldest first).
+        dropped: frames it will never get, ``sum(dropped_by_reason.values())``.
+        dropped_by_reason: ``overflow``: discarded by its full queue, oldest
+            first; ``closed``: still queued, or in a write that did not
+            finish, when the connection ended.
         writes: socket writes; ``sent / writes`` is the coalescing factor.
         bytes_sent: bytes written, frames and control.
     """
@@ -73,20 +101,22 @@ class ClientStatistics:
     client_id: int
     peer: str
     topics: tuple[str, ...]
+    offered: int
     queued: int
     peak_queued: int
     sent: int
     dropped: int
+    dropped_by_reason: dict[str, int]
     writes: int
     bytes_sent: int
 
 
-def _peer(stream: trio.SocketStream) -> str:
+def _peer(stream: trio.SocketStream) -> tuple[str | None, str]:
     try:
         host, port, *_ = stream.socket.getpeername()
     except (OSError, ValueError):  # already reset, or not an IP socket
-        return "?"
-    return f"{host}:{port}"
+        return None, "?"
+    return str(host), f"{host}:{port}"
 
 
 class Client:
@@ -96,7 +126,7 @@ class Client:
         stream: the accepted TCP stream.
         config: the server's settings.
         client_id: the server's number for it.
-        on_topics: called when a subscribe message changes its topics.
+        on_topics: called when a subscribe or unsubscribe message changes its topics.
     """
 
     def __init__(
@@ -110,7 +140,7 @@ class Client:
         self.ws = WSConnection(ConnectionType.SERVER)
         self.config = config
         self.client_id = client_id
-        self.peer = _peer(stream)
+        self.host, self.peer = _peer(stream)  # the host is None if unknown
         self._on_topics = on_topics
         # Shielded so that a server shutdown can still say goodbye (1001);
         # every way of closing puts a deadline on it.
@@ -120,13 +150,15 @@ class Client:
         self.is_open = False
         self.cause: str | None = None  # why it closed, for the statistics
         self.aborted = False  # the close handshake did not finish in time
-        self._send, self._receive = engine.open_channel[bytes](
-            config.queue_size, overflow="drop_oldest"
-        )
+        self._queue: collections.deque[bytes] = collections.deque(maxlen=config.queue_size)
         self._maxsize = config.queue_size
-        self._queued = 0  # mirrors the channel's depth, without a snapshot per frame
-        self._lost = 0
+        self._accepting = True  # until a close starts: then nothing more is offered
+        self._offered = 0
+        self._peak = 0
+        self._in_hand = 0  # frames taken by the writer, not written yet
         self._sent = 0
+        self._overflow = 0
+        self._discarded = 0  # frames that never went out because the connection ended
         self._writes = 0
         self._bytes = 0
         self._replies: list[bytes] = []
@@ -134,7 +166,9 @@ class Client:
         self._close: CloseConnection | None = None
         self._flush = False  # write what is queued before the close frame
         self._await_reply = True  # wait for the client's close frame
-        self._idle: trio.CancelScope | None = None
+        self._waiting = False  # the writer waits for work
+        self._work = trio.Event()
+        self._requests = TokenBucket(config.request_rate, config.request_burst)
         self._tasks: trio.CancelScope | None = None
         self._peer_closed = trio.Event()
         self._pong_seen = trio.Event()
@@ -150,17 +184,36 @@ class Client:
         self.scope.deadline = math.inf
 
     def offer(self, frame: bytes) -> None:
-        """Queue one frame; never waits. A full queue drops its oldest frame."""
-        if self._close is not None:
+        """Queue one frame; never waits. A full queue drops its oldest frame.
+
+        Once a close has started nothing more is offered (or counted).
+        """
+        if not self._accepting:
             return
-        self._send.send_nowait(frame)
-        if self._queued < self._maxsize:
-            self._queued += 1
+        queue = self._queue
+        self._offered += 1
+        if len(queue) == self._maxsize:
+            self._overflow += 1
+            queue.append(frame)  # the deque's bound pushes out the oldest
+            if self._overflow > self.config.max_lost:
+                reason = f"too slow: lost {self._overflow} messages"
+                self.request_close(CLOSE_TOO_SLOW, reason, "too_slow")
             return
-        self._lost += 1  # the channel dropped its oldest frame for this one
-        if self._lost > self.config.max_lost:
-            reason = f"too slow: lost {self._lost} messages"
-            self.request_close(CLOSE_TOO_SLOW, reason, "too_slow")
+        queue.append(frame)
+        if len(queue) > self._peak:
+            self._peak = len(queue)
+        if self._waiting:
+            self._wake_writer()
+
+    def discard(self) -> None:
+        """Count every frame not written as dropped (``closed``) and let them go.
+
+        The server calls it once the connection has ended, the writer with it.
+        """
+        self._accepting = False
+        self._discarded += len(self._queue) + self._in_hand
+        self._queue.clear()
+        self._in_hand = 0
 
     def request_close(self, code: int, reason: str, cause: str, *, flush: bool = False) -> None:
         """Start the close handshake; the connection ends within ``close_timeout``.
@@ -171,6 +224,7 @@ class Client:
         """
         if self._close is not None:
             return
+        self._accepting = False
         self._close = CloseConnection(code=code, reason=reason)
         self._flush = flush
         self.cause = cause
@@ -179,17 +233,17 @@ class Client:
 
     def statistics(self) -> ClientStatistics:
         """A frozen snapshot of this client's counters."""
-        channel = self._send.statistics()
-        # Not just the channel's depth: a frame handed to the waiting writer,
-        # or in the write under way, has left the queue but is not sent yet.
         return ClientStatistics(
             client_id=self.client_id,
             peer=self.peer,
             topics=self.topics,
-            queued=channel.sent - channel.dropped - self._sent,
-            peak_queued=channel.peak_depth,
+            offered=self._offered,
+            # Not just the queue: a frame in the write under way is not sent yet.
+            queued=len(self._queue) + self._in_hand,
+            peak_queued=self._peak,
             sent=self._sent,
-            dropped=channel.dropped,
+            dropped=self._overflow + self._discarded,
+            dropped_by_reason={"overflow": self._overflow, "closed": self._discarded},
             writes=self._writes,
             bytes_sent=self._bytes,
         )
@@ -211,8 +265,9 @@ class Client:
     # -- writing --------------------------------------------------------------
 
     def _wake_writer(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
+        if self._waiting:
+            self._waiting = False
+            self._work.set()
 
     def _take_control(self) -> list[bytes]:
         control = self._replies
@@ -223,40 +278,36 @@ class Client:
         return control
 
     async def _write_loop(self) -> None:
-        receive = self._receive
-        while self._close is None or (self._flush and self._queued):
-            try:
-                batch = receive.receive_batch_nowait(WRITE_BATCH)
-            except trio.WouldBlock:
-                if self._close is None and not self._replies and self._pong is None:
-                    batch = await self._wait_for_frames()
-                else:
-                    batch = []
-            self._queued -= len(batch)
+        queue = self._queue
+        while self._close is None or (self._flush and queue):
+            if not queue and self._close is None and not self._replies and self._pong is None:
+                await self._wait_for_work()
+                continue
+            # Everything queued (up to a batch) in one write, replies first.
+            if len(queue) <= WRITE_BATCH:
+                batch = list(queue)
+                queue.clear()
+            else:
+                batch = [queue.popleft() for _ in range(WRITE_BATCH)]
+            self._in_hand = len(batch)
             frames = self._take_control()
             frames += batch
-            if not frames:
-                continue
             data = frames[0] if len(frames) == 1 else b"".join(frames)
             if not await self._write(data):
                 return
             self._sent += len(batch)
+            self._in_hand = 0
         await self._finish_close()
 
-    async def _wait_for_frames(self) -> list[bytes]:
-        # A reply or a close request cancels this wait (a cancelled
-        # receive_batch took nothing) and the loop looks again.
-        with trio.CancelScope() as self._idle:
-            try:
-                batch = await self._receive.receive_batch(WRITE_BATCH)
-            finally:
-                self._idle = None
-            # The first frame of a dispatch wakes us with itself alone; the
-            # rest of that dispatch is queued by now.
-            with contextlib.suppress(trio.WouldBlock):
-                batch += self._receive.receive_batch_nowait(WRITE_BATCH - len(batch))
-            return batch
-        return []
+    async def _wait_for_work(self) -> None:
+        # A frame, a reply or a close request sets the event. The frames
+        # offered before the writer runs again are all queued by then.
+        self._work = trio.Event()
+        self._waiting = True
+        try:
+            await self._work.wait()
+        finally:
+            self._waiting = False
 
     async def _write(self, data: bytes) -> bool:
         try:
@@ -279,6 +330,7 @@ class Client:
             await self._peer_closed.wait()
 
     def _connection_lost(self) -> None:
+        self._accepting = False
         if self.cause is None:
             self.cause = "connection_lost"
         self._peer_closed.set()
@@ -321,6 +373,7 @@ class Client:
             if state is ConnectionState.REMOTE_CLOSING:  # the client closes: answer in kind
                 if self._close is None:
                     self.cause = "client_closed"
+                    self._accepting = False
                     self._close = event.response()
                     self.scope.deadline = min(
                         self.scope.deadline, trio.current_time() + self._close_timeout
@@ -349,8 +402,17 @@ class Client:
             self._on_request(message)
 
     def _on_request(self, message: str | bytes) -> None:
+        verdict = self._requests.take(trio.current_time())
+        if verdict is Verdict.CLOSE:
+            self.request_close(CLOSE_POLICY, "too many requests", "rate_limited")
+            return
+        if verdict is Verdict.REFUSE:
+            rate, burst = self.config.request_rate, self.config.request_burst
+            limit = f"rate limited: at most {rate:g} requests per second, {burst} at once"
+            self._reply({"op": "error", "error": limit})
+            return
         try:
-            request = parse_request(message)
+            request = parse_request(message, self.config.topic_rules)
             topics = self._apply(request.op, request.patterns)
         except BadRequest as exc:
             self._reply({"op": "error", "id": exc.request_id, "error": str(exc)})
@@ -364,8 +426,9 @@ class Client:
                 raise BadRequest(f"at most {self.config.max_topics} topics per client")
         else:
             topics = tuple(t for t in self.topics if t not in patterns)
-        self._set_topics(topics)
-        self._on_topics(self)
+        if topics != self.topics:  # a request that changes nothing costs nothing more
+            self._set_topics(topics)
+            self._on_topics(self)
         return topics
 
     def _set_topics(self, topics: tuple[str, ...]) -> None:
@@ -377,7 +440,7 @@ class Client:
             self.request_close(CLOSE_POLICY, "too many unread replies", "policy")
             return
         if body.get("id") is None:
-            del body["id"]
+            body.pop("id", None)
         self._replies.append(self.ws.send(TextMessage(data=json.dumps(body))))
         self._wake_writer()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -11,7 +12,7 @@ import attrs
 
 from engine._validation import check_choice, check_count, check_duration, check_name
 
-from ._topics import parse_pattern
+from ._topics import TopicRules, parse_pattern
 
 CLOSE_GOING_AWAY = 1001
 """Sent to every client when the server shuts down (or its bus closes)."""
@@ -94,8 +95,49 @@ def _token(instance: object, attribute: attrs.Attribute[str | None], value: obje
         raise ValueError("token must be None or a non-empty ASCII string without spaces")
 
 
+def _kinds(
+    instance: object, attribute: attrs.Attribute[tuple[str, ...] | None], value: object
+) -> None:
+    if value is None:
+        return
+    if not isinstance(value, tuple) or not value:
+        raise ValueError(f"known_kinds must be None or name at least one kind, got {value!r}")
+    for kind in value:
+        try:
+            plain = isinstance(kind, str) and parse_pattern(kind) == f"{kind}.>"
+        except ValueError:
+            plain = False
+        if not plain:
+            raise ValueError(f"known_kinds: {kind!r} must be one plain token such as 'trades'")
+
+
+def _kinds_tuple(value: Iterable[str] | str | None) -> tuple[str, ...] | str | None:
+    # A lone string stays one, for the validator to refuse: tuple("trades")
+    # would be six one-letter kinds.
+    return value if value is None or isinstance(value, str) else tuple(value)
+
+
+def _optional_count(minimum: int) -> Validator:
+    def check(instance: object, attribute: attrs.Attribute[int | None], value: int | None) -> None:
+        if value is not None:
+            check_count(attribute.name, value, minimum=minimum)
+
+    return check
+
+
+def _rate(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{attribute.name} must be a number per second, got {value!r}")
+    if math.isnan(value) or value <= 0:
+        raise ValueError(f"{attribute.name} must be > 0 (math.inf: no limit), got {value!r}")
+
+
 def _frame(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     check_choice("frame", value, FrameType)
+
+
+def _tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
 
 
 def _optional_tuple(value: Iterable[str] | None) -> tuple[str, ...] | None:
@@ -116,11 +158,32 @@ class BroadcastConfig:
         bus_queue_size: the bound of the server's own bus subscription
             (``drop_oldest``; the bus counts what it drops).
         max_clients: connected clients at most; more are answered 503.
+        max_handshaking: connections still in the HTTP upgrade at once, at
+            most; a connection accepted past it is answered 503 at once,
+            before its request is read (counted as ``busy``). Each may take
+            up to ``handshake_timeout``, so this bounds what connections
+            that never finish their upgrade can hold.
         queue_size: each client's queue of frames not yet written.
         max_lost: a client whose queue overflowed, losing its oldest frames,
             more than this many times in total is disconnected with
             ``CLOSE_TOO_SLOW``. 0 disconnects at the first loss.
-        max_topics: topic patterns one client may hold.
+        max_topics: topic patterns one client may hold. A request is refused
+            (HTTP 400, or an error reply) if it would produce more, counted
+            before any is built.
+        known_kinds: the kinds (first topic tokens) the bus carries, such as
+            ``("trades", "book")``; a client pattern of another kind is
+            refused with the list. ``None`` accepts any kind. Either way, a
+            pattern that overlaps none of ``bus_topics`` is refused.
+        max_clients_per_ip: connections one IP address may hold at most,
+            open clients and connections still in the upgrade alike; a
+            connection accepted past it is answered 503 at once, before its
+            request is read (counted as ``per_ip``). ``None``: no limit.
+        request_rate: control messages (subscribe, unsubscribe) per second
+            one client may send on average; ``math.inf`` disables the limit.
+        request_burst: control messages a client may send at once. Past
+            the rate and burst, a message gets an error reply and still
+            counts; a client that sends ``request_burst`` more while refused
+            is closed with ``CLOSE_POLICY`` (cause ``rate_limited``).
         max_inbound_size: bytes of one client message (a subscribe request)
             at most; larger closes the connection with ``CLOSE_TOO_BIG``.
         allowed_origins: if set, a request carrying an ``Origin`` header not
@@ -144,15 +207,22 @@ class BroadcastConfig:
     port: int = attrs.field(default=0, validator=_port)
     path: str = attrs.field(default="/ws", validator=_path)
     bus_topics: tuple[str, ...] = attrs.field(
-        default=(">",), converter=tuple, validator=_bus_topics
+        default=(">",), converter=_tuple, validator=_bus_topics
     )
     bus_queue_size: int = attrs.field(default=10_000, validator=_count(1))
     max_clients: int = attrs.field(default=1000, validator=_count(1))
+    max_handshaking: int = attrs.field(default=128, validator=_count(1))
     # Above the dispatcher's batch (MAX_DISPATCH, 1,024): at 50,000 messages/s
     # a client that keeps up lost messages with 1,000, and was then closed.
     queue_size: int = attrs.field(default=4096, validator=_count(1))
     max_lost: int = attrs.field(default=1000, validator=_count(0))
     max_topics: int = attrs.field(default=64, validator=_count(1))
+    known_kinds: tuple[str, ...] | None = attrs.field(
+        default=None, converter=_kinds_tuple, validator=_kinds
+    )
+    max_clients_per_ip: int | None = attrs.field(default=None, validator=_optional_count(1))
+    request_rate: float = attrs.field(default=10.0, validator=_rate)
+    request_burst: int = attrs.field(default=20, validator=_count(1))
     max_inbound_size: int = attrs.field(default=4096, validator=_count(1))
     allowed_origins: tuple[str, ...] | None = attrs.field(
         default=None, converter=_optional_tuple, validator=_origins
@@ -164,3 +234,8 @@ class BroadcastConfig:
     close_timeout: float = attrs.field(default=5.0, validator=_duration(allow_inf=False))
     frame: str = attrs.field(default="text", validator=_frame)
     name: str = attrs.field(default="broadcast", validator=_name)
+
+    @functools.cached_property
+    def topic_rules(self) -> TopicRules:
+        """What clients may subscribe to, as these settings say (built once)."""
+        return TopicRules(self.max_topics, self.bus_topics, self.known_kinds)

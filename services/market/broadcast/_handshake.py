@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from http import HTTPStatus
 
 import attrs
 import h11
@@ -12,9 +13,13 @@ from wsproto.events import AcceptConnection, RejectConnection, RejectData, Reque
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ._config import BroadcastConfig
-from ._topics import expand, parse_target
+from ._topics import TooManyTopics, UnknownTopic, parse_target
 
 RECEIVE_SIZE = 65536
+REFUSAL_LINGER = 1.0
+"""Seconds a connection refused at accept is read from after its answer, at most."""
+REFUSAL_DRAIN = 65536
+"""Bytes read and dropped from a connection refused at accept, at most."""
 
 Headers = tuple[tuple[bytes, bytes], ...]
 
@@ -68,18 +73,28 @@ def _authorised(header: bytes | None, query_token: str | None, token: str) -> bo
         scheme, _, credentials = header.partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), expected):
             return True
-    return query_token is not None and hmac.compare_digest(query_token.encode(), expected)
+    if query_token is None:
+        return False
+    # surrogatepass: whatever the query decoded to, it becomes bytes to compare.
+    return hmac.compare_digest(query_token.encode("utf-8", "surrogatepass"), expected)
 
 
 def admit(request: Request, config: BroadcastConfig) -> tuple[str, ...] | Rejection:
     """Check a request against the path, token, origin and topic rules.
 
+    Args:
+        request: the upgrade request.
+        config: the server's settings (``config.topic_rules`` for the topics).
+
     Returns:
         The client's initial topic patterns, or why it is refused.
     """
-    target = parse_target(request.target)
+    try:
+        target = parse_target(request.target)
+    except ValueError:
+        return Rejection(400, "bad_request", "the request target cannot be parsed")
     if target.path != config.path:
-        return Rejection(404, "not_found", f"no WebSocket endpoint at {target.path}")
+        return Rejection(404, "not_found", f"no WebSocket endpoint at {target.path[:100]!r}")
     headers = {name.lower(): value for name, value in request.extra_headers}
     if config.token is not None and not _authorised(
         headers.get(b"authorization"), target.token, config.token
@@ -94,12 +109,13 @@ def admit(request: Request, config: BroadcastConfig) -> tuple[str, ...] | Reject
     ):
         return Rejection(403, "origin", "origin not allowed")
     try:
-        patterns = expand(target.topics, target.symbols)
+        patterns = config.topic_rules.patterns(target.topics, target.symbols)
+    except TooManyTopics as exc:
+        return Rejection(400, "too_many_topics", str(exc))
+    except UnknownTopic as exc:
+        return Rejection(400, "unknown_topics", str(exc))
     except ValueError as exc:
         return Rejection(400, "bad_topics", str(exc))
-    if len(patterns) > config.max_topics:
-        message = f"at most {config.max_topics} topics, got {len(patterns)}"
-        return Rejection(400, "too_many_topics", message)
     return tuple(patterns)
 
 
@@ -124,3 +140,40 @@ def reject_bytes(ws: WSConnection, rejection: Rejection) -> bytes:
         return head + ws.send(RejectData(data=body, body_finished=True))
     except (LocalProtocolError, h11.LocalProtocolError):
         return b""
+
+
+def early_bytes(rejection: Rejection) -> bytes:
+    """``rejection`` as a complete HTTP response, sent before any request was read."""
+    body = rejection.message.encode() + b"\n"
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *rejection.headers,
+    ]
+    reason = HTTPStatus(rejection.status).phrase.encode()
+    head = b"HTTP/1.1 %d %s\r\n" % (rejection.status, reason)
+    head += b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    return head + b"\r\n" + body
+
+
+async def refuse_at_once(stream: trio.abc.HalfCloseableStream, rejection: Rejection) -> None:
+    """Answer ``rejection`` without reading the request, then drop what the client sends.
+
+    Closing a socket with unread data resets the connection, and the reset can
+    reach the client before it has read the answer: so the request is read and
+    dropped, for up to ``REFUSAL_LINGER`` seconds and ``REFUSAL_DRAIN`` bytes,
+    or until the client closes.
+    """
+    with trio.move_on_after(REFUSAL_LINGER):
+        try:
+            await stream.send_all(early_bytes(rejection))
+            await stream.send_eof()
+            dropped = 0
+            while dropped < REFUSAL_DRAIN:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    return
+                dropped += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return

@@ -17,10 +17,17 @@ import engine
 from engine import ReceiveChannel, SendChannel
 from engine.bus import Bus, BusMessage, Subscription
 
-from ._client import Client, ClientStatistics
+from ._client import DROP_REASONS, Client, ClientStatistics
 from ._config import CLOSE_GOING_AWAY, BroadcastConfig, FrameType
 from ._fanout import Fanout
-from ._handshake import Rejection, accept_bytes, admit, receive_request, reject_bytes
+from ._handshake import (
+    Rejection,
+    accept_bytes,
+    admit,
+    receive_request,
+    refuse_at_once,
+    reject_bytes,
+)
 
 logger = logging.getLogger("market.broadcast")
 
@@ -31,6 +38,9 @@ MAX_DISPATCH = 1024
 """Bus messages framed and handed to the clients in one go at most."""
 LINGER = 0.0005
 """Seconds a dispatch may wait for more messages while they keep arriving."""
+MAX_REFUSING = 64
+"""Connections refused at accept being answered at once; past that, closed unanswered."""
+RETRY_AFTER = ((b"retry-after", b"5"),)
 
 
 async def _forward(inbox: SendChannel[BusMessage], message: BusMessage) -> None:
@@ -79,20 +89,29 @@ class BroadcastStatistics:
         peak_clients: the most ever connected at once.
         handshaking: connections still in the HTTP upgrade.
         accepted: upgrades accepted.
-        rejected: refused upgrades by reason (``unauthorized``, ``origin``,
-            ``full``, ``bad_topics``, ``not_found``, ``bad_request``, ...).
+        rejected: refused connections by reason (``unauthorized``,
+            ``origin``, ``full``, ``bad_topics``, ``too_many_topics``,
+            ``unknown_topics``, ``not_found``, ``bad_request``, ...; and
+            ``per_ip`` and ``busy``, answered as soon as they were accepted).
         disconnected: closes by cause (``client_closed``, ``too_slow``,
             ``message_too_big``, ``ping_timeout``, ``protocol_error``,
-            ``policy``, ``shutdown``, ``connection_lost``), counted when the
-            close starts; the client stays in ``clients`` until it is gone.
+            ``policy``, ``rate_limited``, ``shutdown``, ``connection_lost``),
+            counted when the close starts; the client stays in ``clients``
+            until it is gone.
         slow_disconnects: clients closed for losing more than ``max_lost``.
         aborted: closes whose handshake did not finish within
             ``close_timeout`` (the TCP connection was dropped).
         received: bus messages the server took.
         unrouted: of those, messages no client wanted.
         invalid: of those, payloads that could not be framed (not UTF-8).
+        offered: frames offered to clients; at every moment
+            ``offered == sent + dropped + queued``.
+        queued: frames the connected clients have not been sent yet.
         sent: frames written to clients.
-        dropped: frames dropped from full client queues.
+        dropped_by_reason: frames clients will never get, by reason:
+            ``overflow`` (a full client queue discarded its oldest) and
+            ``closed`` (still queued when a connection ended). Their sum is
+            the property ``dropped``.
         writes: socket writes; ``sent / writes`` is the coalescing factor.
         bytes_sent: bytes written to clients.
         connections: one snapshot per connected client.
@@ -100,22 +119,43 @@ class BroadcastStatistics:
 
     name: str
     url: str
-    clients: int
-    peak_clients: int
-    handshaking: int
-    accepted: int
-    rejected: dict[str, int]
-    disconnected: dict[str, int]
-    slow_disconnects: int
-    aborted: int
-    received: int
-    unrouted: int
-    invalid: int
-    sent: int
-    dropped: int
-    writes: int
-    bytes_sent: int
+    clients: int = attrs.field(metadata=engine.gauge_metric("Clients connected now"))
+    peak_clients: int = attrs.field(metadata=engine.gauge_metric("Most clients at once"))
+    handshaking: int = attrs.field(metadata=engine.gauge_metric("Connections in the upgrade"))
+    accepted: int = attrs.field(metadata=engine.counter_metric("Upgrades accepted"))
+    rejected: dict[str, int] = attrs.field(
+        metadata=engine.counter_metric("Connections refused, by reason", label="reason")
+    )
+    disconnected: dict[str, int] = attrs.field(
+        metadata=engine.counter_metric("Clients closed, by cause", label="cause")
+    )
+    slow_disconnects: int = attrs.field(
+        metadata=engine.counter_metric("Clients closed for falling behind")
+    )
+    aborted: int = attrs.field(
+        metadata=engine.counter_metric("Closes whose handshake did not finish in time")
+    )
+    received: int = attrs.field(metadata=engine.counter_metric("Bus messages taken"))
+    unrouted: int = attrs.field(metadata=engine.counter_metric("Bus messages no client wanted"))
+    invalid: int = attrs.field(metadata=engine.counter_metric("Payloads that could not be framed"))
+    offered: int = attrs.field(metadata=engine.counter_metric("Frames offered to clients"))
+    queued: int = attrs.field(metadata=engine.gauge_metric("Frames offered and not written yet"))
+    sent: int = attrs.field(metadata=engine.counter_metric("Frames written to clients"))
+    dropped_by_reason: dict[str, int] = attrs.field(
+        metadata=engine.counter_metric(
+            "Frames never sent, by reason", label="reason", name="dropped"
+        )
+    )
+    writes: int = attrs.field(metadata=engine.counter_metric("Socket writes to clients"))
+    bytes_sent: int = attrs.field(
+        metadata=engine.counter_metric("Bytes written to clients", name="sent_bytes")
+    )
     connections: tuple[ClientStatistics, ...]
+
+    @property
+    def dropped(self) -> int:
+        """Frames clients will never get, for every reason: ``offered - sent - queued``."""
+        return sum(self.dropped_by_reason.values())
 
 
 @attrs.define(eq=False)
@@ -131,16 +171,20 @@ class BroadcastServer:
     config: BroadcastConfig
     host: str
     port: int
-    _fanout: Fanout = attrs.field(init=False)
+    _fanout: Fanout[Client] = attrs.field(init=False)
     _connections: set[Client] = attrs.field(factory=set, init=False)
     _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _closing: bool = attrs.field(default=False, init=False)
     _all_gone: trio.Event = attrs.field(factory=trio.Event, init=False)
     _accepted: int = attrs.field(default=0, init=False)
+    _refusing: int = attrs.field(default=0, init=False)  # 503s at accept under way
     _peak: int = attrs.field(default=0, init=False)
     _aborted: int = attrs.field(default=0, init=False)
     _rejected: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     _disconnected: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
+    # Connections per IP address, from accept to close, open or still in the
+    # upgrade (an address leaves when its count is 0).
+    _per_ip: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     # Counters of clients already gone, so totals survive them.
     _gone: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
 
@@ -170,6 +214,12 @@ class BroadcastServer:
         def total(field: str) -> int:
             return self._gone[field] + sum(int(getattr(c, field)) for c in connections)
 
+        dropped = {
+            reason: self._gone[f"dropped_{reason}"]
+            + sum(c.dropped_by_reason[reason] for c in connections)
+            for reason in DROP_REASONS
+        }
+
         return BroadcastStatistics(
             name=self.name,
             url=self.url,
@@ -184,8 +234,10 @@ class BroadcastServer:
             received=fanout.received,
             unrouted=fanout.unrouted,
             invalid=fanout.invalid,
+            offered=total("offered"),
+            queued=sum(c.queued for c in connections),
             sent=total("sent"),
-            dropped=total("dropped"),
+            dropped_by_reason=dropped,
             writes=total("writes"),
             bytes_sent=total("bytes_sent"),
             connections=connections,
@@ -293,7 +345,13 @@ class BroadcastServer:
             await trio.aclose_forcefully(stream)
             return
         client = Client(stream, self.config, next(self._ids), self._fanout.update)
+        refused = self._refuse_at_accept(client)
+        if refused is not None:
+            await self._answer_at_accept(stream, refused)
+            return
         self._connections.add(client)
+        if client.host is not None:
+            self._per_ip[client.host] += 1
         try:
             with client.scope:
                 client.scope.deadline = trio.current_time() + self.config.handshake_timeout
@@ -305,10 +363,44 @@ class BroadcastServer:
                     self._rejected["handshake_timeout"] += 1
         finally:
             self._connections.discard(client)
+            if client.host is not None:
+                self._per_ip[client.host] -= 1
+                if not self._per_ip[client.host]:
+                    del self._per_ip[client.host]
             if client.is_open:
                 self._retire(client)
             await trio.aclose_forcefully(stream)
             self._check_all_gone()
+
+    def _refuse_at_accept(self, client: Client) -> Rejection | None:
+        """Why a connection just accepted is refused at once, or ``None`` to serve it."""
+        limit = self.config.max_handshaking
+        if len(self._connections) - len(self._fanout) >= limit:
+            message = f"at most {limit} connections in the upgrade"
+            return Rejection(503, "busy", message, RETRY_AFTER)
+        per_ip = self.config.max_clients_per_ip
+        if per_ip is not None and client.host is not None and self._per_ip[client.host] >= per_ip:
+            return Rejection(
+                503, "per_ip", f"at most {per_ip} connections per address", RETRY_AFTER
+            )
+        return None
+
+    async def _answer_at_accept(self, stream: trio.SocketStream, rejection: Rejection) -> None:
+        """Count a refusal at accept, answer it unless too many are under way, and close.
+
+        Answered before its request is read, it holds nothing for
+        ``handshake_timeout``; the answers under way are bounded too.
+        """
+        self._rejected[rejection.reason] += 1
+        try:
+            if self._refusing < MAX_REFUSING:
+                self._refusing += 1
+                try:
+                    await refuse_at_once(stream, rejection)
+                finally:
+                    self._refusing -= 1
+        finally:
+            await trio.aclose_forcefully(stream)
 
     async def _upgrade(self, client: Client) -> None:
         request = await receive_request(client.stream, client.ws)
@@ -339,15 +431,18 @@ class BroadcastServer:
             return Rejection(503, "shutting_down", "the server is shutting down")
         verdict = admit(request, self.config)
         if not isinstance(verdict, Rejection) and len(self._fanout) >= self.config.max_clients:
-            retry = ((b"retry-after", b"5"),)
-            return Rejection(503, "full", f"at most {self.config.max_clients} clients", retry)
+            message = f"at most {self.config.max_clients} clients"
+            return Rejection(503, "full", message, RETRY_AFTER)
         return verdict
 
     def _retire(self, client: Client) -> None:
         self._fanout.remove(client)
+        client.discard()  # what was still queued is dropped, as "closed"
         stats = client.statistics()
-        for field in ("sent", "dropped", "writes", "bytes_sent"):
+        for field in ("offered", "sent", "writes", "bytes_sent"):
             self._gone[field] += getattr(stats, field)
+        for reason, count in stats.dropped_by_reason.items():
+            self._gone[f"dropped_{reason}"] += count
         cause = client.cause or "connection_lost"
         self._disconnected[cause] += 1
         self._aborted += client.aborted
