@@ -1,10 +1,18 @@
-"""The ops server: /health, /ready, /metrics and /status on hypercorn's trio worker.
+"""The ops server: /health, /ready, /metrics and /status on hypercorn's HTTP connections.
 
 A small ASGI app (``_opsapp.py``) answers the four endpoints and hands every
 other path to the ASGI apps a service mounts. The listening
 socket is bound here, not by hypercorn, for two reasons: the bound port is
 known at once (port 0 works), and the loop watch thread can answer that same
 socket while the event loop is stalled (see ``_fallback.py``).
+
+The accept loop is ours too, so that it can bound the connections open at
+once: each accepted connection is handed to hypercorn's per-connection server
+(``TCPServer``, what ``hypercorn.trio.run.worker_serve`` runs for each) only
+while fewer than ``max_connections`` are open; the excess is answered 503
+here. ``worker_serve`` builds its listeners from sockets and offers no place
+to count connections; counting requests in the ASGI app would miss the
+connections that hold no request (idle, or still sending their headers).
 """
 
 from __future__ import annotations
@@ -13,16 +21,18 @@ import functools
 import logging
 import math
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, cast
 
 import attrs
 import trio
-from hypercorn.config import Config, Sockets
-from hypercorn.trio.run import worker_serve
+from hypercorn.config import Config
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ._fallback import StallAnswerer
 from ._loopwatch import LoopStall, LoopWatch, open_loop_watch
@@ -37,6 +47,24 @@ if TYPE_CHECKING:
 logger = logging.getLogger("engine.ops")
 
 _BACKLOG = 128
+
+# What a connection past max_connections is told before it is closed.
+_BUSY_BODY = b'{"error": "too many connections; retry later"}'
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"content-type: application/json\r\n"
+    b"content-length: " + str(len(_BUSY_BODY)).encode() + b"\r\n"
+    b"retry-after: 1\r\n"
+    b"cache-control: no-store\r\n"
+    b"connection: close\r\n\r\n" + _BUSY_BODY
+)
+# After the 503, a refused client's request is read and dropped for this long
+# and up to this many bytes: closing a socket with unread data resets the
+# connection, and a reset can reach the client before it has read the answer.
+_REFUSAL_LINGER = 1.0
+_REFUSAL_DRAIN = 65_536
+# Refusals in progress at once; past that, an excess connection is closed unanswered.
+_MAX_REFUSING = 64
 
 
 @attrs.frozen
@@ -75,6 +103,8 @@ async def serve_ops(
     per_step: bool = False,
     access_log: bool = False,
     drain_period: float = 1.0,
+    read_timeout: float = 10.0,
+    max_connections: int = 256,
     task_status: trio.TaskStatus[OpsServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve /health, /ready, /metrics and /status until cancelled or stopped.
@@ -89,6 +119,31 @@ async def serve_ops(
     :func:`engine.run` does on SIGTERM), the server stops accepting
     connections, gives requests in flight ``drain_period`` seconds (/ready
     answers 503 meanwhile), and returns.
+
+    Limits, so that no client can hold the server:
+
+    * ``read_timeout``: a connection on which the client sends nothing for
+      this long is closed. That covers a request body withheld or stalled
+      (a mounted app reading it sees ``http.disconnect``; the REST API
+      answers 408), headers sent by halves, and a silent connection. It is
+      hypercorn's ``read_timeout``, which bounds every wait for the client's
+      next bytes, so it also cuts a request whose answer takes longer than
+      that, and a mounted WebSocket whose client sends nothing (not even a
+      pong) for that long. A connection idle between requests is closed
+      after 5 s (hypercorn's ``keep_alive_timeout``), or ``read_timeout`` if
+      that is shorter.
+    * ``max_connections``: connections served at once, idle keep-alive ones
+      included. A connection past it gets ``503`` with ``Retry-After: 1``
+      and ``Connection: close``, and is closed; up to 64 such answers are in
+      progress at once, and past those a connection is closed unanswered.
+      The loop watch thread's answers during a stall are outside this bound
+      (it answers one connection at a time).
+    * A request answered before its body was read (a 405, or a 413 from a
+      mounted app's body cap) does not wait on the rest of that body: the
+      rest is dropped as it arrives while the answer goes out, and the
+      connection is closed unless the whole body had already arrived.
+    * A client that leaves mid-request is one INFO line on
+      ``engine.ops.http``, not an error.
 
     Args:
         supervisor: the root of the supervision tree to report on (its
@@ -111,6 +166,11 @@ async def serve_ops(
             costs two hook calls per step); see :func:`engine.open_loop_watch`.
         access_log: log every request on logger ``engine.ops.access``.
         drain_period: seconds requests in flight get after a stop request.
+        read_timeout: seconds a connection may go without the client sending
+            a byte while the server waits for one (see the limits above);
+            ``math.inf`` turns it off.
+        max_connections: connections served at once; the excess is
+            answered 503 and closed.
 
     Raises:
         OSError: the address could not be bound.
@@ -120,6 +180,8 @@ async def serve_ops(
     check_count("port", port)
     check_duration("stall_threshold", stall_threshold)
     check_duration("drain_period", drain_period, allow_zero=True)
+    check_duration("read_timeout", read_timeout)
+    check_count("max_connections", max_connections, minimum=1)
     checked_sources = _check_sources(sources or {})
     checked_routes = _check_routes(routes or {})
     registry = registry if registry is not None else CollectorRegistry()
@@ -132,8 +194,10 @@ async def serve_ops(
             server = OpsServer(bound_host, bound_port, registry, watch)
             if watch is not None:
                 watch.on_stalled = StallAnswerer(sock, watch, _stall_body)
+            config = _config(access_log, read_timeout)
+            limit = ConnectionLimit(max_connections, registry)
             try:
-                await _serve(app, sock, access_log, drain_period, server, task_status)
+                await _serve(app, sock, config, limit, drain_period, server, task_status)
             finally:
                 if watch is not None:
                     watch.on_stalled = None
@@ -142,31 +206,138 @@ async def serve_ops(
         sock.close()
 
 
-async def _serve(
-    app: OpsApp,
-    sock: socket.socket,
-    access_log: bool,
-    drain_period: float,
-    server: OpsServer,
-    task_status: trio.TaskStatus[OpsServer],
-) -> None:
+def _config(access_log: bool, read_timeout: float) -> Config:
     config = Config()
     config.accesslog = logging.getLogger("engine.ops.access") if access_log else None
     # A logger object, not "-": hypercorn would replace the logger's handlers.
     config.errorlog = logging.getLogger("engine.ops.http")
-    config.graceful_timeout = drain_period
+    # Hypercorn waits for each read under trio.fail_after(read_timeout or inf);
+    # it types the setting int, but any number of seconds works.
+    config.read_timeout = None if math.isinf(read_timeout) else read_timeout  # type: ignore[assignment]
+    return config
+
+
+async def _serve(
+    app: OpsApp,
+    sock: socket.socket,
+    config: Config,
+    limit: ConnectionLimit,
+    drain_period: float,
+    server: OpsServer,
+    task_status: trio.TaskStatus[OpsServer],
+) -> None:
+    """Accept and serve connections until a stop request, then drain; what ``worker_serve`` does.
+
+    ``worker_serve`` also runs the app's lifespan (the ops app has nothing to
+    start, and mounted apps get no lifespan events) and restarts a worker
+    after ``max_requests`` (unset here); the rest is this.
+    """
     wrapped = wrap_app(cast("ASGIFramework", app), config.wsgi_max_body_size, "asgi")
+    context = WorkerContext(None)
+
+    async def connection(stream: trio.SocketStream) -> None:
+        # TCPServer takes a plain SocketStream too (it tells TLS apart by
+        # the missing do_handshake); it is typed for an SSLStream only.
+        tcp_stream = cast("trio.SSLStream[trio.SocketStream]", stream)
+        await _Connection(wrapped, config, context, ConnectionState({}), tcp_stream)
+
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     serve = functools.partial(
-        worker_serve,
-        wrapped,
-        config,
-        sockets=Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[]),
-        shutdown_trigger=app.shutdown.wait,
+        trio.serve_listeners, functools.partial(limit.serve, connection), [listener]
     )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(serve)
-        logger.info("ops server listening on %s", server.url)
-        task_status.started(server)
+    async with trio.open_nursery() as connections:
+        async with trio.open_nursery() as accepting:
+            await accepting.start(functools.partial(serve, handler_nursery=connections))
+            logger.info("ops server listening on %s", server.url)
+            task_status.started(server)
+            await app.shutdown.wait()
+            accepting.cancel_scope.cancel()  # closes the listening socket
+        # Idle keep-alive connections close now, the others after their response.
+        await context.terminated.set()
+        connections.cancel_scope.deadline = trio.current_time() + drain_period
+
+
+class _Connection(TCPServer):
+    """Hypercorn's server of one connection, which lets go of it once the client has gone.
+
+    Hypercorn's keeps a connection whose client closed it between requests
+    (or whose read timed out) until its keep-alive timer runs out, socket
+    and all; with a bound on connections, that would be a slot held by nobody.
+    """
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        # No more requests can come: the keep-alive timer has nothing to wait for.
+        await self.idle_task.stop()
+
+
+@attrs.define(eq=False)
+class ConnectionLimit:
+    """Serves at most ``maximum`` connections at once; the excess is answered 503 and closed.
+
+    A counter around each connection's handler, so it counts connections in
+    every state (sending headers, in a request, idle between requests), which
+    is what holds a socket and memory.
+    """
+
+    maximum: int
+    registry: CollectorRegistry
+    open: int = 0
+    refusing: int = 0
+    refused: Counter = attrs.field(init=False)
+
+    @refused.default
+    def _refused(self) -> Counter:
+        return Counter(
+            "engine_ops_http_connections_refused",
+            "Connections answered 503 and closed for being past max_connections",
+            registry=self.registry,
+        )
+
+    def __attrs_post_init__(self) -> None:
+        gauge = Gauge(
+            "engine_ops_http_connections",
+            "HTTP connections open on the ops server",
+            registry=self.registry,
+        )
+        gauge.set_function(lambda: self.open)
+
+    async def serve(
+        self,
+        handler: Callable[[trio.SocketStream], Awaitable[None]],
+        stream: trio.SocketStream,
+    ) -> None:
+        """Run ``handler(stream)`` if there is room, or refuse the connection."""
+        if self.open >= self.maximum:
+            self.refused.inc()
+            if self.refusing < _MAX_REFUSING:
+                self.refusing += 1
+                try:
+                    await _refuse(stream)
+                finally:
+                    self.refusing -= 1
+            return  # trio.serve_listeners closes the stream
+        self.open += 1
+        try:
+            await handler(stream)
+        finally:
+            self.open -= 1
+
+
+async def _refuse(stream: trio.SocketStream) -> None:
+    """Answer 503 and read what the client sends for a moment, so the answer is not reset."""
+    with trio.move_on_after(_REFUSAL_LINGER):
+        try:
+            await stream.send_all(_BUSY)
+            await stream.send_eof()
+            dropped = 0
+            while dropped < _REFUSAL_DRAIN:
+                data = await stream.receive_some(_REFUSAL_DRAIN)
+                if not data:
+                    return
+                dropped += len(data)
+        except trio.BrokenResourceError:
+            return
 
 
 @asynccontextmanager

@@ -2,14 +2,20 @@
 
 Every answer is built from fresh statistics snapshots, in the trio thread,
 when the request arrives; nothing is cached between requests.
+
+Every HTTP request goes through :class:`Exchange`, which keeps two promises
+hypercorn does not: an answer given before the request body was read never
+waits on that body, and a client that leaves mid-request is one line of log.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
+import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from ._bridgestats import bridge_statistics
@@ -39,6 +45,8 @@ ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 ENDPOINTS = ("/health", "/ready", "/metrics", "/status")
 _JSON = b"application/json"
 
+logger = logging.getLogger("engine.ops.http")
+
 
 @attrs.define(eq=False)
 class OpsApp:
@@ -65,6 +73,12 @@ class OpsApp:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
             return
+        if scope["type"] == "http":
+            await Exchange.serve(self._route, scope, receive, send)
+        else:
+            await self._route(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         if scope["type"] == "http" and path in ENDPOINTS:
             await self._endpoint(scope["method"], path, send)
@@ -123,7 +137,7 @@ class OpsApp:
         if scope["type"] != "http":
             await app({**scope, "root_path": root}, receive, send)
             return
-        status = 500  # if the app raises before it starts a response, hypercorn sends 500
+        status = 500  # if the app raises before it starts a response, the exchange sends 500
 
         async def counting_send(message: Message) -> None:
             nonlocal status
@@ -157,6 +171,137 @@ class OpsApp:
         self.requests.labels(endpoint, str(status)).inc()
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body if with_body else b""})
+
+
+@attrs.define(eq=False)
+class Exchange:
+    """One HTTP request and its response, as the app sees them.
+
+    Hypercorn hands the app its request body through a queue of ten
+    messages; the queue's filling up is what stops hypercorn reading the
+    socket. When the app answers without reading the body (a 405, a 413 on
+    ``Content-Length``, a 413 past a running cap), the queue may be full, and
+    hypercorn's own end of the response then waits for room in it (to post
+    ``http.disconnect``) while nobody reads it: the connection hangs until
+    the server stops. So the final message of a response to a request whose
+    body the app has not read to its end is sent while the rest of the queue
+    is discarded, until ``http.disconnect``; then hypercorn closes the
+    connection (or keeps it, if the body had been read off the socket).
+
+    A client that goes away before the app has its response out shows up as
+    ``http.disconnect``, and frameworks then raise (Starlette's
+    ``ClientDisconnect``). That is the client's doing, not a server error:
+    it is logged as one INFO line on ``engine.ops.http``, and whatever the app
+    raised after it is swallowed.
+
+    An app that raises or returns without starting a response gets a 500
+    from here (hypercorn's own would wait on the queue like any other answer).
+    """
+
+    _receive: Receive
+    _send: Send
+    has_body: bool
+    body_ended: bool = False
+    client_left: bool = False
+    received: int = 0
+    started: bool = False
+    finished: bool = False
+
+    @classmethod
+    async def serve(
+        cls,
+        app: Callable[[Scope, Receive, Send], Awaitable[None]],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """Run ``app`` on one HTTP request through an exchange."""
+        exchange = cls(receive, send, _declares_body(scope))
+        try:
+            await app(scope, exchange.receive, exchange.send)
+        except Exception as exc:
+            if not exchange.client_left:
+                if not exchange.started:
+                    await exchange.send_error()
+                raise
+            exchange.log_departure(scope, exc)
+            return
+        if exchange.client_left:
+            exchange.log_departure(scope, None)
+        elif not exchange.started:
+            await exchange.send_error()
+
+    async def receive(self) -> Message:
+        """The next request message, noting the end of the body and the client's leaving."""
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            self.body_ended = not message.get("more_body", False)
+        elif message["type"] == "http.disconnect":
+            if not self.finished:
+                self.client_left = True
+            self.body_ended = True
+        return message
+
+    async def send(self, message: Message) -> None:
+        """Send a response message; the final one alongside a discard of the body's rest."""
+        if message["type"] == "http.response.start":
+            self.started = True
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.finished = True
+            if self.has_body and not self.body_ended:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._discard)
+                    await self._send(message)
+                return
+        await self._send(message)
+
+    async def send_error(self) -> None:
+        """Answer 500, for an app that ended without an answer."""
+        body = dumps({"error": "internal server error"})
+        headers = [(b"content-type", _JSON), (b"content-length", str(len(body)).encode())]
+        await self.send({"type": "http.response.start", "status": 500, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})
+
+    def log_departure(self, scope: Scope, exc: Exception | None) -> None:
+        """The one line that says the client left, and what the app made of it."""
+        declared = _header(scope, b"content-length")
+        of = f" of {declared.decode('latin-1')}" if declared is not None else ""
+        then = f"; the app then raised {type(exc).__name__}" if exc is not None else ""
+        client = scope.get("client")
+        where = f"{client[0]}:{client[1]}" if client else "unknown client"
+        logger.info(
+            "%s %s from %s: the client left or went silent before the answer, after %d%s body"
+            " bytes%s",
+            scope["method"],
+            scope["path"],
+            where,
+            self.received,
+            of,
+            then,
+        )
+
+    async def _discard(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self.body_ended = True
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value)
+    return None
+
+
+def _declares_body(scope: Scope) -> bool:
+    """Whether the request may have a body: HTTP/1 frames one with a length or chunks."""
+    if scope.get("http_version") not in ("1.0", "1.1"):
+        return True  # HTTP/2 frames a body without either header
+    if _header(scope, b"transfer-encoding") is not None:
+        return True
+    length = _header(scope, b"content-length")
+    return length is not None and length.strip() != b"0"
 
 
 def _verdict(problems: list[Problem], loop: object, **extra: object) -> tuple[int, bytes, bytes]:

@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 
 from ..scans import ScanSummary
-from ._scans import ScanRequest
+from ._scans import MAX_BODY, ScanRequest
 from ._shapes import LastUpdate, Orders, Problem, ScanDetail, WatchlistBody, WhaleFlowsBody
 
 _REF = "#/components/schemas/{name}"
@@ -22,7 +22,9 @@ def _limit(default: int, maximum: int) -> dict[str, Any]:
     }
 
 
-def openapi(*, scans: bool, watchlist: bool, whales: bool, orders: bool) -> dict[str, Any]:
+def openapi(
+    *, scans: bool, watchlist: bool, whales: bool, orders: bool, token: bool = False
+) -> dict[str, Any]:
     """The description of the endpoints that are served, as a JSON-ready dict."""
     types: list[Any] = [
         Problem, LastUpdate, WatchlistBody, WhaleFlowsBody, Orders, ScanRequest, ScanSummary,
@@ -69,8 +71,18 @@ def openapi(*, scans: bool, watchlist: bool, whales: bool, orders: bool) -> dict
                 "responses": answer("orders", "orders", _400="a bad limit"),
             }
         }
+    # With a token, what is not a read needs it (401 without it).
+    secured: dict[str, Any] = {"security": [{"bearer": []}]} if token else {}
+    unauthorized = (("401", "no or a wrong bearer token"),) if token else ()
     if scans:
         accepted = {"description": "started", "content": _json(schema["scan"])}
+        refusals = (
+            ("400", "a bad body, formula, symbol or parameter"),
+            *unauthorized,
+            ("408", "the body did not all arrive: the connection closed or stalled"),
+            ("413", f"a body over {MAX_BODY} bytes (declared or sent)"),
+            ("429", "a scan is already running"),
+        )
         paths["/api/scans"] = {
             "post": {
                 "summary": "Start a scan of the universe with a formula",
@@ -79,13 +91,10 @@ def openapi(*, scans: bool, watchlist: bool, whales: bool, orders: bool) -> dict
                     "202": accepted,
                     **{
                         code: {"description": why, "content": _json(schema["problem"])}
-                        for code, why in (
-                            ("400", "a bad body, formula or symbol"),
-                            ("413", "a body over 16 KiB"),
-                            ("429", "a scan is already running"),
-                        )
+                        for code, why in refusals
                     },
                 },
+                **secured,
             },
             "get": {"summary": "The scans kept", "responses": answer("newest first", "scans")},
         }
@@ -107,14 +116,24 @@ def openapi(*, scans: bool, watchlist: bool, whales: bool, orders: bool) -> dict
             },
             "delete": {
                 "summary": "Cancel a scan",
-                "responses": {"202": accepted, "404": {"description": "no such scan"}},
+                "responses": {
+                    "202": accepted,
+                    **{
+                        code: {"description": why, "content": _json(schema["problem"])}
+                        for code, why in (*unauthorized, ("404", "no such scan"))
+                    },
+                },
+                **secured,
             },
         }
+    parts: dict[str, Any] = {"schemas": components}
+    if token:
+        parts["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "market service API", "version": "1"},
         "paths": paths,
-        "components": {"schemas": components},
+        "components": parts,
     }
 
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 from starlette.requests import Request
+
+# Digits as a client types them: no sign but "-", no spaces, underscores or other scripts' digits,
+# and few enough that the conversion costs nothing.
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
 
 
 class BadRequest(Exception):
@@ -24,10 +30,7 @@ def integer(request: Request, name: str, *, default: int, minimum: int, maximum:
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = None
+    value = int(raw) if _INTEGER.fullmatch(raw) else None
     if value is None or not minimum <= value <= maximum:
         raise BadRequest(f"{name} must be an integer from {minimum} to {maximum}, got {raw!r}")
     return value

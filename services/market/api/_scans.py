@@ -7,6 +7,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from ..scans import FormulaError, Scans, ScansBusy
+from ._body import read_body
 from ._json import JSON
 from ._params import BadRequest, limit, only
 from ._shapes import ScanDetail
@@ -28,9 +29,8 @@ def routes(scans: Scans) -> list[Route]:
     """The scan endpoints, served by ``scans``."""
 
     async def start(request: Request) -> JSON:
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return JSON({"error": f"the body must be at most {MAX_BODY} bytes"}, 413)
+        only(request, ())
+        body = await read_body(request, MAX_BODY)
         try:
             wanted = _DECODER.decode(body)
         except msgspec.DecodeError as exc:
