@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,9 +30,11 @@ import trio
 import trio.testing
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
 from trio_websocket import wrap_client_stream
 
 import engine
+from engine._metrics import EngineCollector
 from engine.bus import BusMessage, MemoryBus
 from services.market.broadcast import BroadcastConfig, serve_broadcast
 from services.market.orders import (
@@ -58,6 +61,7 @@ from services.market.simulator._orderlog import (
     generate_order_lines,
     write_order_log,
 )
+from tests._promlint import lint
 
 ROOT = Path(__file__).resolve().parent.parent
 GUARD = 1000  # virtual seconds: an absolute bound under the autojump clock
@@ -1058,3 +1062,28 @@ def test_the_public_surface_is_all_and_documented() -> None:
     assert public == set(orders.__all__)
     assert orders.__all__ == sorted(orders.__all__)
     assert all(getattr(orders, name).__doc__ for name in orders.__all__)
+
+
+async def test_statistics_go_to_metrics_as_counters_and_gauges_with_units(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    path = tmp_path / "orders.log"
+    path.write_bytes(lines(1, 3) + b"not json\n")
+    with trio.fail_after(100):
+        async with following(path) as f:
+            await f.until(lambda: f.log.statistics().lines == 4)
+            registry = CollectorRegistry()
+            registry.register(EngineCollector(None, {"orders": f.log}, None))
+            text = generate_latest(registry).decode()
+    kinds = dict(re.findall(r"# TYPE engine_order_log_(\w+) (\w+)", text))
+    counters = ["lines", "orders", "messages", "malformed", "truncations", "rotations"]
+    counters += ["read_bytes", "chunks_in_processes", "slices_in_loop", "worker_failures"]
+    counters += ["refusals"]
+    gauges = ["following", "position_bytes", "lag_bytes", "pending_bytes", "file_threads"]
+    gauges += ["unclosed_files"]
+    expected = {f"{name}_total": "counter" for name in counters}
+    expected.update(dict.fromkeys(gauges, "gauge"))
+    assert kinds == expected
+    assert 'engine_order_log_lines_total{source="orders"} 4.0' in text
+    assert f'engine_order_log_read_bytes_total{{source="orders"}} {path.stat().st_size}.0' in text
+    assert lint(text) == []

@@ -9,6 +9,7 @@ from typing import Any
 
 import attrs
 
+import engine
 from engine._validation import check_choice, check_count, check_duration
 
 
@@ -128,21 +129,70 @@ class OrderLogStatistics:
         slices_in_loop: slices parsed in the event loop.
         worker_failures: regions a worker could not parse (it died, or its
             file could not be reopened), parsed in the event loop instead.
+        refusals: times the path was found naming something other than a
+            regular file (a FIFO, a directory, a device), which is never
+            opened; counted once until the path names a file, or nothing, again.
+        refused: what the path names now if it is not a regular file
+            (``"a FIFO"``), else ``""``.
+        file_threads: threads the log's file-system calls hold now, closes
+            included, at most ``FILE_THREADS`` (4); a call hung on a dead
+            mount keeps its thread after the follower was cancelled, so a
+            value that stays up points at the file system.
+        unclosed_files: descriptors of files no longer followed whose close
+            could not start yet, because hung calls held every thread; the
+            next close that gets a thread closes them.
+
+    On /metrics, counts that only grow are counters (``lines`` is
+    ``engine_order_log_lines_total``, ``bytes_read`` is
+    ``engine_order_log_read_bytes_total``), the rest gauges with their unit
+    in the name (``position`` is ``engine_order_log_position_bytes``).
     """
 
     path: str
-    following: bool
-    lines: int
-    orders: int
-    messages: int
-    malformed: int
+    following: bool = attrs.field(metadata=engine.gauge_metric("1 while a file is open"))
+    lines: int = attrs.field(metadata=engine.counter_metric("Non-blank lines read, valid or not"))
+    orders: int = attrs.field(metadata=engine.counter_metric("Orders published"))
+    messages: int = attrs.field(metadata=engine.counter_metric("Bus messages published"))
+    malformed: int = attrs.field(
+        metadata=engine.counter_metric("Lines that were not a valid order-status line")
+    )
     malformed_samples: tuple[str, ...]
-    truncations: int
-    rotations: int
-    bytes_read: int
-    position: int
-    lag_bytes: int
-    pending_bytes: int
-    chunks_in_processes: int
-    slices_in_loop: int
-    worker_failures: int
+    truncations: int = attrs.field(
+        metadata=engine.counter_metric("Times the file was found truncated")
+    )
+    rotations: int = attrs.field(
+        metadata=engine.counter_metric("Times the path was found naming a new file")
+    )
+    bytes_read: int = attrs.field(
+        metadata=engine.counter_metric("Bytes of the files accounted for", name="read_bytes")
+    )
+    position: int = attrs.field(
+        metadata=engine.gauge_metric(
+            "Bytes of the current file accounted for", name="position_bytes"
+        )
+    )
+    lag_bytes: int = attrs.field(
+        metadata=engine.gauge_metric("Bytes of the current file not accounted for yet")
+    )
+    pending_bytes: int = attrs.field(
+        metadata=engine.gauge_metric("Bytes of a last line waiting for its newline")
+    )
+    chunks_in_processes: int = attrs.field(
+        metadata=engine.counter_metric("Regions read and parsed by worker processes")
+    )
+    slices_in_loop: int = attrs.field(
+        metadata=engine.counter_metric("Slices parsed in the event loop")
+    )
+    worker_failures: int = attrs.field(
+        metadata=engine.counter_metric("Regions a worker could not parse, parsed here instead")
+    )
+    refusals: int = attrs.field(
+        metadata=engine.counter_metric("Times the path was found naming no regular file")
+    )
+    refused: str
+    file_threads: int = attrs.field(
+        metadata=engine.gauge_metric("Threads the file-system calls hold now, hung ones included")
+    )
+    unclosed_files: int = attrs.field(
+        metadata=engine.gauge_metric("Descriptors given up whose close could not start yet")
+    )

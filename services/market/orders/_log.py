@@ -21,6 +21,13 @@ never fired) and hung for good. Here:
 
 Lines without their newline yet are left unread until it arrives; malformed
 lines are counted and sampled, never fatal.
+
+Every call that touches the file system (open, stat, read, close) runs in a
+thread that is abandoned if the follower is cancelled, through one limiter
+of the log's own that closes share too: a hung mount can neither keep the
+service from stopping nor take more than :data:`FILE_THREADS` threads with
+it, however often the follower is restarted. A path that names something
+other than a regular file (a FIFO) is never opened (``_tail.py``).
 """
 
 from __future__ import annotations
@@ -30,9 +37,10 @@ import functools
 import logging
 import math
 import os
+import threading
 from collections.abc import Awaitable, Callable
 from time import perf_counter
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Protocol, TypeVar, TypeVarTuple, runtime_checkable
 
 import attrs
 import trio
@@ -45,12 +53,13 @@ from ._buffers import ResultBuffers
 from ._config import OrderLogConfig, OrderLogStatistics, PublishMode, StartAt
 from ._history import History
 from ._records import Order, ParsedChunk, decode_order, parse_chunk
-from ._regions import Lines, ParsedRegion, ParseOptions, Region, parse_region_in_worker, read_lines
+from ._regions import Lines, ParsedRegion, ParseOptions, Region, parse_region_in_worker
 from ._tail import Event, Tail
 
 logger = logging.getLogger("market.orders")
 
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 # The longest stretch of parsing or publishing in the event loop between two
 # checkpoints: well inside the 20 ms a step may take.
@@ -71,6 +80,18 @@ _SAMPLES_KEPT = 5
 _LOG_EVERY = 100
 # Publishing looks at the clock once per this many messages.
 _CLOCK_EVERY = 256
+# Threads the log's file calls may hold at once, hung ones and closes included:
+# a look or a read at a time normally, a few reads when workers fail.
+FILE_THREADS = 4
+# Real seconds the end of follow() waits for its file to close before
+# abandoning the close (a hung file system can block close() too).
+CLOSE_WAIT = 1.0
+
+
+class TailFactory(Protocol):
+    """Makes the :class:`Tail` each run of :meth:`OrderLog.follow` uses (``Tail`` by default)."""
+
+    def __call__(self, path: str, *, from_end: bool) -> Tail: ...
 
 
 @runtime_checkable
@@ -99,10 +120,19 @@ class OrderLog:
         bus: where orders go (topic ``orders.<coin>``).
         pool: the worker processes that read and parse backlogs; the run's
             default pool (one worker per CPU) if omitted.
+        tail_factory: for tests: makes the object that opens, looks at,
+            reads and closes the file in each run of :meth:`follow`, called
+            as ``tail_factory(path, from_end=...)``; a fake can play a hung
+            file system.
     """
 
     def __init__(
-        self, config: OrderLogConfig, bus: Bus, *, pool: engine.ProcessPool | None = None
+        self,
+        config: OrderLogConfig,
+        bus: Bus,
+        *,
+        pool: engine.ProcessPool | None = None,
+        tail_factory: TailFactory = Tail,
     ) -> None:
         self.config = config
         self._bus = bus
@@ -125,6 +155,14 @@ class OrderLog:
         self._truncations = self._rotations = self._bytes_read = 0
         self._position = self._lag = self._pending = 0
         self._chunks = self._slices = self._failures = 0
+        self._refusals = 0
+        self._refused: str | None = None
+        self._files = trio.CapacityLimiter(FILE_THREADS)
+        self._tail_factory = tail_factory
+        # Descriptors given up by runs of follow whose close has not started
+        # yet (every thread was held): the next close that starts closes them.
+        self._unclosed: list[int] = []
+        self._unclosed_lock = threading.Lock()
         self._slice_bytes = _FIRST_SLICE_BYTES
         self._buffers = ResultBuffers()
         # The last region of the current round that owned a line, as (index,
@@ -154,6 +192,10 @@ class OrderLog:
             chunks_in_processes=self._chunks,
             slices_in_loop=self._slices,
             worker_failures=self._failures,
+            refusals=self._refusals,
+            refused=self._refused or "",
+            file_threads=self._files.borrowed_tokens,
+            unclosed_files=len(self._unclosed),
         )
 
     def recent(self, limit: int = 100) -> list[Order]:
@@ -177,23 +219,39 @@ class OrderLog:
     ) -> None:
         """Follow the file until cancelled: a supervised child.
 
-        Waits (polling) until the path names a file, reports ready once it is
-        open, then reads, parses and publishes for ever, beating
+        Waits (polling) until the path names a regular file, reports ready
+        once it is open, then reads, parses and publishes for ever, beating
         :func:`engine.heartbeat` at every look. Each call starts afresh at
         ``config.start`` (a restart re-reads from the beginning by default;
         ``msg_id`` lets an at-least-once bus drop the repeats).
 
+        A path that names something other than a regular file (a FIFO, a
+        directory, a device) is not opened: it is waited on as a missing
+        file is, logged once and counted (``refusals``, ``refused``).
+
         A last line still without its newline when this ends is not
         published (``pending_bytes`` shows it): a writer may yet finish it.
+
+        Cancellation:
+            Returns within :data:`CLOSE_WAIT` seconds, whatever the file
+            system does: a call hung in a thread (a dead network mount) is
+            abandoned at once and counted in :func:`engine.bridge_statistics`
+            (``threads_abandoned``); the file it holds is closed when it
+            returns. Closing the file is waited for :data:`CLOSE_WAIT`
+            seconds at most, then abandoned the same way; if it could not
+            even start (hung calls held all :data:`FILE_THREADS`), the next
+            run's close closes it (``unclosed_files`` counts it meanwhile).
 
         Raises:
             OSError: the file could not be read (the supervisor restarts it).
         """
-        tail = Tail(self.config.path, from_end=self.config.start is StartAt.END)
+        tail = self._tail_factory(self.config.path, from_end=self.config.start is StartAt.END)
         try:
-            while not await engine.to_thread(tail.open, abandon_on_cancel=False):
+            while not await self._in_thread(tail.open):
+                self._note_refusal(tail)
                 engine.heartbeat()
                 await trio.sleep(self.config.poll_interval)
+            self._note_refusal(tail)
             self._position, self._pending = tail.seen, 0
             self._following = True
             logger.info("following %s", self.config.path)
@@ -207,14 +265,58 @@ class OrderLog:
                     await self._follow(tail, send)
         finally:
             self._following = False
-            tail.close()
             self._buffers.close()
+            await self._close(tail)
+
+    def _in_thread(self, fn: Callable[[*Ts], T], *args: *Ts) -> Awaitable[T]:
+        """``fn(*args)`` in a thread that cancelling the caller abandons, in the log's limiter."""
+        return engine.to_thread(fn, *args, abandon_on_cancel=True, limiter=self._files)
+
+    async def _close(self, tail: Tail) -> None:
+        """Close the file: in one of the log's threads, shielded (``follow`` is ending), bounded.
+
+        Closes the descriptors earlier runs left unclosed too. Whatever this
+        cannot start on within :data:`CLOSE_WAIT` stays in ``_unclosed``.
+        """
+        fd = tail.detach()  # whatever still uses the file closes it when done
+        with self._unclosed_lock:
+            if fd is not None:
+                self._unclosed.append(fd)
+            if not self._unclosed:
+                return
+        with trio.move_on_after(CLOSE_WAIT, shield=True):
+            await self._in_thread(self._close_unclosed, tail)
+
+    def _close_unclosed(self, tail: Tail) -> None:
+        """Close every descriptor waiting to be closed (in a thread)."""
+        while True:
+            with self._unclosed_lock:
+                if not self._unclosed:
+                    return
+                fd = self._unclosed.pop()
+            tail.close_descriptor(fd)
+
+    def _note_refusal(self, tail: Tail) -> None:
+        """Count and log, once per episode, a path naming something other than a regular file."""
+        refused = tail.refused
+        if refused is not None and refused != self._refused:
+            self._refusals += 1
+            logger.warning(
+                "%s is %s, not a regular file: not opened; %s",
+                self.config.path,
+                refused,
+                "still following the file it named before"
+                if self._following
+                else "waiting for a regular file there",
+            )
+        self._refused = refused
 
     # -- looking and cutting ---------------------------------------------------------
 
     async def _follow(self, tail: Tail, send: trio.MemorySendChannel[_Slot]) -> None:
         while True:
-            look = await engine.to_thread(tail.look, abandon_on_cancel=False)
+            look = await self._in_thread(tail.look)
+            self._note_refusal(tail)
             engine.heartbeat()
             if look.event is Event.TRUNCATED:
                 self._truncated()
@@ -295,13 +397,7 @@ class OrderLog:
             if in_process:
                 result = await self._parse_in_worker(slot.region)
             if result is None:
-                result = await engine.to_thread(
-                    read_lines,
-                    tail.fd,
-                    slot.region,
-                    self.config.max_line_bytes,
-                    abandon_on_cancel=False,
-                )
+                result = await self._in_thread(tail.read, slot.region, self.config.max_line_bytes)
         finally:
             in_flight.release()
         lines = result.lines if isinstance(result, ParsedRegion) else result

@@ -19,7 +19,7 @@ import array
 import collections
 import enum
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import attrs
 import msgspec
@@ -32,6 +32,7 @@ MAX_SAMPLE_CHARS = 200
 _Price = Annotated[float, msgspec.Meta(gt=0.0, lt=1e18)]
 _Size = Annotated[float, msgspec.Meta(ge=0.0, lt=1e18)]
 _Oid = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # msgspec bounds are 64-bit
+_Millis = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # a JSON client's int64 at most
 _Status = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
 
@@ -85,7 +86,7 @@ class _Details(msgspec.Struct, gc=False):
     limitPx: _Price
     sz: _Size
     oid: _Oid
-    timestamp: int
+    timestamp: _Millis
     origSz: _Size | None = None
     orderType: str = "Limit"
     tif: str | None = None
@@ -189,6 +190,11 @@ class ParsedChunk:
 
 
 _NEWLINE = np.uint8(0x0A)
+_OPEN = np.uint8(0x7B)  # "{"
+_CLOSE = np.uint8(0x7D)  # "}"
+# What decoding a bad line raises: a RecursionError too, from msgspec, for a
+# value nested deeper than it goes (an unknown field's, skipped or not).
+_BAD_LINE = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
 _DECODER = msgspec.json.Decoder(_Line, strict=False)  # strict=False: "65000.0" -> 65000.0
 _ENCODER = msgspec.json.Encoder()
 _ORDER_DECODER = msgspec.json.Decoder(Order)
@@ -235,9 +241,11 @@ def parse_chunk(
     """Parse a block of complete order-status lines into bus messages.
 
     The whole block is decoded in one call; if any line is bad (or the
-    block's values do not line up one per line), it is decoded again line
-    by line, so every good line still yields its order and every bad one is
-    counted. Blank lines are skipped and not counted.
+    block's values may not line up one per line), it is decoded line by
+    line, so every good line still yields its order and every bad one
+    (not JSON, two values, a field missing, mistyped or out of range, a
+    value nested too deep) is counted. Blank lines are skipped and not
+    counted. Nothing else is raised, whatever ``data`` holds.
 
     Args:
         data: whole lines, each ending in a newline (a last line without
@@ -290,16 +298,18 @@ def parse_chunk(
 
 def _decode(data: bytes, max_samples: int) -> tuple[list[_Line], int, int, list[str]]:
     """The block's valid lines, its line count, and its malformed lines' count and samples."""
-    # numpy counts newlines four times as fast as bytes.count (a tenth of a parse).
-    newlines = int(np.count_nonzero(np.frombuffer(data, np.uint8) == _NEWLINE))
-    expected = newlines + (1 if data and not data.endswith(b"\n") else 0)
-    try:
-        lines: list[_Line] = _DECODER.decode_lines(data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        lines = []
-    if len(lines) == expected:
-        return lines, expected, 0, []
-    # Some line is bad or blank, or the values do not line up one per line
+    # numpy finds the newlines, and reads the bytes around them, faster than bytes methods.
+    buffer = np.frombuffer(data, np.uint8)
+    ends = np.flatnonzero(buffer == _NEWLINE)
+    expected = len(ends) + (1 if data and not data.endswith(b"\n") else 0)
+    if _framed(buffer, ends, data):
+        try:
+            lines: list[_Line] = _DECODER.decode_lines(data)
+        except _BAD_LINE:
+            lines = []
+        if len(lines) == expected:
+            return lines, expected, 0, []
+    # Some line is bad or blank, or the values may not line up one per line
     # (decode_lines would accept two objects on one line, or one on two).
     lines = []
     expected = malformed = 0
@@ -310,11 +320,31 @@ def _decode(data: bytes, max_samples: int) -> tuple[list[_Line], int, int, list[
         expected += 1
         try:
             lines.append(_DECODER.decode(raw))
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except _BAD_LINE as exc:
             malformed += 1
             if len(samples) < max_samples:
-                samples.append(describe_malformed(raw, exc))
+                why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+                samples.append(describe_malformed(raw, why))
     return lines, expected, malformed, samples
+
+
+def _framed(buffer: np.ndarray[Any, Any], ends: np.ndarray[Any, Any], data: bytes) -> bool:
+    """Whether every line of the block starts with ``{`` and ends with ``}``.
+
+    Then no JSON value can run from one line into the next (inside a value,
+    a ``}`` is followed by ``,``, ``}`` or ``]``, never ``{``, and a string
+    cannot hold a newline), so if ``decode_lines`` finds as many values as
+    there are lines, each line holds exactly one. Without this, two values
+    on one line could make up for a blank line, or for a value over two.
+    """
+    if not data:
+        return True
+    if buffer[0] != _OPEN or (not data.endswith(b"\n") and buffer[-1] != _CLOSE):
+        return False
+    if (buffer[ends - 1] != _CLOSE).any():  # ends[0] >= 1: the block starts with "{"
+        return False
+    starts = ends[:-1] + 1 if data.endswith(b"\n") else ends + 1
+    return bool((buffer[starts] == _OPEN).all())
 
 
 _TOPICS: dict[str, str] = {}

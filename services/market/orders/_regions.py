@@ -20,9 +20,11 @@ from there skips the rest.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
+import stat
 
 import attrs
 
@@ -34,6 +36,64 @@ _EXTEND_BYTES = 64 << 10
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+# Read-only, never blocking in open() (a FIFO), not inherited by children.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def describe_kind(mode: int) -> str:
+    """What a file that is not a regular one is, in words (``"a FIFO"``)."""
+    for test, kind in _KINDS:
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+class NotRegularFile(Exception):
+    """The path names something other than a regular file; it was not opened (private).
+
+    Attributes:
+        kind: what it names, in words (``"a FIFO"``).
+    """
+
+    def __init__(self, path: str, mode: int) -> None:
+        self.kind = describe_kind(mode)
+        super().__init__(f"{path} is {self.kind}, not a regular file")
+
+
+def open_regular_file(path: str) -> tuple[int, os.stat_result]:
+    """A blocking descriptor of the regular file ``path`` names, and its status (blocking).
+
+    The path is looked at (``stat``) first, and opened only if it names a
+    regular file: opening a FIFO would wake a writer waiting for a reader,
+    and leave it writing into a pipe nobody reads. The open itself does not
+    block, so a FIFO swapped in between the ``stat`` and the ``open`` cannot
+    block it either; it is then closed again, unread.
+
+    Raises:
+        NotRegularFile: the path names a FIFO, a directory, a device or a socket.
+        OSError: the path names nothing (``FileNotFoundError``), or another error.
+    """
+    before = os.stat(path)
+    if not stat.S_ISREG(before.st_mode):
+        raise NotRegularFile(path, before.st_mode)
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):  # swapped between the stat and the open
+            raise NotRegularFile(path, status.st_mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the error raised matters, not this one
+            os.close(fd)
+        raise
+    return fd, status
 
 
 @attrs.frozen
@@ -55,16 +115,19 @@ class FileRef:
     fd_path: str | None = None
 
     def open(self) -> int | None:
-        """A new descriptor of this very file, or ``None`` if neither name leads to it now."""
+        """A new descriptor of this very file, or ``None`` if neither name leads to it now.
+
+        A name that leads to something other than a regular file (a FIFO put
+        at the path) is never opened: see :func:`open_regular_file`.
+        """
         for candidate in (self.fd_path, self.path):
             if candidate is None:
                 continue
             try:
-                fd = os.open(candidate, os.O_RDONLY)
-            except OSError:
+                fd, status = open_regular_file(candidate)
+            except (OSError, NotRegularFile):
                 continue
-            stat = os.fstat(fd)
-            if (stat.st_dev, stat.st_ino) == (self.device, self.inode):
+            if (status.st_dev, status.st_ino) == (self.device, self.inode):
                 return fd
             os.close(fd)
         return None

@@ -27,7 +27,7 @@ import lark
 
 from ._indicators import INDICATORS, MAX_PERIOD, Indicator
 
-#: The longest formula accepted, in characters.
+#: The longest formula accepted, in characters, as written and as spelled canonically.
 MAX_FORMULA_LENGTH: Final = 1000
 #: The deepest expression tree accepted (``a + b + c`` is 3 deep; parentheses add nothing).
 MAX_FORMULA_DEPTH: Final = 100
@@ -733,16 +733,18 @@ def parse_formula(text: str) -> Formula:
     Python's. The formula as a whole must be a condition.
 
     Args:
-        text: the formula, at most `MAX_FORMULA_LENGTH` characters.
+        text: the formula, at most `MAX_FORMULA_LENGTH` characters, and its
+            canonical spelling too.
 
     Returns:
         The checked `Formula`.
 
     Raises:
-        FormulaError: the formula is empty, too long or too deep, does not
-            parse, names an unknown indicator or an invalid parameter, mixes
-            conditions and numbers, or is not a condition. Its ``position``
-            points at the offending character.
+        FormulaError: the formula is empty, too long (as written or as
+            spelled canonically) or too deep, does not parse, names an
+            unknown indicator or an invalid parameter, mixes conditions and
+            numbers, or is not a condition. Its ``position`` points at the
+            offending character (0 for a canonical spelling too long).
         TypeError: ``text`` is not a string.
     """
     if not isinstance(text, str):
@@ -763,4 +765,14 @@ def parse_formula(text: str) -> Formula:
         quoted = _quote(typed.node)
         message = f"a formula must be a condition, but {quoted} is a number; compare it"
         raise FormulaError(message, text, typed.position)
-    return Formula(text, typed.node)  # type: ignore[arg-type]  # a condition, checked above
+    formula = Formula(text, typed.node)  # type: ignore[arg-type]  # a condition, checked above
+    # The canonical spelling can be longer than the text (spaces around
+    # operators, 1e15 in full): refused here, it could not be parsed back.
+    spelled = len(formula.canonical())
+    if spelled > MAX_FORMULA_LENGTH:
+        message = (
+            f"formula is {spelled} characters long once spelled canonically (single spaces "
+            f"around operators, numbers in full); the limit is {MAX_FORMULA_LENGTH}"
+        )
+        raise FormulaError(message, text, 0)
+    return formula

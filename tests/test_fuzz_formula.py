@@ -1,0 +1,231 @@
+"""Fuzzing scan formulas: any text parses into a checked formula or raises FormulaError.
+
+Formulas are drawn as arbitrary text, as soups of the grammar's tokens, and
+as expressions built from the grammar (indicators, numbers huge and tiny,
+operators, comparison chains, long ``and``/``or`` chains, parentheses and
+unary operators nested up to and past every limit), some of them mangled
+afterwards. Whatever comes in: ``parse_formula`` returns a formula that
+evaluates and spells itself canonically, or raises ``FormulaError`` with a
+position inside the text; never ``RecursionError`` or anything else, and
+never slowly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from services.market.scans import FormulaError, parse_formula
+from services.market.scans._formula import MAX_FORMULA_DEPTH, MAX_FORMULA_LENGTH
+
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Real seconds one parse may take at most, on a busy machine: a parse is
+# linear in the text (at most MAX_FORMULA_LENGTH characters), so even the
+# worst text takes milliseconds; seconds would mean a blow-up.
+SLOW = 0.5
+
+NAMES = st.one_of(
+    st.sampled_from(
+        [
+            "close",
+            "open",
+            "high",
+            "low",
+            "volume",
+            "sma50",
+            "ema20",
+            "rsi14",
+            "macd",
+            "macd_hist",
+            "macd_signal",
+            "bb_upper20",
+            "bb_lower",
+            "atr14",
+            "change_pct1",
+            "sma",
+            "rsi",
+            "ema",
+            "SMA50",
+            "Close",
+            "nan",
+            "inf",
+            "infinity",
+            "NaN",
+            "e",
+            "__import__",
+            "_",
+            "sma0",
+            "sma999999",
+            "rsi00014",
+            "sma" + "9" * 400,
+        ]
+    ),
+    st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,30}", fullmatch=True),
+)
+NUMBERS = st.one_of(
+    st.sampled_from(
+        [
+            "0",
+            "1",
+            "2.5",
+            ".5",
+            "5.",
+            "1e3",
+            "1E-3",
+            "1e308",
+            "1e309",
+            "1e-400",
+            "0e0",
+            "9" * 400,
+            "0" * 300 + "1",
+            "1." + "0" * 300,
+            "1e" + "9" * 50,
+            "00.00e00",
+        ]
+    ),
+    st.integers(0, 10**30).map(str),
+    st.floats(min_value=0, allow_nan=False).map(repr),
+)
+ARGUMENTS = st.lists(
+    st.one_of(st.integers(0, 10**6).map(str), NUMBERS), min_size=0, max_size=4
+).map(lambda args: "(" + ",".join(args) + ")")
+
+
+def _binary(ops: list[str]) -> st.SearchStrategy[str]:
+    return st.sampled_from(ops)
+
+
+@st.composite
+def expressions(draw: st.DrawFn, depth: int = 0) -> str:
+    """An expression from the grammar's productions, numbers and conditions mixed at will."""
+    if depth > 4 or draw(st.integers(0, 3)) == 0:
+        atom = draw(st.sampled_from(["name", "number", "call"]))
+        if atom == "name":
+            return draw(NAMES)
+        if atom == "number":
+            return draw(NUMBERS)
+        return draw(NAMES) + draw(ARGUMENTS)
+    shape = draw(st.sampled_from(["binary", "unary", "group", "chain"]))
+    if shape == "unary":
+        prefix = draw(st.sampled_from(["-", "not ", "- ", "NOT "]))
+        return prefix * draw(st.integers(1, 3)) + draw(expressions(depth + 1))
+    if shape == "group":
+        return "(" + draw(expressions(depth + 1)) + ")"
+    ops = ["+", "-", "*", "/", "<", "<=", ">", ">=", "==", "!=", " and ", " or ", " AnD "]
+    if shape == "chain":
+        op = draw(_binary(ops))
+        count = draw(st.integers(2, 60))
+        return op.join([draw(expressions(depth + 1))] * count)
+    return draw(expressions(depth + 1)) + draw(_binary(ops)) + draw(expressions(depth + 1))
+
+
+NESTED = st.builds(
+    lambda opener, closer, count, inner: opener * count + inner + closer * count,
+    st.sampled_from(["(", "-", "not ", "-(", "(-", "not (", "((", "- "]),
+    st.sampled_from(["", ")", " > 1", ") > 1"]),
+    st.sampled_from(
+        [MAX_FORMULA_DEPTH - 2, MAX_FORMULA_DEPTH, MAX_FORMULA_DEPTH + 1, 300, 499, 2000]
+    ),
+    st.sampled_from(["close", "close > 1", "1", "rsi14 < 30 and close > sma50"]),
+)
+
+
+@st.composite
+def mangled(draw: st.DrawFn, text: str) -> str:
+    """``text`` with a few characters inserted, deleted or replaced."""
+    for _ in range(draw(st.integers(0, 3))):
+        if not text:
+            break
+        at = draw(st.integers(0, len(text) - 1))
+        change = draw(st.sampled_from(["insert", "delete", "replace"]))
+        char = draw(st.sampled_from([*"()-+*/<>=!,. 0e_aZ\n\t'\"[]", "\x00", "∧", "٣"]))
+        if change == "insert":
+            text = text[:at] + char + text[at:]
+        elif change == "delete":
+            text = text[:at] + text[at + 1 :]
+        else:
+            text = text[:at] + char + text[at + 1 :]
+    return text
+
+
+FORMULAS = st.one_of(
+    st.text(max_size=300),
+    st.text(alphabet=st.characters(codec="ascii"), min_size=900, max_size=1100),
+    expressions(),
+    expressions().flatmap(mangled),
+    NESTED,
+    NESTED.flatmap(mangled),
+    st.lists(expressions(), min_size=1, max_size=5).map(" and ".join),
+)
+
+
+def check(text: str) -> None:
+    """``parse_formula(text)`` is a usable formula, or a FormulaError inside the text; fast."""
+    began = time.perf_counter()
+    error: FormulaError | None = None
+    try:
+        formula = parse_formula(text)
+    except FormulaError as exc:
+        error = exc
+    took = time.perf_counter() - began
+    assert took < SLOW, f"{took:.3f} s to parse {text[:80]!r}..."
+    if error is not None:
+        assert 0 <= error.position <= len(text)
+        assert error.message
+        assert str(error).startswith(error.message)
+        assert len(str(error).splitlines()) == 3
+        return
+    assert formula.tree.depth <= MAX_FORMULA_DEPTH
+    values = {indicator.key: 1.0 for indicator in formula.indicators}
+    assert formula.evaluate(values) in (True, False)
+    assert formula.evaluate(dict.fromkeys(values, math.nan)) in (True, False)
+    # The canonical spelling is a formula too, whatever was written, and the same one.
+    again = parse_formula(formula.canonical())
+    assert again.tree == formula.tree
+    assert again.canonical() == formula.canonical()
+
+
+@FUZZ
+@given(FORMULAS)
+@example("(" * (MAX_FORMULA_LENGTH // 2 - 3) + "1" + ")" * (MAX_FORMULA_LENGTH // 2 - 3))
+@example("-" * (MAX_FORMULA_LENGTH - 9) + "close > 1")
+@example("not " * (MAX_FORMULA_LENGTH // 4 - 3) + "close > 1")
+@example("(" * 100_000)
+@example(" and ".join(["close > 1e15"] * 50))
+def test_any_formula_parses_or_raises_a_formula_error_quickly(text: str) -> None:
+    check(text)
+
+
+@FUZZ
+@given(st.lists(st.sampled_from(
+    ["close", "sma50", "rsi(14)", "macd(5,35,5)", "1", "1e15", "1e309", ".5", "nan",
+     "(", ")", ",", "+", "-", "*", "/", "<", "<=", ">", ">=", "==", "!=", "and", "or",
+     "not", " "]), max_size=400))  # fmt: skip
+def test_token_soup_up_to_the_length_limit(tokens: list[str]) -> None:
+    check(" ".join(tokens))
+
+
+def test_deep_nesting_is_refused_by_the_limits_not_the_stack_and_fast() -> None:
+    for text in [
+        "(" * 499 + "close" + ")" * 499 + ">1",
+        "-" * 999 + "1",
+        "not " * 249 + "close>1",
+        "(" * 10**6,
+        "-(" * 333 + "1",
+    ]:
+        check(text)
+
+
+def test_a_formula_too_long_once_spelled_canonically_is_refused() -> None:
+    # 895 characters as written; 1e15 is 1000000000000000 once spelled in full.
+    text = " and ".join(["close>1e15"] * 60)
+    with pytest.raises(FormulaError, match="1735 characters long once spelled canonically") as info:
+        parse_formula(text)
+    assert info.value.position == 0
+    # Within the limit both ways, it parses, and its spelling parses back.
+    formula = parse_formula(" and ".join(["close>1e15"] * 30))
+    assert parse_formula(formula.canonical()).tree == formula.tree
