@@ -139,11 +139,23 @@ def test_bad_values_exit_2_with_the_documented_message(
     with pytest.raises(SystemExit) as exited:
         cli.config_from_args(argv)
     assert exited.value.code == 2
-    error = capsys.readouterr().err.splitlines()[-1]
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines  # one line, not the usage and a traceback
     expected = f"python -m services.market: error: {message}"
     # argparse's list of choices after "invalid choice" is worded differently
     # across Python versions, so the page stops before it.
-    assert error == expected or error.startswith(f"{expected} (")
+    assert lines[0] == expected or lines[0].startswith(f"{expected} (")
+
+
+def test_every_flag_and_variable_has_a_bad_value_row() -> None:
+    given = [row[0] for row in _error_rows("parser errors")]
+    flags = {g.split("=")[0].split()[0] for g in given if g.startswith("--")}
+    variables = {g.partition("=")[0] for g in given if g.startswith("MARKET_")}
+    rows = {_code(row[0]): _code(row[1]) for row in _flag_rows()}
+    assert set(rows) <= flags, f"flags without a bad-value row: {sorted(set(rows) - flags)}"
+    assert set(rows.values()) <= variables, (
+        f"variables without a bad-value row: {sorted(set(rows.values()) - variables)}"
+    )
 
 
 @pytest.mark.subprocess

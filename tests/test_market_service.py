@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -46,8 +47,15 @@ def service_process(*flags: str) -> Iterator[tuple[subprocess.Popen[str], str, s
         text=True,
     )
     try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
+        stdout = process.stdout
+        assert stdout is not None
+        ready: list[str] = []
+        reader = threading.Thread(target=lambda: ready.append(stdout.readline()))
+        reader.start()
+        reader.join(30)
+        if reader.is_alive():  # the kill below ends the read with EOF
+            raise AssertionError("no ready line within 30 s")
+        line = ready[0]
         assert line.startswith("market service ready at http://127.0.0.1:"), line
         url = line.split(" at ")[1].split()[0]
         ws_url = line.split("(WebSocket: ")[1].rstrip(")\n")
@@ -103,6 +111,10 @@ def test_service_runs_on_the_simulator_serves_ops_and_stops_on_sigterm() -> None
         (["--rate", "-5"], "--rate: must be a positive number or inf, got '-5'"),
         (["--port", "70000"], "--port: must be a port number from 0 to 65535, got '70000'"),
         (["--symbols", ","], "--symbols: must name at least one symbol, got ','"),
+        # Each of these once ended in a traceback from deep inside a part.
+        (["--rate=-inf"], "--rate: must be a positive number or inf, got '-inf'"),
+        (["--symbols", "B"], "symbols must be upper-case Binance symbols like 'BTCUSDT'"),
+        (["--host", ""], "--host: must be an address or host name, got ''"),
     ],
 )
 def test_invalid_flags_exit_2_with_a_clear_message(flags: list[str], message: str) -> None:
@@ -111,6 +123,7 @@ def test_invalid_flags_exit_2_with_a_clear_message(flags: list[str], message: st
     )
     assert result.returncode == 2
     assert message in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
 def test_help_documents_every_flag_and_its_variable() -> None:

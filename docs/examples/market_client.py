@@ -65,7 +65,7 @@ async def main() -> str:
         for name in (
             'engine_feed_published{source="feed"}',
             'engine_hub_published_total{hub="bus"}',
-            'engine_broadcast_sent{source="broadcast"}',
+            'engine_broadcast_sent_total{source="broadcast"}',
         ):
             print(f"{name} > 0: {metrics[name] > 0}")
         dropped = 'engine_channel_dropped_total{channel="feed_queue"}'

@@ -16,7 +16,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import engine
 
@@ -91,12 +91,50 @@ def _switch(text: str) -> bool | str:
     return text
 
 
+def _host(text: str) -> str:
+    if not text.strip() or text != text.strip():
+        raise argparse.ArgumentTypeError(f"must be an address or host name, got {text!r}")
+    return text
+
+
+def _path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name a file, got {text!r}")
+    return text
+
+
+def _token(text: str) -> str:
+    if not text or not text.isascii() or not text.isprintable() or " " in text:
+        raise argparse.ArgumentTypeError("must be printable ASCII without spaces")
+    return text
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(o.strip() for o in text.split(",") if o.strip())
+    if not origins:
+        raise argparse.ArgumentTypeError(f"must name at least one origin, got {text!r}")
+    for origin in origins:
+        scheme, _, rest = origin.partition("://")
+        if scheme not in ("http", "https") or not rest or "/" in rest:
+            raise argparse.ArgumentTypeError(
+                f"{origin!r} is not an origin (scheme://host[:port], like https://example.com)"
+            )
+    return origins
+
+
 _OVERFLOW = ("block", "drop_oldest", "drop_newest")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line: the message, and where to look."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
     env = os.environ.get
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m services.market",
         description="Market-data service: exchange feed -> processors -> bus, with /health "
         "/ready /metrics /status. Runs on an embedded exchange simulator unless --feed-url "
@@ -106,8 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--host",
+        type=_host,
         default=env("MARKET_HOST", "127.0.0.1"),
-        help="address to serve on (MARKET_HOST; default 127.0.0.1)",
+        help="address of the ops server and /api (MARKET_HOST; default 127.0.0.1)",
     )
     # Defaults are the variables' text: argparse converts and checks a string
     # default with the flag's type, so a bad variable gets the flag's message.
@@ -116,6 +155,12 @@ def _parser() -> argparse.ArgumentParser:
         type=_port,
         default=env("MARKET_PORT", "8000"),
         help="port to serve on, 0 for any free one (MARKET_PORT; default 8000)",
+    )
+    parser.add_argument(
+        "--ws-host",
+        type=_host,
+        default=env("MARKET_WS_HOST", "127.0.0.1"),
+        help="address of the WebSocket broadcast (MARKET_WS_HOST; default 127.0.0.1)",
     )
     parser.add_argument(
         "--ws-port",
@@ -162,6 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--order-log",
+        type=_path,
         default=env("MARKET_ORDER_LOG"),
         help="a Hyperliquid node's order-status log to follow (MARKET_ORDER_LOG; default: "
         "the embedded simulator writes one, unless --feed-url is given)",
@@ -212,6 +258,33 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to finish in-flight work after SIGTERM (MARKET_GRACE_PERIOD)",
     )
     parser.add_argument(
+        "--token",
+        type=_token,
+        default=env("MARKET_TOKEN"),
+        help="a secret WebSocket clients and POST/DELETE /api requests must present "
+        "(MARKET_TOKEN, which keeps it out of the process list; default none)",
+    )
+    parser.add_argument(
+        "--allowed-origins",
+        type=_origins,
+        default=env("MARKET_ALLOWED_ORIGINS"),
+        help="comma-separated origins WebSocket requests from browsers may come from "
+        "(MARKET_ALLOWED_ORIGINS; default: any)",
+    )
+    parser.add_argument(
+        "--max-clients",
+        type=_positive,
+        default=env("MARKET_MAX_CLIENTS", "1000"),
+        help="WebSocket clients at most (MARKET_MAX_CLIENTS; default 1000)",
+    )
+    parser.add_argument(
+        "--max-clients-per-ip",
+        type=_positive,
+        default=env("MARKET_MAX_CLIENTS_PER_IP"),
+        help="WebSocket clients from one address at most (MARKET_MAX_CLIENTS_PER_IP; "
+        "default: no limit below --max-clients)",
+    )
+    parser.add_argument(
         "--log-json",
         action=argparse.BooleanOptionalAction,
         default=_switch(env("MARKET_LOG_JSON", "")),
@@ -243,6 +316,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[MarketConfig, b
         config = MarketConfig(
             host=args.host,
             port=args.port,
+            ws_host=args.ws_host,
             ws_port=args.ws_port,
             feed_url=args.feed_url,
             symbols=args.symbols,
@@ -258,6 +332,10 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[MarketConfig, b
             whale_threshold=args.whale_threshold,
             scan_symbols=args.scan_symbols,
             scan_workers=args.scan_workers,
+            token=args.token,
+            allowed_origins=args.allowed_origins,
+            max_clients=args.max_clients,
+            max_clients_per_ip=args.max_clients_per_ip,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import tempfile
 import time
@@ -32,13 +31,29 @@ BINANCE_REST = "https://api.binance.com"
 SIMULATED_WHALE_USD = 1_500.0
 
 
+def _port(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ValueError(f"{attribute.name} must be a port number from 0 to 65535, got {value!r}")
+
+
+def _grace_period(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not isinstance(value, int | float) or not value >= 0:  # refuses nan too
+        raise ValueError(f"grace_period must be >= 0 seconds or inf, got {value!r}")
+
+
 @attrs.frozen
 class MarketConfig:
     """Everything the service is told; built from flags and ``MARKET_*`` variables.
 
+    Every value is checked when it is built, by the parts that will use it:
+    a bad one raises ``ValueError`` here, not when :func:`serve_market` starts.
+
     Attributes:
-        host: the ops/API server's address (127.0.0.1 unless told otherwise).
+        host: the ops/API server's address (127.0.0.1 unless told otherwise):
+            /health, /ready, /metrics, /status and ``/api``.
         port: its port; 0 picks a free one.
+        ws_host: the WebSocket broadcast's address, separate from ``host``
+            so that publishing the stream never exposes the ops endpoints.
         ws_port: the WebSocket broadcast's port (``/ws``); 0 picks a free one.
         feed_url: the exchange's stream base URL; ``None`` runs the embedded simulator.
         symbols: the symbols to follow.
@@ -61,18 +76,28 @@ class MarketConfig:
             whose trades are small.
         scan_symbols: the simulated universe that scans cover.
         scan_workers: the scans' worker processes; ``None``: one per CPU.
+        token: if set, WebSocket clients must present it (``Authorization:
+            Bearer`` or ``?token=``), and so must ``POST`` and ``DELETE``
+            requests to ``/api``.
+        allowed_origins: if set, a WebSocket request whose ``Origin`` is not
+            one of these is refused (403).
+        max_clients: WebSocket clients at most; more are answered 503.
+        max_clients_per_ip: connections from one address at most, open or
+            still in the upgrade (more get 503 at once); ``None``: no limit
+            below ``max_clients``.
     """
 
     host: str = "127.0.0.1"
-    port: int = 8000
-    ws_port: int = 8001
+    port: int = attrs.field(default=8000, validator=_port)
+    ws_host: str = "127.0.0.1"
+    ws_port: int = attrs.field(default=8001, validator=_port)
     feed_url: str | None = None
     symbols: tuple[str, ...] = DEFAULT_SYMBOLS
     rate: float = 1000.0
     processors: int = 4
     queue_size: int = 10_000
     overflow: str = "block"
-    grace_period: float = 10.0
+    grace_period: float = attrs.field(default=10.0, validator=_grace_period)
     order_log: str | None = None
     order_log_publish: str = "batch"
     rest_url: str | None = None
@@ -80,6 +105,74 @@ class MarketConfig:
     whale_threshold: float | None = None
     scan_symbols: int = DEFAULT_UNIVERSE
     scan_workers: int | None = None
+    token: str | None = attrs.field(default=None, repr=False)
+    allowed_origins: tuple[str, ...] | None = None
+    max_clients: int = 1000
+    max_clients_per_ip: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        # Every part checks its own settings: building them all now refuses a
+        # bad value here, before anything starts, with the part's message.
+        _plan(
+            self,
+            feed_url=self.feed_url or "ws://127.0.0.1:9",
+            rest_url=self.rest_url or "http://127.0.0.1:9",
+            order_log="node_order_statuses" if self.order_log is None else self.order_log,
+            simulated=self.feed_url is None,
+        )
+
+
+@attrs.frozen
+class _Plan:
+    """The settings of every part, derived from a :class:`MarketConfig` (private)."""
+
+    simulator: SimulatorConfig | None
+    feed: FeedConfig
+    whales: WhaleFlowConfig
+    watchlist: WatchlistConfig
+    scans: ScanConfig
+    orders: OrderLogConfig | None
+    broadcast: BroadcastConfig
+
+
+def _plan(
+    config: MarketConfig,
+    *,
+    feed_url: str,
+    rest_url: str,
+    order_log: str | None,
+    simulated: bool,
+) -> _Plan:
+    """Each part's settings; each part's config checks its own values."""
+    return _Plan(
+        simulator=SimulatorConfig(symbols=config.symbols, rate=config.rate) if simulated else None,
+        feed=FeedConfig(
+            feed_url,
+            config.symbols,
+            queue_size=config.queue_size,
+            overflow=config.overflow,
+            processors=config.processors,
+        ),
+        whales=WhaleFlowConfig(
+            threshold_usd=config.whale_threshold
+            or (SIMULATED_WHALE_USD if simulated else WhaleFlowConfig().threshold_usd)
+        ),
+        watchlist=WatchlistConfig(rest_url, config.symbols, interval=config.watchlist_interval),
+        scans=ScanConfig(symbols=config.scan_symbols, workers=config.scan_workers),
+        orders=(
+            None
+            if order_log is None
+            else OrderLogConfig(order_log, publish=config.order_log_publish)
+        ),
+        broadcast=BroadcastConfig(
+            host=config.ws_host,
+            port=config.ws_port,
+            token=config.token,
+            allowed_origins=config.allowed_origins,
+            max_clients=config.max_clients,
+            max_clients_per_ip=config.max_clients_per_ip,
+        ),
+    )
 
 
 @attrs.frozen
@@ -158,31 +251,21 @@ async def _serve_market(
                 SimulatorConfig(symbols=config.symbols, rate=config.rate, order_log=simulated_log),
             )
             feed_url = simulator.address.ws_url
-        feed = Feed(
-            FeedConfig(
-                feed_url,
-                config.symbols,
-                queue_size=config.queue_size,
-                overflow=config.overflow,
-                processors=config.processors,
-            ),
-            bus,
-        )
         rest_url = config.rest_url or (
             simulator.address.rest_url if simulator is not None else BINANCE_REST
         )
-        threshold = config.whale_threshold or (
-            SIMULATED_WHALE_USD if simulator is not None else WhaleFlowConfig().threshold_usd
+        plan = _plan(
+            config,
+            feed_url=feed_url,
+            rest_url=rest_url,
+            order_log=order_log,
+            simulated=simulator is not None,
         )
-        whales = WhaleFlows(WhaleFlowConfig(threshold_usd=threshold), bus)
-        watchlist = Watchlist(
-            WatchlistConfig(rest_url, config.symbols, interval=config.watchlist_interval)
-        )
+        feed = Feed(plan.feed, bus)
+        whales = WhaleFlows(plan.whales, bus)
+        watchlist = Watchlist(plan.watchlist)
         anchor = simulator.anchor_ms if simulator is not None else int(time.time() * 1000)
-        scans = Scans(
-            ScanConfig(symbols=config.scan_symbols, workers=config.scan_workers),
-            SimulatedKlines(anchor_ms=anchor),
-        )
+        scans = Scans(plan.scans, SimulatedKlines(anchor_ms=anchor))
         async with engine.open_supervisor(name="market", max_restarts=20, period=60) as sup:
             # Whale flows first, so they see the feed's first trade.
             await sup.start(whales.run, name="whale_flows")
@@ -197,16 +280,14 @@ async def _serve_market(
             )
             outside(feed.connect, name="feed")
             orders: OrderLog | None = None
-            if order_log is not None:
-                orders = OrderLog(OrderLogConfig(order_log, publish=config.order_log_publish), bus)
+            if plan.orders is not None:
+                orders = OrderLog(plan.orders, bus)
                 outside(orders.follow, name="orders")
             await sup.start(
                 watchlist.run, name="watchlist", stall_after=watchlist.config.stall_after
             )
             await sup.start(scans.run, name="scans")
-            broadcast: BroadcastServer = await nursery.start(
-                serve_broadcast, bus, BroadcastConfig(host=config.host, port=config.ws_port)
-            )
+            broadcast: BroadcastServer = await nursery.start(serve_broadcast, bus, plan.broadcast)
             info = ServiceInfo(ws_url=broadcast.url, feed_url=feed_url, symbols=config.symbols)
             sources: dict[str, engine.HasStatistics] = {
                 "service": info,
@@ -220,7 +301,9 @@ async def _serve_market(
             if orders is not None:
                 sources["orders"] = orders
             sources |= {"watchlist": watchlist, "whale_flows": whales, "scans": scans}
-            api = build_api(scans=scans, watchlist=watchlist, whales=whales, orders=orders)
+            api = build_api(
+                scans=scans, watchlist=watchlist, whales=whales, orders=orders, token=config.token
+            )
             serve = functools.partial(
                 engine.serve_ops,
                 sup,
@@ -262,6 +345,6 @@ async def _serve_market(
 def rate_from_text(text: str) -> float:
     """``"inf"`` or a positive number of messages per second."""
     rate = float(text)
-    if not (rate > 0 or math.isinf(rate)):
+    if not rate > 0:  # refuses nan and -inf; inf is "no limit"
         raise ValueError(f"rate must be > 0, got {text!r}")
     return rate
