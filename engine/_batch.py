@@ -15,7 +15,10 @@ progress callback and a pool owned by a context manager. Here:
 - a chunk that times out or whose worker dies is split: the item it was
   running runs again alone, first in line, the others again or for the
   first time, so each still gets its own true outcome, and a hung item is
-  reported within twice its deadline.
+  reported within twice its deadline;
+- with ``at_most_once``, no item runs twice: a hung item is ended at its
+  own deadline, and it and the items whose results died with its worker
+  end with that failure instead of running again.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from ._batch_runners import (
 )
 from ._bridgestats import tally
 from ._channels import ReceiveChannel, SendChannel, open_channel
-from ._exceptions import SerializationError
+from ._exceptions import SerializationError, WorkerCrashed
 from ._processes import _DEFAULT, ProcessPool, pickle_call, to_process
 from ._validation import check_choice, check_count, check_duration
 
@@ -106,7 +109,7 @@ class Outcome(Generic[T, R]):
             (its last attempt).
         ran: seconds the item ran, measured where it ran (0 if it never did).
         attempts: 2 when a call it had started in failed (timed out, or its
-            worker died), so that it ran again.
+            worker died), so that it ran again; always 1 with ``at_most_once``.
     """
 
     index: int
@@ -187,8 +190,9 @@ class BatchStatistics:
         ok, error, timeout, crashed, cancelled: outcomes so far, by status.
         in_flight: calls running now (never more than ``workers``).
         calls: calls made so far (chunks and single re-runs).
-        split_chunks: calls that failed (timed out, or their worker died);
-            the item each was running then ran again alone.
+        split_chunks: calls of several items that failed (timed out, or
+            their worker died); the item each was running then ran again
+            alone, or, with ``at_most_once``, ended with that failure.
     """
 
     total: int
@@ -237,6 +241,7 @@ class Batch(Generic[T, R]):
         item_deadline: float,
         chunk_size: int | None,
         on_progress: Callable[[int, int], object] | None,
+        at_most_once: bool = False,
     ) -> None:
         self._fn = fn
         self._items = items
@@ -245,6 +250,7 @@ class Batch(Generic[T, R]):
         self._deadline = item_deadline
         self._chunk_size = chunk_size
         self._on_progress = on_progress
+        self._at_most_once = at_most_once
         self._results: list[Outcome[T, R] | None] = [None] * len(items)
         self._counts: collections.Counter[Status] = collections.Counter()
         self._completed = 0  # outcomes other than cancelled
@@ -360,7 +366,11 @@ class Batch(Generic[T, R]):
                     # Only the items it ran: those it never started (stopped by
                     # its clock) are back in line already.
                     ran = arrived.chunk[: len(report.ran)]
-                    self._split_chunk([index for index, _ in ran], failure)
+                    if self._at_most_once:
+                        for (index, _), took in zip(ran, report.ran, strict=True):
+                            self._finish(index, Status.ERROR, error=failure, ran=took)
+                    else:
+                        self._split_chunk([index for index, _ in ran], failure)
                     continue
             rows = arrived.decoded
             start, end = arrived.recorded, len(rows.indices)
@@ -403,7 +413,7 @@ class Batch(Generic[T, R]):
             self._calls += 1
             number = self._calls
             now = trio.current_time()
-            call = Call()
+            call = Call(at_most_once=self._at_most_once)
             self._running[number] = _Running(now, [i for i, _ in chunk], speed, stop_after, call)
             for index, _ in chunk:
                 self._queued[index] = now - self._started_at
@@ -420,7 +430,7 @@ class Batch(Generic[T, R]):
             if report.not_started:
                 # Back to the front of the line, in order.
                 self._resume.extendleft(reversed(report.not_started))
-            if report.timed_out or report.unknown:
+            if report.timed_out or report.unknown or report.lost:
                 self._absorb(chunk, report)
             else:
                 # The common case: record the outcomes after this worker's next
@@ -580,10 +590,10 @@ class Batch(Generic[T, R]):
         self._record_finished()
         for index, ran in report.timed_out:
             self._finish(index, Status.TIMEOUT, error=report.failure, ran=ran)
-        if report.unknown:
+        if report.unknown or report.lost:
             # Sent alone (not left alone by a cut: that call had a chunk's
             # time), the item had its whole deadline.
-            if len(chunk) == 1:
+            if len(chunk) == 1 and report.unknown:
                 (index,) = report.unknown
                 if isinstance(report.failure, trio.TooSlowError):
                     self._finish(index, Status.TIMEOUT, error=report.failure, ran=self._deadline)
@@ -593,12 +603,50 @@ class Batch(Generic[T, R]):
                     self._finish(index, Status.CRASHED, error=report.failure)
             else:
                 assert report.failure is not None
-                self._split_chunk(report.unknown, report.failure, lost=report.lost)
+                if self._at_most_once and not isinstance(report.failure, SerializationError):
+                    self._end_failed_call(report.unknown, report.failure, lost=report.lost)
+                elif isinstance(report.failure, SerializationError):
+                    # The worker could not unpickle the chunk: no item ran.
+                    self._split_chunk(report.unknown, report.failure, ran=False)
+                else:
+                    self._split_chunk(report.unknown, report.failure, lost=report.lost)
         self._flush_tally()
         self._notify()
 
+    def _end_failed_call(
+        self, suspects: list[int], failure: BaseException, *, lost: Sequence[int]
+    ) -> None:
+        # At most once: the item the call was running (or, when which is
+        # unknown, every item it may have run) ends with the call's failure,
+        # and the items whose results died with the worker end ``crashed``.
+        if len(suspects) + len(lost) > 1:
+            self._split += 1
+        logger.warning(
+            "a call failed (%s): %d items end with it, %d lost their results; none runs again",
+            failure,
+            len(suspects),
+            len(lost),
+        )
+        if isinstance(failure, trio.TooSlowError):
+            # Ended at its own deadline, when the board said which item ran.
+            ran = self._deadline if len(suspects) == 1 else 0.0
+            for index in suspects:
+                self._finish(index, Status.TIMEOUT, error=failure, ran=ran)
+        else:
+            for index in suspects:
+                self._finish(index, Status.CRASHED, error=failure)
+        if lost:
+            error = _results_lost(failure, suspects)
+            for index in lost:
+                self._finish(index, Status.CRASHED, error=error)
+
     def _split_chunk(
-        self, suspects: list[int], failure: BaseException, *, lost: Sequence[int] = ()
+        self,
+        suspects: list[int],
+        failure: BaseException,
+        *,
+        lost: Sequence[int] = (),
+        ran: bool = True,
     ) -> None:
         # The suspects (the item that hung, crashed the worker or could not
         # travel, or all of a call when which is unknown) each run again
@@ -611,8 +659,9 @@ class Batch(Generic[T, R]):
             len(suspects),
             len(lost),
         )
-        for index in (*suspects, *lost):
-            self._attempts[index] += 1
+        if ran:  # (a chunk the worker could not unpickle ran no item)
+            for index in (*suspects, *lost):
+                self._attempts[index] += 1
         self._retry.extend(suspects)
         self._resume.extendleft(reversed(lost))
 
@@ -692,6 +741,33 @@ class Batch(Generic[T, R]):
                 self._on_progress(self._completed, len(self._items))
 
 
+def _results_lost(failure: BaseException, culprits: list[int]) -> WorkerCrashed:
+    """The error of an item that ran, in a call whose worker then died or was killed.
+
+    No culprits: every item the call started had returned, and the worker
+    died, or was ended, sending the results back.
+    """
+    which = f"item {culprits[0]}" if len(culprits) == 1 else "a later item"
+    if isinstance(failure, WorkerCrashed):
+        exit_code, signal = failure.exit_code, failure.signal
+        if culprits:
+            what = f"{failure.what}, running {which} of its call"
+        else:
+            what = f"{failure.what}, sending back the results of its call"
+    else:
+        exit_code = signal = None
+        what = (
+            f"running {which} of its call, ended at its deadline"
+            if culprits
+            else "sending back the results of its call, ended at the item deadline"
+        )
+    return WorkerCrashed(
+        f"{what}; this item had run, and its result was lost with the worker",
+        exit_code=exit_code,
+        signal=signal,
+    )
+
+
 def _balanced_end(
     now: float,
     waiting: int,
@@ -740,6 +816,7 @@ def map_batch(
     on_progress: Callable[[int, int], object] | None = None,
     chunk_size: int | None = None,
     pool: ProcessPool | None = None,
+    at_most_once: bool = False,
 ) -> AbstractAsyncContextManager[Batch[T, Any]]:
     """Run ``fn`` over ``items`` with one outcome per item.
 
@@ -774,12 +851,27 @@ def map_batch(
             each worker's measured speed, and a clock in the worker that ends
             a call of slower items early. Ignored for ``"async"``.
         pool: the process pool to use; defaults to the run's default pool.
+        at_most_once: never run an item twice, for functions with side
+            effects. By default a call of several items that times out, or
+            whose worker dies, runs its items again (the one it was running
+            alone, with its whole deadline), so each gets its own true
+            outcome and a hung item is reported within twice its deadline.
+            With ``at_most_once``, a process call is ended when the item it
+            runs reaches its own deadline, counted from that item's start;
+            that item ends ``timeout`` (or ``crashed``, if its worker died),
+            the items before it in the call, whose results died with the
+            worker, end ``crashed``, and only the items it never started
+            run, once. Sending a call's results back has a deadline of its
+            own, from when its worker starts no more items. Slow calls are
+            not shared between workers. Threads and async functions never
+            run an item twice either way.
 
     Returns:
         An async context manager yielding the :class:`Batch`.
 
     Raises:
         ValueError: at call time, for a bad number or bridge (named).
+        TypeError: at call time, for an argument of the wrong type (named).
     """
     listed = list(items)
     deadline = check_duration("item_deadline", item_deadline)
@@ -789,6 +881,8 @@ def map_batch(
         check_count("workers", workers, minimum=1)
     if on_progress is not None and not callable(on_progress):
         raise TypeError(f"on_progress must be callable, got {on_progress!r}")
+    if not isinstance(at_most_once, bool):
+        raise TypeError(f"at_most_once must be a bool, got {at_most_once!r}")
     if isinstance(bridge, str):
         kind = check_choice("bridge", bridge, Bridge)
         if kind is Bridge.PROCESS:
@@ -799,7 +893,9 @@ def map_batch(
         raise ValueError(
             f"bridge must be 'process', 'thread', 'async' or a bridge object, got {bridge!r}"
         )
-    return _open_batch(fn, listed, kind, bridge, workers, deadline, on_progress, chunk_size, pool)
+    return _open_batch(
+        fn, listed, kind, bridge, workers, deadline, on_progress, chunk_size, pool, at_most_once
+    )
 
 
 @asynccontextmanager
@@ -813,6 +909,7 @@ async def _open_batch(
     on_progress: Callable[[int, int], object] | None,
     chunk_size: int | None,
     pool: ProcessPool | None,
+    at_most_once: bool,
 ) -> AsyncIterator[Batch[Any, Any]]:
     runner: Runner
     if kind is Bridge.PROCESS:
@@ -837,6 +934,7 @@ async def _open_batch(
         item_deadline=deadline,
         chunk_size=chunk_size,
         on_progress=on_progress,
+        at_most_once=at_most_once,
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(batch._run)

@@ -7,6 +7,12 @@ started, lost (it ran, but its result died with the worker), or of unknown
 fate (running when the worker was killed or died; the batch re-runs each
 such item alone). While it runs, the batch may cut it (see :class:`Call`):
 the items from the cut on are another call's, and the report leaves them out.
+
+A call marked ``at_most_once`` is never cut, and a process call so marked
+is killed when the item it runs reaches its own deadline (the board says
+when that item started), so that the batch can end that item, and those
+whose results died with it, without running any of them again. Sending
+the results back then has a deadline of its own: it is no item's time.
 """
 
 from __future__ import annotations
@@ -87,11 +93,16 @@ class Call:
     asks it to start no item at or past a position. The runner sets both
     while the call runs (neither where it cannot watch the call), and
     reports, when the call returns, only the items before :attr:`limit`.
+    The batch sets :attr:`at_most_once` when no item may run twice: the
+    runner then leaves ``cut`` unset where a cut could, rarely, let an item
+    start in two calls (the process board), and ends an item that runs past
+    its deadline at that deadline, counted from the item's own start.
     """
 
     started: Callable[[], int] | None = None
     cut: Callable[[int], None] | None = None
     limit: int = NO_LIMIT  # the items from here on were given to another call
+    at_most_once: bool = False
 
     def cut_at(self, limit: int) -> int:
         """Take the call's items from ``limit`` on; return where those taken start.
@@ -204,6 +215,7 @@ def run_chunk_in_worker(
     items: list[Any],
     stop_after: float = math.inf,
     board: tuple[str, int] | None = None,
+    item_times: bool = False,
 ) -> tuple[array.array[float], dict[int, BaseException], bytes]:
     """Worker side: each item's run time, the failed ones' errors, every result pickled together.
 
@@ -213,7 +225,10 @@ def run_chunk_in_worker(
     as one pickle, and the results travel as one (one ``loads`` in the
     parent, not one per item); only when that fails are they pickled one
     by one, to say which item's result could not travel. Errors are keyed
-    by position in the chunk; a failed item's result is ``None``.
+    by position in the chunk; a failed item's result is ``None``. With
+    ``item_times``, each item's start time goes on the board too, for the
+    parent to end it at its own deadline, and then when the results began
+    to go back.
     """
     ran = array.array("d")
     errors: dict[int, BaseException] = {}
@@ -232,6 +247,8 @@ def run_chunk_in_worker(
         if slot is not None:
             # Claim the item, then look for a cut: the parent lowers the
             # limit before it reads the claims (see _board).
+            if item_times:
+                slot.report_time(time.monotonic_ns())
             slot.report(position + 1)
             if position >= slot.limit():
                 slot.report(position)
@@ -245,6 +262,10 @@ def run_chunk_in_worker(
             continue
         ran.append(time.perf_counter() - started)
         values.append(value)
+    if item_times and slot is not None:
+        # No item runs from here on: pickling and sending the results is not
+        # the last item's time (the parent gives it a deadline of its own).
+        slot.report_sending(time.monotonic_ns())
     try:
         return ran, errors, pickle.dumps(values, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:
@@ -278,11 +299,20 @@ class ProcessRunner:
             # per worker (or there is no board, and the call runs unwatched).
             board = self.pool._progress_board()
             if board is None:
+                if call.at_most_once and len(chunk) > 1:
+                    # Unwatched, a failed call could not say which of its
+                    # items ran: one item a call from now on (the pool will
+                    # have no board later either), the rest back in line.
+                    self.chunked = False
+                    report = await self._run(fn, chunk[:1], deadline, stop_after, None, call)
+                    report.not_started.extend(index for index, _ in chunk[1:])
+                    return report
                 return await self._run(fn, chunk, deadline, stop_after, None, call)
             slot = board.take()
             try:
                 call.started = functools.partial(board.started, slot)
-                call.cut = functools.partial(board.cut, slot)
+                if not call.at_most_once:  # a cut may, rarely, start an item twice (see _board)
+                    call.cut = functools.partial(board.cut, slot)
                 return await self._run(fn, chunk, deadline, stop_after, (board, slot), call)
             finally:
                 call.started = call.cut = None
@@ -300,35 +330,129 @@ class ProcessRunner:
         failure: BaseException | None = None
         items = [item for _, item in chunk]
         board = (place[0].path, place[1]) if place is not None else None
-        payload = pickle_call(run_chunk_in_worker, (fn, items, stop_after, board))
+        # Watched item by item: each item is ended at its own deadline.
+        watched = place is not None and call.at_most_once and math.isfinite(deadline)
+        payload = pickle_call(run_chunk_in_worker, (fn, items, stop_after, board, watched))
         await self.pool._ensure_idle_worker()
         # A started worker is ours: the deadline starts now.
-        limit = chunk_deadline(deadline, len(chunk), stop_after)
+        limit = math.inf if watched else chunk_deadline(deadline, len(chunk), stop_after)
+        data: bytes | Exception = b""
+        watch = Watch()
         with trio.move_on_after(limit) as scope:
-            try:
-                data = await self.pool._dispatch(payload, fn, kill_on_cancel=True)
-            except WorkerCrashed as exc:
-                failure = exc
-            except Exception as exc:
-                # The call failed outside the per-item handling: the worker
-                # could not unpickle the chunk (a class it cannot import).
-                # Which item is unknown; alone, each says for itself.
-                return ChunkReport(
-                    unknown=[index for index, _ in chunk[: call.limit]],
-                    failure=SerializationError(
-                        "argument", f"could not be unpickled in the worker ({exc})"
-                    ),
-                )
+            if watched:
+                assert place is not None
+                data = await self._call_watched(payload, fn, place, deadline, scope, watch)
+            else:
+                data = await self._call(payload, fn)
+        if isinstance(data, WorkerCrashed):
+            failure = data
+        elif isinstance(data, Exception):
+            # The call failed outside the per-item handling: the worker
+            # could not unpickle the chunk (a class it cannot import).
+            # Which item is unknown; alone, each says for itself. No item
+            # ran, so this holds for at-most-once calls too.
+            return ChunkReport(
+                unknown=[index for index, _ in chunk[: call.limit]],
+                failure=SerializationError(
+                    "argument", f"could not be unpickled in the worker ({data})"
+                ),
+            )
+        overdue = None
         if scope.cancelled_caught:
             failure = too_slow(deadline)
+            overdue = watch.overdue
         if failure is not None:
             # Still holding the worker's place: replace the lost worker now, so
             # the next item's deadline does not pay for a process start.
             await self.pool._replace_lost_worker()
             begun = place[0].started(place[1]) if place is not None else 0
             kept = chunk[: call.limit]
-            return lost_with_the_worker(kept, min(begun, len(kept)), failure)
+            if watched and place is not None and place[0].started_at(place[1]) < 0:
+                # Every item it started had returned; their results died
+                # with the worker while they were being sent back.
+                indices = [index for index, _ in kept]
+                if scope.cancelled_caught:
+                    failure = trio.TooSlowError(
+                        f"sending the results back took longer than the item deadline"
+                        f" of {deadline:g} s"
+                    )
+                return ChunkReport(
+                    lost=indices[:begun], not_started=indices[begun:], failure=failure
+                )
+            return lost_with_the_worker(kept, min(begun, len(kept)), failure, overdue=overdue)
+        assert isinstance(data, bytes)
         return returned(chunk, call.limit, *pickle.loads(data))
+
+    async def _call(self, payload: bytes, fn: Any) -> bytes | Exception:
+        """The call's pickled results, or the exception that ended it."""
+        try:
+            return await self.pool._dispatch(payload, fn, kill_on_cancel=True)
+        except Exception as exc:
+            return exc
+
+    async def _call_watched(
+        self,
+        payload: bytes,
+        fn: Any,
+        place: tuple[Board, int],
+        deadline: float,
+        scope: trio.CancelScope,
+        watch: Watch,
+    ) -> bytes | Exception:
+        """:meth:`_call`, while a task ends the call when an item reaches its deadline."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(end_overdue_item, *place, deadline, scope, watch)
+            data = await self._call(payload, fn)
+            nursery.cancel_scope.cancel()
+        return data
+
+
+@attrs.define
+class Watch:
+    """What the task ending overdue items saw (see :func:`end_overdue_item`)."""
+
+    # Items the call had started when it was found overdue (the last of
+    # them was): its worker may start more before the kill lands.
+    overdue: int | None = None
+
+
+async def end_overdue_item(
+    board: Board, slot: int, deadline: float, scope: trio.CancelScope, watch: Watch
+) -> None:
+    """Cancel ``scope`` when the item the call in ``slot`` runs has run for ``deadline``.
+
+    The worker writes each item's start on the board (see
+    :func:`run_chunk_in_worker`). No item starts before the call is sent,
+    so none is due before ``deadline`` from now; then each look at the
+    board says when the item running then is due. A call that has started
+    no item by then is ended too: its worker may be running one unwatched
+    (it could not open the board), or be stuck before its first. Which
+    item was overdue goes in ``watch.overdue``: the worker may finish it
+    and start the next before the kill lands. Once the worker starts no
+    more items, sending the results back has a deadline of its own, from
+    when that began.
+    """
+    due = trio.current_time() + deadline
+    while True:
+        await trio.sleep_until(due)
+        # The claims first, then the time: the time is at least as new (see _board).
+        started = board.started(slot)
+        if not started:
+            break
+        at = board.started_at(slot)
+        if at < 0:
+            # It starts no more items: sending the results back has a
+            # deadline of its own, from when it began.
+            left = deadline - (time.monotonic_ns() + at) / 1e9
+            if left <= 0:
+                break
+        else:
+            left = deadline - (time.monotonic_ns() - at) / 1e9
+            if left <= 0:
+                watch.overdue = started
+                break
+        due = trio.current_time() + left
+    scope.cancel()
 
 
 def returned(
@@ -358,21 +482,28 @@ def returned(
 
 
 def lost_with_the_worker(
-    chunk: list[tuple[int, Any]], begun: int, failure: BaseException
+    chunk: list[tuple[int, Any]],
+    begun: int,
+    failure: BaseException,
+    *,
+    overdue: int | None = None,
 ) -> ChunkReport:
     """What is known of a call whose worker was killed or died, ``begun`` items in.
 
     The item running then (the last begun) hung or crashed the worker: only
     it runs again alone. The ones before it ran, but their results died
     with the worker; the ones after it never started. Without progress
-    (``begun`` 0), every item is a suspect.
+    (``begun`` 0), every item is a suspect. A call killed because its
+    ``overdue``-th item ran past its deadline blames that item: any the
+    worker started after it, before the kill landed, are lost too.
     """
     indices = [index for index, _ in chunk]
     if not begun:
         return ChunkReport(unknown=indices, failure=failure)
+    culprit = begun - 1 if not overdue else min(overdue, begun) - 1
     return ChunkReport(
-        lost=indices[: begun - 1],
-        unknown=[indices[begun - 1]],
+        lost=indices[:culprit] + indices[culprit + 1 : begun],
+        unknown=[indices[culprit]],
         not_started=indices[begun:],
         failure=failure,
     )

@@ -2,10 +2,14 @@
 
 A call running in a worker process is otherwise opaque until it returns.
 The board is a small file mapped into memory by the parent and by every
-worker: one slot per call in flight, two 64-bit words each. The worker
+worker: one slot per call in flight, three 64-bit words each. The worker
 writes how many items it has started; the parent reads that to see how far
 a call has got, and may lower the slot's limit, after which the worker
 starts no item at or past it: the parent has given those to another worker.
+When asked to, the worker also writes when it started its latest item
+(``time.monotonic_ns()``, a clock shared by every process of the machine),
+so that the parent can end that item at its own deadline, and, once it
+starts no more items, when it began to send the results back (negated).
 
 Nothing here synchronises: each word has one writer. The worker claims an
 item (reports it started) before it looks at the limit, and gives the
@@ -13,7 +17,11 @@ claim back if the item is past it; the parent lowers the limit, then reads
 how far the worker has got, and takes only what lies past both. Without a
 memory fence, both reads can, rarely, be stale at once: then one item runs
 in both calls, and the batch keeps only the second call's result (see
-``_batch_runners``).
+``_batch_runners``). A call that must run each item at most once is never
+cut. The worker writes an item's start time before it claims the item, and
+the parent reads the claims before the time: where each core's stores are
+seen in order (x86), a time read is never older than the claim read before
+it; elsewhere the same rare staleness could show the previous item's time.
 """
 
 from __future__ import annotations
@@ -24,8 +32,8 @@ import mmap
 import os
 import tempfile
 
-_WORDS_PER_SLOT = 2  # limit, items started
-_LIMIT, _STARTED = 0, 1
+_WORDS_PER_SLOT = 3  # limit, items started, when the latest started
+_LIMIT, _STARTED, _STARTED_AT = 0, 1, 2
 _WORD = 8
 # A slot's limit while nothing is cut: past any chunk.
 NO_LIMIT = 1 << 62
@@ -51,6 +59,7 @@ class Board:
         slot = self._free.pop()
         self._words[slot * _WORDS_PER_SLOT + _LIMIT] = NO_LIMIT
         self._words[slot * _WORDS_PER_SLOT + _STARTED] = 0
+        self._words[slot * _WORDS_PER_SLOT + _STARTED_AT] = 0
         return slot
 
     def give_back(self, slot: int) -> None:
@@ -59,6 +68,15 @@ class Board:
     def started(self, slot: int) -> int:
         """Items the call in ``slot`` has started so far."""
         return int(self._words[slot * _WORDS_PER_SLOT + _STARTED])
+
+    def started_at(self, slot: int) -> int:
+        """When the call in ``slot`` started its latest item, in ``time.monotonic_ns()``.
+
+        0 if it has written no time (it started none, or was not asked to);
+        below 0 once it starts no more items: minus when it began to send
+        their results back (see :meth:`Slot.report_sending`).
+        """
+        return int(self._words[slot * _WORDS_PER_SLOT + _STARTED_AT])
 
     def cut(self, slot: int, limit: int) -> None:
         """Ask the call in ``slot`` to start no item at or past position ``limit``."""
@@ -101,3 +119,11 @@ class Slot:
     def report(self, started: int) -> None:
         """Tell the parent ``started`` items have been started."""
         self._words[self._base + _STARTED] = started
+
+    def report_time(self, started_at: int) -> None:
+        """Tell the parent when the item about to be claimed starts (``time.monotonic_ns()``)."""
+        self._words[self._base + _STARTED_AT] = started_at
+
+    def report_sending(self, since: int) -> None:
+        """Tell the parent the call starts no more items; their results go back from ``since``."""
+        self._words[self._base + _STARTED_AT] = -since

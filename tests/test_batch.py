@@ -432,7 +432,8 @@ async def test_an_argument_that_cannot_be_unpickled_in_the_worker_fails_only_its
     assert isinstance(error, engine.SerializationError)
     assert error.direction == "argument"
     assert "cannot be rebuilt in a worker" in str(error)
-    assert all(o.attempts == 2 for o in outcomes)
+    # The chunk's call ran none of them: each ran once, alone.
+    assert all(o.attempts == 1 for o in outcomes)
 
 
 @pytest.mark.parametrize(
@@ -443,6 +444,7 @@ async def test_an_argument_that_cannot_be_unpickled_in_the_worker_fails_only_its
         ({"chunk_size": 0}, ValueError, "chunk_size must be >= 1"),
         ({"bridge": "carrier-pigeon"}, ValueError, "bridge must be one of"),
         ({"on_progress": 5}, TypeError, "on_progress must be callable"),
+        ({"at_most_once": 1}, TypeError, "at_most_once must be a bool"),
     ],
 )
 def test_map_batch_rejects_bad_arguments_at_call_time(
@@ -773,15 +775,24 @@ async def test_results_that_cannot_be_loaded_rerun_only_the_items_their_call_ran
 
 
 _KINDS = st.sampled_from(["ok"] * 12 + ["hang", "crash"])
+# Times of about 1, 3, 10 and 50 ms, in whole ticks of 2**-10 s: the virtual
+# clock adds them up exactly, so times can be asserted exactly. (It moves by
+# differences: with decimal seconds, the time it reaches can differ from
+# start + deadline in the last bit.)
+_TICK = 2**-10
 
 
 @settings(max_examples=150, deadline=None)
 @given(
-    kinds=st.lists(st.tuples(_KINDS, st.sampled_from([0.001, 0.003, 0.01, 0.05])), max_size=60),
+    kinds=st.lists(
+        st.tuples(_KINDS, st.sampled_from([_TICK, 3 * _TICK, 10 * _TICK, 51 * _TICK])),
+        max_size=60,
+    ),
     workers=st.integers(1, 4),
-    dispatch=st.sampled_from([0.0, 0.002, 0.006, 0.02]),
+    dispatch=st.sampled_from([0.0, 2 * _TICK, 6 * _TICK, 20 * _TICK]),
     deadline=st.sampled_from([0.5, 10.0]),
     chunk_size=st.one_of(st.none(), st.integers(1, 8)),
+    at_most_once=st.booleans(),
 )
 # Two calls end together; the first worker free takes 4-5, and the other,
 # finding nothing left, takes 5 from that call before it began: 4, left
@@ -792,6 +803,17 @@ _KINDS = st.sampled_from(["ok"] * 12 + ["hang", "crash"])
     dispatch=0.006,
     deadline=0.5,
     chunk_size=2,
+    at_most_once=False,
+)
+# At most once: a hung item and a crash in one call of five, behind items
+# that ran.
+@example(
+    kinds=[(kind, 10 * _TICK) for kind in ("ok", "hang", "ok", "crash", "ok")] * 2,
+    workers=2,
+    dispatch=2 * _TICK,
+    deadline=0.5,
+    chunk_size=5,
+    at_most_once=True,
 )
 def test_any_mix_of_speeds_hangs_and_crashes_gives_each_item_its_own_true_outcome(
     kinds: list[tuple[str, float]],
@@ -799,10 +821,16 @@ def test_any_mix_of_speeds_hangs_and_crashes_gives_each_item_its_own_true_outcom
     dispatch: float,
     deadline: float,
     chunk_size: int | None,
+    at_most_once: bool,
 ) -> None:
     # Chunks of uneven items, calls reaching their workers late, shared
-    # calls, hung and crashing items: whatever happens, one outcome each.
-    def duration(index: int) -> float:
+    # calls, hung and crashing items: whatever happens, one outcome each;
+    # with at_most_once, every item also starts exactly once.
+    started: dict[int, float] = {}  # when each item last started, in virtual time
+    reported: dict[int, float] = {}
+
+    def duration(index: int) -> float:  # asked as the item starts
+        started[index] = trio.current_time()
         kind, seconds = kinds[index]
         return math.inf if kind == "hang" else seconds
 
@@ -811,14 +839,18 @@ def test_any_mix_of_speeds_hangs_and_crashes_gives_each_item_its_own_true_outcom
     )
 
     async def batch() -> list[engine.Outcome[int, Any]]:
-        return await engine.run_batch(
+        async with engine.map_batch(
             square,
             range(len(kinds)),
             bridge=bridge,
             workers=workers,
             item_deadline=deadline,
             chunk_size=chunk_size,
-        )
+            at_most_once=at_most_once,
+        ) as running:
+            async for outcome in running:
+                reported[outcome.index] = trio.current_time()
+        return running.results()
 
     outcomes = trio.run(batch, clock=trio.testing.MockClock(autojump_threshold=0))
     expected = {
@@ -827,9 +859,33 @@ def test_any_mix_of_speeds_hangs_and_crashes_gives_each_item_its_own_true_outcom
         "crash": engine.Status.CRASHED,
     }
     assert [o.index for o in outcomes] == list(range(len(kinds)))
-    assert [o.status for o in outcomes] == [expected[kind] for kind, _ in kinds]
     assert all(o.value == o.index**2 for o in outcomes if o.ok)
-    # An item is called hung or a crasher only after it ran alone.
-    alone = {call[0] for call in bridge.calls if len(call) == 1}
-    assert all(o.index in alone for o in outcomes if not o.ok)
     assert bridge.max_in_flight <= workers
+    if not at_most_once:
+        assert [o.status for o in outcomes] == [expected[kind] for kind, _ in kinds]
+        # An item is called hung or a crasher only after it ran alone.
+        alone = {call[0] for call in bridge.calls if len(call) == 1}
+        assert all(o.index in alone for o in outcomes if not o.ok)
+        return
+    # Every call starts an item within the deadline here, so every item
+    # starts, and none twice.
+    assert Counter(bridge.started) == Counter(range(len(kinds)))
+    assert all(o.attempts == 1 for o in outcomes)
+    for outcome in outcomes:
+        kind = kinds[outcome.index][0]
+        if kind != "ok" or outcome.ok:
+            assert outcome.status == expected[kind]
+            continue
+        # An item that returned ends crashed only when its result died with
+        # the worker: a later item of its call hung or crashed.
+        assert outcome.status == engine.Status.CRASHED
+        # (It started in the last call it was sent in: calls send back only
+        # items they never started.)
+        call = [call for call in bridge.calls if outcome.index in call][-1]
+        later = call[call.index(outcome.index) + 1 :]
+        assert any(kinds[index][0] != "ok" for index in later)
+    # A hung item is reported at its own deadline, from its start.
+    for outcome in outcomes:
+        if outcome.status == engine.Status.TIMEOUT:
+            assert outcome.ran == deadline
+            assert reported[outcome.index] == started[outcome.index] + deadline

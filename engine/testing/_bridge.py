@@ -39,8 +39,11 @@ class VirtualBridge:
     which ``crashes(item)`` is true kills its "worker" when it starts. Chunks
     behave exactly as on the process bridge: a call's clock stops it starting
     items, a chunk that runs past its deadline, or whose worker dies, loses
-    its results and is re-run item by item. Under ``autojump_clock`` a batch
-    with 60 s deadlines runs in milliseconds with exact, asserted times.
+    its results and is re-run item by item. With ``map_batch(...,
+    at_most_once=True)``, as there, an item is ended at its own deadline,
+    counted from its start, calls are not shared, and nothing runs twice.
+    Under ``autojump_clock`` a batch with 60 s deadlines runs in
+    milliseconds with exact, asserted times.
 
     Args:
         duration: virtual seconds each item takes.
@@ -51,6 +54,8 @@ class VirtualBridge:
 
     Attributes:
         calls: the item indices of every call, in dispatch order.
+        started: the index of each item each time it started, in order
+            (an item that hangs or crashes its worker counts as started).
         max_in_flight: the most calls that ran at once.
     """
 
@@ -59,6 +64,7 @@ class VirtualBridge:
     dispatch: float = attrs.field(default=0.0, kw_only=True, validator=_finite_and_not_negative)
     chunked: bool = attrs.field(default=True, init=False)
     calls: list[list[int]] = attrs.field(factory=list, init=False)
+    started: list[int] = attrs.field(factory=list, init=False)
     max_in_flight: int = attrs.field(default=0, init=False)
     _in_flight: int = attrs.field(default=0, init=False)
 
@@ -75,11 +81,13 @@ class VirtualBridge:
         self._in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self._in_flight)
         progress = _Progress()
+        at_most_once = call is not None and call.at_most_once
         if call is not None:
             call.started = lambda: progress.started
-            call.cut = functools.partial(setattr, progress, "limit")
+            if not at_most_once:  # as on the process bridge
+                call.cut = functools.partial(setattr, progress, "limit")
         try:
-            return await self._run(fn, chunk, deadline, stop_after, progress)
+            return await self._run(fn, chunk, deadline, stop_after, progress, at_most_once)
         finally:
             self._in_flight -= 1
             if call is not None:
@@ -92,12 +100,18 @@ class VirtualBridge:
         deadline: float,
         stop_after: float,
         progress: _Progress,
+        at_most_once: bool,
     ) -> ChunkReport:
         await trio.lowlevel.checkpoint()  # a real call always lets others run
         time_limit = chunk_deadline(deadline, len(chunk), stop_after)
         # Results stay in the "worker" until the call returns: a crash or a
         # kill loses all of them, as it would in a real process.
         report = ChunkReport()
+        if at_most_once and self.dispatch >= deadline:
+            # Watched item by item, a call that starts no item within the
+            # deadline is ended: which item it ran, if any, cannot be told.
+            await trio.sleep(deadline)
+            return lost_with_the_worker(chunk, 0, too_slow(deadline))
         if self.dispatch:
             await trio.sleep(self.dispatch)
         # The worker's clock starts with its first item, the deadline's at dispatch.
@@ -111,14 +125,18 @@ class VirtualBridge:
                 report.not_started = [i for i, _ in chunk[position : progress.limit]]
                 break
             progress.started = position + 1
+            self.started.append(index)
             if self.crashes(item):
                 crash = WorkerCrashed(f"running item {index} (virtual)", exit_code=None, signal=9)
                 return lost_with_the_worker(chunk[: progress.limit], progress.started, crash)
             took = self.duration(item)
-            spent = self.dispatch + elapsed
-            if spent + took > time_limit:
-                # Past the deadline the worker is killed, taking all results with it.
-                await trio.sleep(time_limit - spent if math.isfinite(time_limit) else math.inf)
+            # Past the deadline the worker is killed, taking all results with
+            # it: the call's deadline, from dispatch, or, watched item by
+            # item, the item's own, from its start.
+            spent = 0.0 if at_most_once else self.dispatch + elapsed
+            limit = deadline if at_most_once else time_limit
+            if spent + took > limit:
+                await trio.sleep(limit - spent if math.isfinite(limit) else math.inf)
                 kept = chunk[: progress.limit]
                 return lost_with_the_worker(kept, progress.started, too_slow(deadline))
             # Item by item, so that the batch sees how far the call has got.
