@@ -9,43 +9,60 @@ The structs are ``gc=False``: they hold only strings, numbers and lists of
 string pairs, so they can never be part of a reference cycle, and at 50,000
 messages/s leaving them out of the garbage collector's tracking saves it
 work (and the decoder about a tenth of its time).
+
+What a decoded event holds is what the rest of the service can take as it
+is: its symbol is one plain topic token (ASCII letters and digits, at most
+:data:`MAX_SYMBOL_LENGTH` of them, as the service's own symbols and the
+broadcast's topic names are), its whole numbers fit Binance's 64-bit
+fields (a trade id is not negative), and :func:`normalise` refuses a price
+or quantity that is not a finite number. Anything else is a
+:class:`MalformedMessage`, which the feed counts; it never stops a batch.
 """
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+
+# Binance's numbers are Java longs; a wider one is not a Binance message.
+_Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+# A trade id, from which the feed counts gaps.
+_TradeId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+# The longest symbol a frame may carry; Binance's are up to about 20 characters.
+MAX_SYMBOL_LENGTH = 32
 
 
 class Trade(msgspec.Struct, frozen=True, gc=False):
     """``<symbol>@trade``."""
 
-    E: int  # event time, ms
+    E: _Int64  # event time, ms
     s: str  # symbol
-    t: int  # trade id, consecutive per symbol
+    t: _TradeId  # trade id, consecutive per symbol
     p: str  # price
     q: str  # quantity
-    T: int  # trade time, ms
+    T: _Int64  # trade time, ms
     m: bool  # buyer is the maker
 
 
 class AggTrade(msgspec.Struct, frozen=True, gc=False):
     """``<symbol>@aggTrade``."""
 
-    E: int
+    E: _Int64
     s: str
-    a: int  # aggregate trade id
+    a: _Int64  # aggregate trade id
     p: str
     q: str
-    f: int  # first trade id
-    l: int  # noqa: E741  # last trade id; Binance's own field name
-    T: int
+    f: _Int64  # first trade id
+    l: _Int64  # noqa: E741  # last trade id; Binance's own field name
+    T: _Int64
     m: bool
 
 
 class BookTicker(msgspec.Struct, frozen=True, gc=False):
     """``<symbol>@bookTicker``: the best bid and ask."""
 
-    u: int  # update id
+    u: _Int64  # update id
     s: str
     b: str  # best bid price
     B: str  # best bid quantity
@@ -56,10 +73,10 @@ class BookTicker(msgspec.Struct, frozen=True, gc=False):
 class DepthUpdate(msgspec.Struct, frozen=True, gc=False):
     """``<symbol>@depth``: order book changes."""
 
-    E: int
+    E: _Int64
     s: str
-    U: int  # first update id
-    u: int  # final update id
+    U: _Int64  # first update id
+    u: _Int64  # final update id
     b: list[tuple[str, str]]
     a: list[tuple[str, str]]
 
@@ -67,8 +84,8 @@ class DepthUpdate(msgspec.Struct, frozen=True, gc=False):
 class KlineData(msgspec.Struct, frozen=True, gc=False):
     """The ``k`` object of a kline event."""
 
-    t: int  # open time
-    T: int  # close time
+    t: _Int64  # open time
+    T: _Int64  # close time
     s: str
     i: str  # interval
     o: str
@@ -76,14 +93,14 @@ class KlineData(msgspec.Struct, frozen=True, gc=False):
     h: str
     l: str  # noqa: E741  # low; Binance's own field name
     v: str
-    n: int  # number of trades
+    n: _Int64  # number of trades
     x: bool  # closed
 
 
 class Kline(msgspec.Struct, frozen=True, gc=False):
     """``<symbol>@kline_<interval>``."""
 
-    E: int
+    E: _Int64
     s: str
     k: KlineData
 
@@ -139,16 +156,28 @@ def decode(frame: str | bytes) -> tuple[str, Event]:
     """One combined-stream frame into ``(stream name, typed event)``.
 
     Raises:
-        MalformedMessage: invalid JSON, a missing or mistyped field, or an
-            unknown stream kind; the message says which.
+        MalformedMessage: invalid JSON (nested too deep included), a missing
+            or mistyped field, a number out of its field's range, an unknown
+            stream kind, or a symbol that is not one; the message says which.
     """
     try:
         envelope = _ENVELOPE.decode(frame)
         stream = envelope.stream
         decoder = _BY_STREAM.get(stream) or _decoder(stream)
-        return stream, decoder.decode(envelope.data)
+        event = decoder.decode(envelope.data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise MalformedMessage(str(exc)) from exc
+    except RecursionError:  # msgspec's guard against deep nesting
+        raise MalformedMessage("JSON nested too deeply") from None
+    symbol = event.s
+    # The symbol becomes a topic token (``trades.<symbol>``) and a key of
+    # per-symbol state: a dot, a wildcard, a space or an empty name would
+    # make the bus refuse the topic, or publish where nobody subscribed.
+    if not (symbol.isascii() and symbol.isalnum() and len(symbol) <= MAX_SYMBOL_LENGTH):
+        raise MalformedMessage(
+            f"symbol must be 1 to {MAX_SYMBOL_LENGTH} ASCII letters or digits, got {symbol[:40]!r}"
+        )
+    return stream, event
 
 
 class Normalised(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
@@ -168,40 +197,54 @@ class Normalised(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
 _ENCODER = msgspec.json.Encoder()
 
 
+def _not_finite(*texts: str) -> ValueError:
+    shown = ", ".join(repr(text[:40]) for text in texts)
+    return ValueError(f"not a finite number: {shown}")
+
+
+KINDS = ("trades", "aggtrades", "book", "depth", "klines")
+"""The first tokens of the topics :func:`normalise` publishes on."""
+
+
 def normalise(event: Event) -> tuple[str, bytes]:
-    """The bus topic and encoded payload for one event (encoded once, here)."""
+    """The bus topic and encoded payload for one event (encoded once, here).
+
+    Raises:
+        ValueError: a price or quantity that is not a finite number (JSON
+            has neither infinities nor NaN).
+    """
+    # ``x - x == 0.0`` is false exactly for infinities and NaN: the check
+    # costs no call, on the path every message takes.
     match event:
         case Trade():
+            price, qty = float(event.p), float(event.q)
+            if not price - price == qty - qty == 0.0:
+                raise _not_finite(event.p, event.q)
             body = Normalised(
-                "trade",
-                event.s,
-                event.T,
-                float(event.p),
-                float(event.q),
-                id=event.t,
-                buyer_maker=event.m,
+                "trade", event.s, event.T, price, qty, id=event.t, buyer_maker=event.m
             )
             topic = f"trades.{event.s}"
         case AggTrade():
+            price, qty = float(event.p), float(event.q)
+            if not price - price == qty - qty == 0.0:
+                raise _not_finite(event.p, event.q)
             body = Normalised(
-                "aggTrade",
-                event.s,
-                event.T,
-                float(event.p),
-                float(event.q),
-                id=event.a,
-                buyer_maker=event.m,
+                "aggTrade", event.s, event.T, price, qty, id=event.a, buyer_maker=event.m
             )
             topic = f"aggtrades.{event.s}"
         case BookTicker():
-            body = Normalised(
-                "book", event.s, 0, bid=float(event.b), ask=float(event.a), id=event.u
-            )
+            bid, ask = float(event.b), float(event.a)
+            if not bid - bid == ask - ask == 0.0:
+                raise _not_finite(event.b, event.a)
+            body = Normalised("book", event.s, 0, bid=bid, ask=ask, id=event.u)
             topic = f"book.{event.s}"
         case DepthUpdate():
             body = Normalised("depth", event.s, event.E, id=event.u)
             topic = f"depth.{event.s}"
         case Kline():
-            body = Normalised("kline", event.s, event.k.T, float(event.k.c), float(event.k.v))
+            close, volume = float(event.k.c), float(event.k.v)
+            if not close - close == volume - volume == 0.0:
+                raise _not_finite(event.k.c, event.k.v)
+            body = Normalised("kline", event.s, event.k.T, close, volume)
             topic = f"klines.{event.s}"
     return topic, _ENCODER.encode(body)

@@ -122,6 +122,11 @@ class FeedConfig:
         processors: how many consumers normalise and publish.
         ping_interval: seconds between keepalive pings; a ping unanswered for
             as long ends the connection.
+        max_symbols: symbols whose latest trade id is kept, to count gaps:
+            the exchange, not this configuration, decides which symbols
+            arrive, so past this bound the least recently traded one is
+            forgotten (its next trade starts its count afresh) and counted
+            in ``symbols_evicted``.
     """
 
     url: str
@@ -131,6 +136,7 @@ class FeedConfig:
     overflow: str = "block"
     processors: int = 4
     ping_interval: float = 20.0
+    max_symbols: int = 4096
 
     def __attrs_post_init__(self) -> None:
         if not self.url.startswith(("ws://", "wss://")):
@@ -141,6 +147,10 @@ class FeedConfig:
             raise ValueError(f"processors must be >= 1, got {self.processors!r}")
         if not self.ping_interval > 0:
             raise ValueError(f"ping_interval must be > 0, got {self.ping_interval!r}")
+        if isinstance(self.max_symbols, bool) or not isinstance(self.max_symbols, int):
+            raise TypeError(f"max_symbols must be an int, got {self.max_symbols!r}")
+        if self.max_symbols < 1:
+            raise ValueError(f"max_symbols must be >= 1, got {self.max_symbols!r}")
 
     def stream_url(self) -> str:
         """The combined-stream URL for every symbol and stream kind."""
@@ -157,22 +167,42 @@ class FeedStatistics:
         connections: connections opened so far.
         disconnects: connections that ended.
         received: frames received.
-        malformed: frames that were not a valid stream message (never fatal).
+        malformed: frames that were not a valid stream message, with a
+            symbol that is not a topic token or a number that is not one
+            (never fatal: the rest of their read and batch go on).
         missing_trades: trade ids skipped (a gap, typically across a reconnect).
         published: events published on the bus.
         last_message_at: ``trio.current_time()`` of the latest frame.
         malformed_samples: the latest malformed frames, shortened.
+        symbols: symbols whose latest trade id is kept now (at most
+            ``max_symbols``).
+        symbols_evicted: symbols forgotten to keep within ``max_symbols``.
     """
 
     connected: bool
     connections: int
     disconnects: int
-    received: int
-    malformed: int
-    missing_trades: int
-    published: int
-    last_message_at: float | None
+    received: int = attrs.field(metadata=engine.counter_metric("Frames read from the exchange"))
+    malformed: int = attrs.field(
+        metadata=engine.counter_metric("Frames or events that were not a valid stream message")
+    )
+    missing_trades: int = attrs.field(
+        metadata=engine.counter_metric("Trade ids skipped: gaps in a symbol's trades")
+    )
+    published: int = attrs.field(metadata=engine.counter_metric("Events published on the bus"))
+    last_message_at: float | None = attrs.field(
+        metadata=engine.gauge_metric(
+            "The process's monotonic clock (trio.current_time) at the latest frame, in seconds",
+            name="last_message_monotonic_seconds",
+        )
+    )
     malformed_samples: tuple[str, ...]
+    symbols: int = attrs.field(
+        metadata=engine.gauge_metric("Symbols whose latest trade id is kept")
+    )
+    symbols_evicted: int = attrs.field(
+        metadata=engine.counter_metric("Symbols forgotten to keep within max_symbols")
+    )
 
 
 class Feed:
@@ -193,7 +223,9 @@ class Feed:
         self._published = 0
         self._last_message_at: float | None = None
         self._samples: collections.deque[str] = collections.deque(maxlen=_SAMPLES_KEPT)
-        self._last_trade: dict[str, int] = {}
+        # Least recently traded first, so the one to forget is at the front.
+        self._last_trade: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._symbols_evicted = 0
         # A bus that can publish without a checkpoint saves one scheduler
         # trip per event; awaiting is then only for a full "block" subscriber.
         self._publish_nowait = bus.publish_nowait if isinstance(bus, _PublishesNowait) else None
@@ -215,6 +247,8 @@ class Feed:
             published=self._published,
             last_message_at=self._last_message_at,
             malformed_samples=tuple(self._samples),
+            symbols=len(self._last_trade),
+            symbols_evicted=self._symbols_evicted,
         )
 
     async def connect(
@@ -281,7 +315,6 @@ class Feed:
         self._received += len(frames)
         self._last_message_at = trio.current_time()
         send = self._send
-        last_trade = self._last_trade
         for frame in frames:
             try:
                 _, event = decode(frame)
@@ -289,18 +322,34 @@ class Feed:
                 self._count_malformed(frame, exc)
                 continue
             if isinstance(event, Trade):
-                last = last_trade.get(event.s)
-                if last is not None and event.t > last + 1:
-                    self._missing += event.t - last - 1
-                if last is None or event.t > last:
-                    last_trade[event.s] = event.t
+                self._note_trade(event)
             try:
                 send.send_nowait(event)  # the drop_* policies never raise here
             except trio.WouldBlock:
                 await send.send(event)
 
+    def _note_trade(self, trade: Trade) -> None:
+        """Count the trade ids skipped since the symbol's latest, and remember this one."""
+        last_trade = self._last_trade
+        symbol, trade_id = trade.s, trade.t
+        last = last_trade.get(symbol)
+        if last is None:
+            last_trade[symbol] = trade_id
+            if len(last_trade) > self.config.max_symbols:
+                last_trade.popitem(last=False)
+                self._symbols_evicted += 1
+            return
+        if trade_id > last + 1:
+            self._missing += trade_id - last - 1
+        if trade_id > last:
+            last_trade[symbol] = trade_id
+        last_trade.move_to_end(symbol)
+
     def _count_malformed(self, frame: object, exc: Exception) -> None:
         self._malformed += 1
+        # Shortened before it is turned into text: a frame may be megabytes long.
+        if isinstance(frame, str | bytes):
+            frame = frame[:200]
         sample = (frame if isinstance(frame, str) else repr(frame))[:200]
         self._samples.append(sample)
         if self._malformed % _LOG_EVERY == 1:
@@ -329,14 +378,17 @@ class Feed:
         for event in events:
             try:
                 topic, data = normalise(event)
-            except ValueError as exc:  # a number that is not one, say
+                if nowait is None:
+                    await bus.publish(topic, data)
+                else:
+                    try:
+                        nowait(topic, data)
+                    except trio.WouldBlock:  # a subscriber with the block policy is full
+                        await bus.publish(topic, data)
+            except ValueError as exc:
+                # A number that is not one, or a topic the bus refuses (decode
+                # admits only symbols that make plain topic tokens; a bus with
+                # stricter rules may still refuse one): this event only.
                 self._count_malformed(event, exc)
                 continue
-            if nowait is None:
-                await bus.publish(topic, data)
-            else:
-                try:
-                    nowait(topic, data)
-                except trio.WouldBlock:  # a subscriber with the block policy is full
-                    await bus.publish(topic, data)
             self._published += 1

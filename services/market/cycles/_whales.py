@@ -17,6 +17,11 @@ Definitions (also in ``docs/whale-flows.md``):
   ``window`` seconds of the trio clock, by side: ``buy_notional``,
   ``sell_notional`` and ``net_notional = buy - sell``. A whale detected at
   ``t`` counts while ``now < t + window``.
+
+Per-symbol state is bounded whatever symbols the trades carry: windows whose
+whales have all expired are dropped as trades arrive, not only when the flows
+are read, and both the windows and the latest-trade times keep at most
+``max_symbols`` symbols, forgetting the least recently active first.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ logger = logging.getLogger("market.cycles.whales")
 _TRADE_TYPES = frozenset({"trade", "aggTrade"})
 # Messages taken from the subscription at once at most, when it can batch.
 _BATCH = 1024
+# The default bound of per-symbol state (see ``WhaleFlows``).
+MAX_SYMBOLS = 4096
 
 
 class WhaleTrade(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -104,22 +111,51 @@ class WhaleFlowStatistics:
         malformed: payloads that were not valid ``Normalised`` JSON.
         ignored: valid payloads that were not trades with a price and a quantity.
         window_evictions: whales that left a symbol's window early because
-            it held ``max_window_trades`` already.
+            it held ``max_window_trades`` already, or because their symbol's
+            window was forgotten to keep within ``max_symbols``.
         last_update: wall-clock seconds since the epoch of the latest trade
             examined.
         last_whale_at: the same, of the latest whale.
+        symbols: symbols whose latest trade time is kept now (at most
+            ``max_symbols``).
+        windows: symbols with a whale in the window now (at most ``max_symbols``).
+        symbols_evicted: symbols whose latest trade time was forgotten to
+            keep within ``max_symbols``.
     """
 
     name: str
     running: bool
-    trades: int
-    whales: int
-    published: int
-    malformed: int
-    ignored: int
-    window_evictions: int
-    last_update: float | None
-    last_whale_at: float | None
+    trades: int = attrs.field(metadata=engine.counter_metric("Trades examined"))
+    whales: int = attrs.field(metadata=engine.counter_metric("Whale trades detected"))
+    published: int = attrs.field(metadata=engine.counter_metric("Whales published on the bus"))
+    malformed: int = attrs.field(
+        metadata=engine.counter_metric("Payloads that were not valid Normalised JSON")
+    )
+    ignored: int = attrs.field(
+        metadata=engine.counter_metric("Valid payloads that were not trades with a price and size")
+    )
+    window_evictions: int = attrs.field(
+        metadata=engine.counter_metric("Whales that left a flow window early")
+    )
+    last_update: float | None = attrs.field(
+        metadata=engine.gauge_metric(
+            "When the latest trade was examined, in seconds since the epoch",
+            name="last_update_timestamp_seconds",
+        )
+    )
+    last_whale_at: float | None = attrs.field(
+        metadata=engine.gauge_metric(
+            "When the latest whale was detected, in seconds since the epoch",
+            name="last_whale_timestamp_seconds",
+        )
+    )
+    symbols: int = attrs.field(
+        metadata=engine.gauge_metric("Symbols whose latest trade time is kept")
+    )
+    windows: int = attrs.field(metadata=engine.gauge_metric("Symbols with a whale in the window"))
+    symbols_evicted: int = attrs.field(
+        metadata=engine.counter_metric("Symbols forgotten to keep within max_symbols")
+    )
 
 
 @attrs.define
@@ -130,6 +166,7 @@ class _Counters:
     malformed: int = 0
     ignored: int = 0
     window_evictions: int = 0
+    symbols_evicted: int = 0
     last_whale_at: float | None = None
 
 
@@ -138,6 +175,13 @@ class _Batching(Protocol):
     """A subscription that hands over everything queued at once (``MemorySubscription``)."""
 
     async def receive_batch(self, max_items: int) -> list[BusMessage]: ...
+
+
+@runtime_checkable
+class _PublishesNowait(Protocol):
+    """A bus that can publish without a checkpoint (``engine.bus.MemoryBus``)."""
+
+    def publish_nowait(self, topic: str, data: bytes) -> object: ...
 
 
 _DECODER = msgspec.json.Decoder(Normalised)
@@ -156,6 +200,16 @@ class WhaleFlows:
         bus: where the trades come from and the whales go.
         wall_clock: seconds since the epoch, for ``last_update``;
             ``time.time`` unless a test pins it.
+        max_symbols: symbols whose latest trade time, and whose flow
+            window, are kept (:data:`MAX_SYMBOLS` by default). The feed, not
+            a configuration, decides which symbols trade, so past it the
+            least recently traded symbol is forgotten (``symbols_evicted``),
+            and the window of the symbol with the oldest latest whale is
+            dropped (its whales counted in ``window_evictions``).
+
+    Raises:
+        TypeError, ValueError: ``config`` is not a ``WhaleFlowConfig``, or
+            ``max_symbols`` is not a whole number >= 1.
     """
 
     name = "whale_flows"
@@ -166,18 +220,27 @@ class WhaleFlows:
         bus: Bus,
         *,
         wall_clock: Callable[[], float] = time.time,
+        max_symbols: int = MAX_SYMBOLS,
     ) -> None:
         if not isinstance(config, WhaleFlowConfig):
             raise TypeError(f"config must be a WhaleFlowConfig, got {config!r}")
         self.config = config
+        self.max_symbols = check_count("max_symbols", max_symbols, minimum=1)
         self._bus = bus
         self._wall_clock = wall_clock
         self._running = False
         self._counters = _Counters()
         self._history: collections.deque[WhaleTrade] = collections.deque(maxlen=config.history)
-        # Per symbol: (trio time detected, whale), oldest first.
-        self._windows: dict[str, collections.deque[tuple[float, WhaleTrade]]] = {}
-        self._seen: dict[str, float] = {}
+        # Per symbol: (trio time detected, whale), oldest first; the symbols
+        # in the order of their latest whale, oldest first, so the windows
+        # that expire (or are forgotten) first are at the front.
+        self._windows: collections.OrderedDict[str, collections.deque[tuple[float, WhaleTrade]]]
+        self._windows = collections.OrderedDict()
+        # Per symbol: wall-clock time of its latest trade, least recent first.
+        self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()
+        # Publishing a batch's whales without a checkpoint each keeps the
+        # batch one trip through the scheduler, however many whales it holds.
+        self._publish_nowait = bus.publish_nowait if isinstance(bus, _PublishesNowait) else None
 
     def recent(self, limit: int | None = None) -> list[WhaleTrade]:
         """The latest whales, newest first: all that are kept, or ``limit`` of them.
@@ -230,6 +293,9 @@ class WhaleFlows:
             window_evictions=c.window_evictions,
             last_update=max(self._seen.values(), default=None),
             last_whale_at=c.last_whale_at,
+            symbols=len(self._seen),
+            windows=len(self._windows),
+            symbols_evicted=c.symbols_evicted,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -280,9 +346,17 @@ class WhaleFlows:
                 whales.append(whale)
         if whales:
             self._counters.last_whale_at = seen_at
-        prefix = self.config.publish_prefix
+        self._prune_windows(now)
+        prefix, nowait = self.config.publish_prefix, self._publish_nowait
         for whale in whales:
-            await self._bus.publish(f"{prefix}.{whale.symbol}", _ENCODER.encode(whale))
+            topic, data = f"{prefix}.{whale.symbol}", _ENCODER.encode(whale)
+            if nowait is None:
+                await self._bus.publish(topic, data)
+            else:
+                try:
+                    nowait(topic, data)
+                except trio.WouldBlock:  # a subscriber with the block policy is full
+                    await self._bus.publish(topic, data)
             self._counters.published += 1
         engine.heartbeat()
 
@@ -298,7 +372,7 @@ class WhaleFlows:
             counters.ignored += 1
             return None
         counters.trades += 1
-        self._seen[event.symbol] = seen_at
+        self._note_seen(event.symbol, seen_at)
         notional = price * qty
         if not notional >= self.config.threshold(event.symbol):  # NaN is no whale
             return None
@@ -312,17 +386,45 @@ class WhaleFlows:
             id=event.id,
         )
 
+    def _note_seen(self, symbol: str, seen_at: float) -> None:
+        seen = self._seen
+        if symbol in seen:
+            seen.move_to_end(symbol)
+        seen[symbol] = seen_at
+        if len(seen) > self.max_symbols:
+            seen.popitem(last=False)
+            self._counters.symbols_evicted += 1
+
     def _record(self, whale: WhaleTrade, now: float) -> None:
         self._counters.whales += 1
         self._history.append(whale)
         entries = self._windows.get(whale.symbol)
         if entries is None:
             entries = self._windows[whale.symbol] = collections.deque()
+        else:
+            self._windows.move_to_end(whale.symbol)
         self._expire(entries, now)
         if len(entries) >= self.config.max_window_trades:
             entries.popleft()
             self._counters.window_evictions += 1
         entries.append((now, whale))
+
+    def _prune_windows(self, now: float) -> None:
+        """Drop the windows whose whales have all expired, then any past ``max_symbols``.
+
+        The windows are in the order of their latest whale, so the expired
+        ones are at the front, and each call looks past them at one window only.
+        """
+        windows, window = self._windows, self.config.window
+        while windows:
+            entries = windows[next(iter(windows))]
+            if entries and entries[-1][0] + window > now:
+                break  # its latest whale still counts, and so do the later windows'
+            windows.popitem(last=False)
+        while len(windows) > self.max_symbols:
+            _, entries = windows.popitem(last=False)
+            self._expire(entries, now)
+            self._counters.window_evictions += len(entries)
 
     def _expire(self, entries: collections.deque[tuple[float, WhaleTrade]], now: float) -> None:
         # Compared as ``detected + window <= now``, the definition itself:

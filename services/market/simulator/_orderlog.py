@@ -46,8 +46,11 @@ DEFAULT_EPOCH_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 
 # Simulated time between two lines when no rate says otherwise.
 _BULK_STEP_NS = 10_000
-# Orders resting at once, at most; past it the oldest are closed first.
-_MAX_OPEN = 5_000
+# Orders resting at once, at most; at it, every line closes one. More
+# orders open than close, so the book grows until it gets here: kept small
+# enough that it does within seconds at the default rate, and the memory of
+# a process that writes the log is flat from then on.
+MAX_OPEN = 200
 _QUOTES = ("USDT", "USDC", "USD")
 # Terminal statuses of a resting order, with their weights.
 _CLOSE_STATUSES = (
@@ -177,7 +180,7 @@ class OrderTape:
     def _next(self, stamp: str, ms: int) -> _NodeLine:
         draw = self._random.random
         choice = draw()
-        if self._open and (choice < 0.45 or len(self._open) >= _MAX_OPEN):
+        if self._open and (choice < 0.45 or len(self._open) >= MAX_OPEN):
             index = int(draw() * len(self._open))
             order = self._open[index]
             self._open[index] = self._open[-1]
