@@ -188,6 +188,30 @@ async def test_a_websocket_client_receives_trades_from_the_embedded_simulator() 
     assert published >= 20  # each of them went through the feed and the bus
 
 
+async def test_a_topic_the_service_never_publishes_is_refused_with_the_valid_kinds() -> None:
+    with trio.fail_after(GUARD):
+        async with running(symbols=("BTCUSDT",), rate=100) as service:
+            refused: list[trio_websocket.ConnectionRejected] = []
+            try:
+                async with ws_client(f"{service.ws_url}?topics=tardes"):
+                    pass
+            except* trio_websocket.ConnectionRejected as group:
+                refused += [
+                    e for e in group.exceptions if isinstance(e, trio_websocket.ConnectionRejected)
+                ]
+            # Every kind the service does publish is still accepted.
+            kinds = "trades,aggtrades,book,depth,klines,whales,orders"
+            async with ws_client(f"{service.ws_url}?topics={kinds}"):
+                pass
+            rejected = service.broadcast.statistics().rejected
+    assert [r.status_code for r in refused] == [400]
+    body = (refused[0].body or b"").decode()
+    assert "tardes" in body
+    for kind in kinds.split(","):
+        assert kind in body
+    assert rejected == {"unknown_topics": 1}
+
+
 # -- the simulator drops the connection -----------------------------------------
 
 

@@ -63,7 +63,7 @@ async def main() -> str:
             print(path, response.status_code, response.json()["status"])
         metrics = samples((await client.get(f"{service.url}/metrics")).text)
         for name in (
-            'engine_feed_published{source="feed"}',
+            'engine_feed_published_total{source="feed"}',
             'engine_hub_published_total{hub="bus"}',
             'engine_broadcast_sent_total{source="broadcast"}',
         ):

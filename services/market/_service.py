@@ -14,11 +14,12 @@ import trio
 import engine
 from engine.bus import MemoryBus
 
+from ._events import KINDS
 from .api import build_api
 from .broadcast import BroadcastConfig, BroadcastServer, serve_broadcast
 from .cycles import Watchlist, WatchlistConfig, WhaleFlowConfig, WhaleFlows
 from .feed import Feed, FeedConfig
-from .orders import OrderLog, OrderLogConfig
+from .orders import ORDER_KIND, OrderLog, OrderLogConfig
 from .scans import DEFAULT_UNIVERSE, ScanConfig, Scans, SimulatedKlines
 from .simulator import Simulator, SimulatorConfig, serve_simulator
 
@@ -144,6 +145,10 @@ def _plan(
     simulated: bool,
 ) -> _Plan:
     """Each part's settings; each part's config checks its own values."""
+    whales = WhaleFlowConfig(
+        threshold_usd=config.whale_threshold
+        or (SIMULATED_WHALE_USD if simulated else WhaleFlowConfig().threshold_usd)
+    )
     return _Plan(
         simulator=SimulatorConfig(symbols=config.symbols, rate=config.rate) if simulated else None,
         feed=FeedConfig(
@@ -153,10 +158,7 @@ def _plan(
             overflow=config.overflow,
             processors=config.processors,
         ),
-        whales=WhaleFlowConfig(
-            threshold_usd=config.whale_threshold
-            or (SIMULATED_WHALE_USD if simulated else WhaleFlowConfig().threshold_usd)
-        ),
+        whales=whales,
         watchlist=WatchlistConfig(rest_url, config.symbols, interval=config.watchlist_interval),
         scans=ScanConfig(symbols=config.scan_symbols, workers=config.scan_workers),
         orders=(
@@ -165,6 +167,8 @@ def _plan(
             else OrderLogConfig(order_log, publish=config.order_log_publish)
         ),
         broadcast=BroadcastConfig(
+            # A topic of any other kind would never carry a message: refused.
+            known_kinds=(*KINDS, whales.publish_prefix, ORDER_KIND),
             host=config.ws_host,
             port=config.ws_port,
             token=config.token,

@@ -14,6 +14,7 @@ from ._config import OrderLogStatistics as OrderLogStatistics
 from ._config import PublishMode as PublishMode
 from ._config import StartAt as StartAt
 from ._log import OrderLog as OrderLog
+from ._records import ORDER_KIND as ORDER_KIND
 from ._records import Order as Order
 from ._records import OrderState as OrderState
 from ._records import decode_order as decode_order
@@ -21,6 +22,7 @@ from ._records import parse_chunk as parse_chunk
 from ._records import state_of as state_of
 
 __all__ = [
+    "ORDER_KIND",
     "Order",
     "OrderLog",
     "OrderLogConfig",

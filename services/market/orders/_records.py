@@ -375,11 +375,15 @@ def _coin_ok(coin: str) -> bool:
     return ok
 
 
+ORDER_KIND = "orders"
+"""The first token of the orders' bus topics: ``orders.<coin>``."""
+
+
 def _topic(coin: str) -> str:
     # One string object per coin: pickled once per chunk, and no f-string per order.
     topic = _TOPICS.get(coin)
     if topic is None:
-        topic = f"orders.{coin}"
+        topic = f"{ORDER_KIND}.{coin}"
         if len(_TOPICS) < 4096:
             _TOPICS[coin] = topic
     return topic
