@@ -466,6 +466,22 @@ async def test_dropped_is_exported_once_by_reason() -> None:
     assert families["engine_broadcast_dropped"].type == "counter"
 
 
+async def test_refusals_and_closes_are_labelled_counters_on_metrics() -> None:
+    with trio.fail_after(GUARD):
+        async with serving() as (server, _):
+            status, _, _ = await refusal(server.port, "/elsewhere")
+            assert status == 404
+            registry = CollectorRegistry()
+            registry.register(EngineCollector(None, {"broadcast": server}, None))
+            page = generate_latest(registry).decode()
+    families = {family.name: family for family in text_string_to_metric_families(page)}
+    rejected = families["engine_broadcast_rejected"]
+    assert rejected.type == "counter"
+    assert [(s.name, s.labels, s.value) for s in rejected.samples] == [
+        ("engine_broadcast_rejected_total", {"reason": "not_found", "source": "broadcast"}, 1.0)
+    ]
+
+
 # -- connections per IP address, and in the upgrade ------------------------------
 
 

@@ -212,6 +212,21 @@ async def test_a_topic_the_service_never_publishes_is_refused_with_the_valid_kin
     assert rejected == {"unknown_topics": 1}
 
 
+async def test_the_stream_and_the_ops_endpoints_listen_on_their_own_addresses() -> None:
+    with trio.fail_after(GUARD):
+        async with running(symbols=("BTCUSDT",), rate=100, ws_host="127.0.0.2") as service:
+            ops, stream = urlsplit(service.url), urlsplit(service.ws_url)
+            # The ops port is not served on the stream's address, nor the reverse.
+            for host, port in ((stream.hostname, ops.port), (ops.hostname, stream.port)):
+                assert host is not None
+                assert port is not None
+                with pytest.raises(OSError, match="all attempts to connect"):
+                    await trio.open_tcp_stream(host, port)
+            async with ws_client(f"{service.ws_url}?topics=trades") as ws:
+                assert json.loads(await ws.get_message())["type"] == "trade"
+    assert (ops.hostname, stream.hostname) == ("127.0.0.1", "127.0.0.2")
+
+
 # -- the simulator drops the connection -----------------------------------------
 
 
