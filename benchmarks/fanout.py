@@ -52,7 +52,6 @@ import asyncio
 import json
 import os
 import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -66,6 +65,8 @@ from websockets.asyncio.server import ServerConnection, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _frames import complete_frames  # noqa: E402  # benchmarks/_frames.py, beside this file
 
 from engine.bus import MemoryBus  # noqa: E402  # after the path set-up above
 from services.market.broadcast import BroadcastConfig, serve_broadcast  # noqa: E402  # idem
@@ -104,37 +105,6 @@ async def _count_with_websockets(url: str, messages: int, ready: asyncio.Event) 
             if received == messages:
                 return time.perf_counter()
     raise RuntimeError(f"connection ended after {received} of {messages} messages")
-
-
-def complete_frames(buffer: bytearray) -> tuple[list[tuple[int, int, int]], int]:
-    """The complete server frames at the start of ``buffer``, and the bytes they take.
-
-    Each is ``(first byte, payload offset, payload length)``. Only the length
-    fields of the header are read, which is all a counting client needs; the
-    clients here must cost far less per message than the servers they
-    measure, and a full WebSocket parser (wsproto: about 6 µs a message)
-    would make them the bottleneck. The service itself never does this.
-    """
-    frames = []
-    offset, end = 0, len(buffer)
-    while end - offset >= 2:
-        head, length = buffer[offset], buffer[offset + 1] & 0x7F
-        start = offset + 2
-        if length == 126:
-            if end - offset < 4:
-                break
-            (length,) = struct.unpack_from("!H", buffer, offset + 2)
-            start = offset + 4
-        elif length == 127:
-            if end - offset < 10:
-                break
-            (length,) = struct.unpack_from("!Q", buffer, offset + 2)
-            start = offset + 10
-        if end - start < length:
-            break
-        frames.append((head, start, length))
-        offset = start + length
-    return frames, offset
 
 
 class _FrameCounter(asyncio.Protocol):

@@ -97,6 +97,7 @@ import attrs
 import httpx
 import psutil
 import trio
+from _frames import complete_frames  # benchmarks/_frames.py, beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPICS = "trades,aggtrades,book,depth,klines,whales"
@@ -104,35 +105,6 @@ READY = re.compile(r"market service ready at (\S+) \(WebSocket: (\S+)\)")
 
 
 # -- the WebSocket clients ------------------------------------------------------
-
-
-def _frames(buffer: bytearray) -> tuple[list[tuple[int, bytes]], int]:
-    """The complete server frames at the start of ``buffer``, and the bytes they take.
-
-    Each is ``(opcode, payload)``; the payload is copied only for control
-    frames (a data frame is only counted).
-    """
-    frames = []
-    offset, end = 0, len(buffer)
-    while end - offset >= 2:
-        opcode, length = buffer[offset] & 0x0F, buffer[offset + 1] & 0x7F
-        start = offset + 2
-        if length == 126:
-            if end - offset < 4:
-                break
-            (length,) = struct.unpack_from("!H", buffer, offset + 2)
-            start = offset + 4
-        elif length == 127:
-            if end - offset < 10:
-                break
-            (length,) = struct.unpack_from("!Q", buffer, offset + 2)
-            start = offset + 10
-        if end - start < length:
-            break
-        payload = bytes(buffer[start : start + length]) if opcode >= 8 else b""
-        frames.append((opcode, payload))
-        offset = start + length
-    return frames, offset
 
 
 def _pong(payload: bytes) -> bytes:
@@ -182,8 +154,10 @@ async def read_everything(ws_url: str, topics: str, reader: Reader) -> None:
         async with stream:
             with contextlib.suppress(trio.BrokenResourceError):
                 while True:
-                    frames, used = _frames(buffer)
-                    for opcode, payload in frames:
+                    frames, used = complete_frames(buffer)
+                    for head, start, length in frames:
+                        opcode = head & 0x0F
+                        payload = bytes(buffer[start : start + length]) if opcode >= 8 else b""
                         if opcode in (1, 2):
                             reader.messages += 1
                         elif opcode == 9:
