@@ -8,7 +8,7 @@ workers, so the machine's noise falls on both alike. The revision's
 package of another name; it must import on its own (it uses only relative
 imports, as ``engine/`` does).
 
-Job: seed 002's per-symbol indicators, as in ``benchmarks/batch.py``. Per
+Job: the per-symbol indicators of ``benchmarks/batch.py``. Per
 variant: the median wall time of a batch, the median CPU time of this
 process during it (the parent's share of the work), and the median of the
 per-round ratio of wall times.

@@ -10,19 +10,27 @@ from __future__ import annotations
 from ._backoff import Backoff as Backoff
 from ._batch import Batch as Batch
 from ._batch import BatchStatistics as BatchStatistics
-from ._batch import Outcome as Outcome
-from ._batch import Status as Status
+from ._batch import Bridge as Bridge
+from ._batch import BridgeName as BridgeName
 from ._batch import map_batch as map_batch
 from ._batch import run_batch as run_batch
 from ._bridgestats import BridgeStatistics as BridgeStatistics
 from ._bridgestats import bridge_statistics as bridge_statistics
 from ._channels import ChannelStatistics as ChannelStatistics
+from ._channels import Overflow as Overflow
+from ._channels import OverflowName as OverflowName
 from ._channels import ReceiveChannel as ReceiveChannel
 from ._channels import SendChannel as SendChannel
 from ._channels import open_channel as open_channel
 from ._consumers import Consumers as Consumers
 from ._consumers import ConsumerStatistics as ConsumerStatistics
+from ._consumers import OnError as OnError
+from ._consumers import OnErrorName as OnErrorName
 from ._consumers import consume as consume
+from ._counters import Tally as Tally
+from ._counters import counter_metric as counter_metric
+from ._counters import gauge_metric as gauge_metric
+from ._counters import metric_source as metric_source
 from ._exceptions import ChildStalled as ChildStalled
 from ._exceptions import ChildStartError as ChildStartError
 from ._exceptions import EngineError as EngineError
@@ -34,6 +42,8 @@ from ._exceptions import SubscriberDisconnected as SubscriberDisconnected
 from ._exceptions import SupervisorError as SupervisorError
 from ._exceptions import WorkerCrashed as WorkerCrashed
 from ._hub import Hub as Hub
+from ._hub import HubOverflow as HubOverflow
+from ._hub import HubOverflowName as HubOverflowName
 from ._hub import HubStatistics as HubStatistics
 from ._hub import Subscription as Subscription
 from ._hub import SubscriptionStatistics as SubscriptionStatistics
@@ -43,17 +53,26 @@ from ._loopwatch import LoopStatistics as LoopStatistics
 from ._loopwatch import LoopWatch as LoopWatch
 from ._loopwatch import open_loop_watch as open_loop_watch
 from ._metrics import HasStatistics as HasStatistics
-from ._metrics import counter_metric as counter_metric
-from ._metrics import gauge_metric as gauge_metric
 from ._ops import OpsServer as OpsServer
 from ._ops import serve_ops as serve_ops
+from ._outcome import Outcome as Outcome
+from ._outcome import Status as Status
 from ._periodic import Cycle as Cycle
 from ._periodic import CycleStatistics as CycleStatistics
+from ._periodic import OverrunPolicy as OverrunPolicy
+from ._periodic import OverrunPolicyName as OverrunPolicyName
 from ._periodic import every as every
 from ._processes import ProcessPool as ProcessPool
 from ._processes import ProcessPoolStatistics as ProcessPoolStatistics
+from ._processes import WorkerStart as WorkerStart
+from ._processes import WorkerStartName as WorkerStartName
 from ._processes import open_process_pool as open_process_pool
 from ._processes import to_process as to_process
+from ._restarts import Restart as Restart
+from ._restarts import RestartName as RestartName
+from ._restarts import Strategy as Strategy
+from ._restarts import StrategyName as StrategyName
+from ._runner import BatchRunner as BatchRunner
 from ._runtime import Shutdown as Shutdown
 from ._runtime import current_shutdown as current_shutdown
 from ._runtime import run as run
@@ -70,7 +89,10 @@ from ._watchdog import heartbeat as heartbeat
 __all__ = [
     "Backoff",
     "Batch",
+    "BatchRunner",
     "BatchStatistics",
+    "Bridge",
+    "BridgeName",
     "BridgeStatistics",
     "ChannelStatistics",
     "ChildStalled",
@@ -86,28 +108,43 @@ __all__ = [
     "ForcedShutdown",
     "HasStatistics",
     "Hub",
+    "HubOverflow",
+    "HubOverflowName",
     "HubStatistics",
     "LoopStall",
     "LoopStatistics",
     "LoopWatch",
+    "OnError",
+    "OnErrorName",
     "OpsServer",
     "Outcome",
+    "Overflow",
+    "OverflowName",
+    "OverrunPolicy",
+    "OverrunPolicyName",
     "ProcessPool",
     "ProcessPoolStatistics",
     "ReceiveChannel",
+    "Restart",
     "RestartIntensityExceeded",
+    "RestartName",
     "SendChannel",
     "SerializationError",
     "Shutdown",
     "Status",
+    "Strategy",
+    "StrategyName",
     "SubscriberDisconnected",
     "Subscription",
     "SubscriptionStatistics",
     "Supervisor",
     "SupervisorError",
     "SupervisorStatistics",
+    "Tally",
     "ThreadIterator",
     "WorkerCrashed",
+    "WorkerStart",
+    "WorkerStartName",
     "bridge_statistics",
     "configure_logging",
     "consume",
@@ -118,6 +155,7 @@ __all__ = [
     "heartbeat",
     "iterate_in_thread",
     "map_batch",
+    "metric_source",
     "open_channel",
     "open_loop_watch",
     "open_process_pool",

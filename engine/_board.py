@@ -32,6 +32,8 @@ import mmap
 import os
 import tempfile
 
+import attrs
+
 _WORDS_PER_SLOT = 3  # limit, items started, when the latest started
 _LIMIT, _STARTED, _STARTED_AT = 0, 1, 2
 _WORD = 8
@@ -87,6 +89,31 @@ class Board:
         self._map.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+@attrs.frozen
+class CallSlot:
+    """One slot of a board, lent to one call: the parent's view of that call."""
+
+    board: Board
+    slot: int
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """What the worker opens its :class:`Slot` with."""
+        return self.board.path, self.slot
+
+    def started(self) -> int:
+        """Items the call has started so far (see :meth:`Board.started`)."""
+        return self.board.started(self.slot)
+
+    def started_at(self) -> int:
+        """When the call started its latest item (see :meth:`Board.started_at`)."""
+        return self.board.started_at(self.slot)
+
+    def cut(self, limit: int) -> None:
+        """Ask the call to start no item at or past position ``limit``."""
+        self.board.cut(self.slot, limit)
 
 
 # -- the worker's side --------------------------------------------------------------

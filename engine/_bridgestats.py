@@ -7,7 +7,11 @@ import threading
 import attrs
 import trio
 
+from ._counters import Tally, counter_metric, gauge_metric, metric_source
+from ._runlocal import run_local
 
+
+@metric_source(label=None)
 @attrs.frozen
 class BridgeStatistics:
     """What the bridges of the current trio run have done so far.
@@ -29,67 +33,57 @@ class BridgeStatistics:
             outcomes of :func:`engine.map_batch` items, by status.
     """
 
-    thread_calls: int
-    threads_abandoned: int
-    threads_abandoned_running: int
-    iterator_threads_abandoned: int
-    process_calls: int
-    workers_killed: int
-    workers_crashed: int
-    batch_ok: int
-    batch_error: int
-    batch_timeout: int
-    batch_crashed: int
-    batch_cancelled: int
+    # thread_calls, process_calls and batch_* are samples of labelled
+    # families, built in _metrics.py.
+    thread_calls: int = 0
+    threads_abandoned: int = attrs.field(
+        default=0,
+        metadata=counter_metric("Thread calls whose caller was cancelled while the thread ran"),
+    )
+    threads_abandoned_running: int = attrs.field(
+        default=0, metadata=gauge_metric("Abandoned threads still running")
+    )
+    iterator_threads_abandoned: int = attrs.field(
+        default=0,
+        metadata=counter_metric("Blocking-iterator threads that did not stop in time"),
+    )
+    process_calls: int = 0
+    workers_killed: int = attrs.field(
+        default=0,
+        metadata=counter_metric("Worker processes killed because their caller was cancelled"),
+    )
+    workers_crashed: int = attrs.field(
+        default=0, metadata=counter_metric("Worker processes that died during a call")
+    )
+    batch_ok: int = 0
+    batch_error: int = 0
+    batch_timeout: int = 0
+    batch_crashed: int = 0
+    batch_cancelled: int = 0
 
 
-@attrs.define
-class Tally:
+class _Tally(Tally[BridgeStatistics]):
     """The mutable counters behind :class:`BridgeStatistics` (private)."""
 
-    thread_calls: int = 0
-    threads_abandoned: int = 0
-    threads_abandoned_running: int = 0
-    iterator_threads_abandoned: int = 0
-    process_calls: int = 0
-    workers_killed: int = 0
-    workers_crashed: int = 0
-    batch_outcomes: dict[str, int] = attrs.Factory(dict)
-    # Abandoned threads finish in their own thread and decrement a counter.
-    lock: threading.Lock = attrs.Factory(threading.Lock)
+    __slots__ = ("lock",)
 
-    def snapshot(self) -> BridgeStatistics:
-        with self.lock:
-            return BridgeStatistics(
-                thread_calls=self.thread_calls,
-                threads_abandoned=self.threads_abandoned,
-                threads_abandoned_running=self.threads_abandoned_running,
-                iterator_threads_abandoned=self.iterator_threads_abandoned,
-                process_calls=self.process_calls,
-                workers_killed=self.workers_killed,
-                workers_crashed=self.workers_crashed,
-                batch_ok=self.batch_outcomes.get("ok", 0),
-                batch_error=self.batch_outcomes.get("error", 0),
-                batch_timeout=self.batch_outcomes.get("timeout", 0),
-                batch_crashed=self.batch_outcomes.get("crashed", 0),
-                batch_cancelled=self.batch_outcomes.get("cancelled", 0),
-            )
+    def __init__(self) -> None:
+        super().__init__()
+        # Abandoned threads finish in their own thread and decrement a counter.
+        self.lock = threading.Lock()
 
     def count_batch_outcome(self, status: str, count: int = 1) -> None:
-        self.batch_outcomes[status] = self.batch_outcomes.get(status, 0) + count
+        """Add ``count`` items of a :func:`engine.map_batch` outcome ``status``."""
+        name = f"batch_{status}"
+        setattr(self, name, getattr(self, name) + count)
 
 
-_TALLY: trio.lowlevel.RunVar[Tally] = trio.lowlevel.RunVar("engine_bridge_tally")
+_TALLY: trio.lowlevel.RunVar[_Tally] = trio.lowlevel.RunVar("engine_bridge_tally")
 
 
-def tally() -> Tally:
+def tally() -> _Tally:
     """The current run's counters, created on first use."""
-    try:
-        return _TALLY.get()
-    except LookupError:
-        fresh = Tally()
-        _TALLY.set(fresh)
-        return fresh
+    return run_local(_TALLY, _Tally)
 
 
 def bridge_statistics() -> BridgeStatistics:
@@ -98,4 +92,6 @@ def bridge_statistics() -> BridgeStatistics:
     Raises:
         RuntimeError: called outside a trio run.
     """
-    return tally().snapshot()
+    counters = tally()
+    with counters.lock:
+        return counters.snapshot()

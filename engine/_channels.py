@@ -1,9 +1,7 @@
 """Bounded channels with an explicit overflow policy and counters for every message.
 
-Seed 003's queue held 1,000 messages, dropped 20,563 of them when its one
-consumer fell behind, and said so in a log line nobody read. Here the bound is
-mandatory, what happens when it is reached is a declared policy, and every
-message is accounted for at all times::
+The bound is mandatory, what happens when it is reached is a declared
+policy, and every message is accounted for at all times::
 
     sent == delivered + dropped + depth
 
@@ -16,15 +14,17 @@ work over a batch.
 
 from __future__ import annotations
 
+import abc
 import collections
 import enum
-from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar, cast
+from collections.abc import Callable, MutableMapping, Sequence
+from typing import Any, Generic, Literal, Self, TypeVar, cast
 
 import attrs
 import outcome
 import trio
 
+from ._counters import Tally, counter_metric, gauge_metric, metric_source
 from ._validation import check_choice, check_count
 
 T = TypeVar("T")
@@ -41,6 +41,14 @@ class Overflow(enum.StrEnum):
     """Discard the oldest buffered message to make room for the new one."""
 
 
+# The enum's values again as a Literal (a type checker cannot derive one from
+# the other; tests/test_quality.py holds the two equal). Every option enum is
+# declared with this shape.
+OverflowName = Literal["block", "drop_newest", "drop_oldest"]
+"""The values of :class:`Overflow`, as the strings ``open_channel`` also accepts."""
+
+
+@metric_source(label="channel")
 @attrs.frozen
 class ChannelStatistics:
     """A snapshot of one channel's counters.
@@ -63,37 +71,32 @@ class ChannelStatistics:
         open_receive_channels: receive handles not yet closed.
     """
 
-    maxsize: int
+    maxsize: int = attrs.field(metadata=gauge_metric("The buffer's bound", name="capacity"))
     overflow: str
-    sent: int
-    delivered: int
-    dropped: int
-    depth: int
-    peak_depth: int
-    senders_waiting: int
-    receivers_waiting: int
-    open_send_channels: int
-    open_receive_channels: int
-
-
-class _State(Generic[T]):
-    """What all the clones of one channel share."""
-
-    __slots__ = (
-        "buffer",
-        "delivered",
-        "dropped",
-        "maxsize",
-        "open_receive",
-        "open_send",
-        "overflow",
-        "peak",
-        "receive_waiters",
-        "send_waiters",
-        "sent",
+    sent: int = attrs.field(default=0, metadata=counter_metric("Messages accepted by send"))
+    delivered: int = attrs.field(
+        default=0, metadata=counter_metric("Messages handed to a receiver")
     )
+    dropped: int = attrs.field(
+        default=0, metadata=counter_metric("Messages discarded by the overflow policy")
+    )
+    depth: int = attrs.field(default=0, metadata=gauge_metric("Messages buffered now"))
+    peak_depth: int = attrs.field(default=0, metadata=gauge_metric("Highest depth seen"))
+    senders_waiting: int = attrs.field(default=0, metadata=gauge_metric("Tasks blocked in send"))
+    receivers_waiting: int = attrs.field(
+        default=0, metadata=gauge_metric("Tasks blocked in receive")
+    )
+    open_send_channels: int = 0
+    open_receive_channels: int = 0
+
+
+class _State(Tally[ChannelStatistics], Generic[T]):
+    """What all the clones of one channel share: the buffer, the parked tasks, the counters."""
+
+    __slots__ = ("buffer", "maxsize", "overflow", "receive_waiters", "send_waiters")
 
     def __init__(self, maxsize: int, overflow: Overflow) -> None:
+        super().__init__()
         self.maxsize = maxsize
         self.overflow = overflow
         self.buffer: collections.deque[T] = collections.deque()
@@ -104,49 +107,97 @@ class _State(Generic[T]):
         self.receive_waiters: collections.OrderedDict[trio.lowlevel.Task, int] = (
             collections.OrderedDict()
         )
-        self.sent = 0
-        self.delivered = 0
-        self.dropped = 0
-        self.peak = 0
-        self.open_send = 0
-        self.open_receive = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self.buffer)
+
+    @property
+    def senders_waiting(self) -> int:
+        return len(self.send_waiters)
+
+    @property
+    def receivers_waiting(self) -> int:
+        return len(self.receive_waiters)
 
     def statistics(self) -> ChannelStatistics:
-        return ChannelStatistics(
-            maxsize=self.maxsize,
-            overflow=str(self.overflow),
-            sent=self.sent,
-            delivered=self.delivered,
-            dropped=self.dropped,
-            depth=len(self.buffer),
-            peak_depth=self.peak,
-            senders_waiting=len(self.send_waiters),
-            receivers_waiting=len(self.receive_waiters),
-            open_send_channels=self.open_send,
-            open_receive_channels=self.open_receive,
-        )
-
-    def take(self, max_items: int) -> list[T]:
-        """Up to ``max_items`` buffered messages, refilled from parked senders."""
-        buffer = self.buffer
-        count = min(max_items, len(buffer))
-        batch = [buffer.popleft() for _ in range(count)]
-        self.delivered += count
-        self.admit_waiting_senders()
-        return batch
-
-    def admit_waiting_senders(self) -> None:
-        while self.send_waiters and len(self.buffer) < self.maxsize:
-            task, value = self.send_waiters.popitem(last=False)
-            task.custom_sleep_data._parked.remove(task)
-            self.buffer.append(value)
-            self.sent += 1
-            trio.lowlevel.reschedule(task)
-        if len(self.buffer) > self.peak:
-            self.peak = len(self.buffer)
+        return self.snapshot(overflow=str(self.overflow))
 
 
-class SendChannel(trio.abc.SendChannel[T]):
+class _Handle(Generic[T], metaclass=abc.ABCMeta):
+    """What both ends of a channel do alike: report, clone, park a task, close."""
+
+    __slots__ = ("_closed", "_parked", "_state")
+
+    def __init__(self, state: _State[T]) -> None:
+        self._state = state
+        self._closed = False
+        # Tasks parked on this handle: they fail when it closes.
+        self._parked: set[trio.lowlevel.Task] = set()
+
+    def __repr__(self) -> str:
+        state = self._state
+        kind = type(self).__name__
+        return f"<engine.{kind} maxsize={state.maxsize} overflow={state.overflow!s}>"
+
+    def statistics(self) -> ChannelStatistics:
+        """The channel's counters (shared by all clones of both ends)."""
+        return self._state.statistics()
+
+    def clone(self) -> Self:
+        """Another handle on the same channel, closed independently.
+
+        Raises:
+            trio.ClosedResourceError: this handle was closed.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError
+        return type(self)(self._state)
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close this handle; idempotent."""
+
+    async def aclose(self) -> None:
+        """Close this handle, then checkpoint."""
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    async def _wait(self, waiters: MutableMapping[trio.lowlevel.Task, Any], item: object) -> object:
+        """Park in ``waiters`` with ``item`` until the other end reschedules us."""
+        task = trio.lowlevel.current_task()
+        self._parked.add(task)
+        waiters[task] = item
+        task.custom_sleep_data = self
+
+        def abort(_: Callable[[], object]) -> trio.lowlevel.Abort:
+            self._parked.remove(task)
+            del waiters[task]
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _release(self, waiters: MutableMapping[trio.lowlevel.Task, Any]) -> bool:
+        """Mark the handle closed and fail the tasks parked on it; ``False`` if it was closed."""
+        if self._closed:
+            return False
+        self._closed = True
+        for task in self._parked:
+            del waiters[task]
+            trio.lowlevel.reschedule(task, outcome.Error(trio.ClosedResourceError()))
+        self._parked.clear()
+        return True
+
+
+def _wake_all(waiters: MutableMapping[trio.lowlevel.Task, Any], error: type[BaseException]) -> None:
+    """Fail every task parked on the other end (its last handle closed) with ``error``."""
+    for task in waiters:
+        task.custom_sleep_data._parked.remove(task)
+        trio.lowlevel.reschedule(task, outcome.Error(error()))
+    waiters.clear()
+
+
+class SendChannel(_Handle[T], trio.abc.SendChannel[T]):
     """The sending end of a channel from :func:`open_channel`.
 
     Like ``trio.MemorySendChannel``: clone it to give each producer its own
@@ -154,27 +205,17 @@ class SendChannel(trio.abc.SendChannel[T]):
     the buffer is drained.
     """
 
-    __slots__ = ("_closed", "_parked", "_state")
+    __slots__ = ()
 
     def __init__(self, state: _State[T]) -> None:
-        self._state = state
-        self._closed = False
-        self._parked: set[trio.lowlevel.Task] = set()
-        state.open_send += 1
-
-    def __repr__(self) -> str:
-        state = self._state
-        return f"<engine.SendChannel maxsize={state.maxsize} overflow={state.overflow!s}>"
-
-    def statistics(self) -> ChannelStatistics:
-        """The channel's counters (shared by all clones of both ends)."""
-        return self._state.statistics()
+        super().__init__(state)
+        state.open_send_channels += 1
 
     def _open_state(self) -> _State[T]:
         """The shared state, once sure this handle may send."""
         if self._closed:
             raise trio.ClosedResourceError
-        if not self._state.open_receive:
+        if not self._state.open_receive_channels:
             raise trio.BrokenResourceError
         return self._state
 
@@ -199,8 +240,8 @@ class SendChannel(trio.abc.SendChannel[T]):
         if len(buffer) < state.maxsize:
             buffer.append(value)
             state.sent += 1
-            if len(buffer) > state.peak:
-                state.peak = len(buffer)
+            if len(buffer) > state.peak_depth:
+                state.peak_depth = len(buffer)
             return
         overflow = state.overflow
         if overflow is Overflow.BLOCK:
@@ -264,8 +305,8 @@ class SendChannel(trio.abc.SendChannel[T]):
                 buffer.extend(beyond)
                 for _ in beyond:
                     buffer.popleft()
-        if len(buffer) > state.peak:
-            state.peak = len(buffer)
+        if len(buffer) > state.peak_depth:
+            state.peak_depth = len(buffer)
 
     async def send(self, value: T) -> None:
         """Send, waiting for room only under the ``block`` policy.
@@ -285,52 +326,18 @@ class SendChannel(trio.abc.SendChannel[T]):
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
-        task = trio.lowlevel.current_task()
-        self._parked.add(task)
-        self._state.send_waiters[task] = value
-        task.custom_sleep_data = self
-
-        def abort(_: Callable[[], object]) -> trio.lowlevel.Abort:
-            self._parked.remove(task)
-            del self._state.send_waiters[task]
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
-
-    def clone(self) -> SendChannel[T]:
-        """Another handle on the same channel, closed independently.
-
-        Raises:
-            trio.ClosedResourceError: this handle was closed.
-        """
-        if self._closed:
-            raise trio.ClosedResourceError
-        return SendChannel(self._state)
+        await self._wait(self._state.send_waiters, value)
 
     def close(self) -> None:
         """Close this handle; idempotent. Senders parked on it get ``ClosedResourceError``."""
-        if self._closed:
-            return
-        self._closed = True
         state = self._state
-        for task in self._parked:
-            del state.send_waiters[task]
-            trio.lowlevel.reschedule(task, outcome.Error(trio.ClosedResourceError()))
-        self._parked.clear()
-        state.open_send -= 1
-        if state.open_send == 0:
-            for task in state.receive_waiters:
-                task.custom_sleep_data._parked.remove(task)
-                trio.lowlevel.reschedule(task, outcome.Error(trio.EndOfChannel()))
-            state.receive_waiters.clear()
-
-    async def aclose(self) -> None:
-        """Close this handle, then checkpoint."""
-        self.close()
-        await trio.lowlevel.checkpoint()
+        if self._release(state.send_waiters):
+            state.open_send_channels -= 1
+            if state.open_send_channels == 0:
+                _wake_all(state.receive_waiters, trio.EndOfChannel)
 
 
-class ReceiveChannel(trio.abc.ReceiveChannel[T]):
+class ReceiveChannel(_Handle[T], trio.abc.ReceiveChannel[T]):
     """The receiving end of a channel from :func:`open_channel`.
 
     Several tasks may receive from one handle or from clones: each message
@@ -338,21 +345,11 @@ class ReceiveChannel(trio.abc.ReceiveChannel[T]):
     every send handle is closed and the buffer is drained.
     """
 
-    __slots__ = ("_closed", "_parked", "_state")
+    __slots__ = ()
 
     def __init__(self, state: _State[T]) -> None:
-        self._state = state
-        self._closed = False
-        self._parked: set[trio.lowlevel.Task] = set()
-        state.open_receive += 1
-
-    def __repr__(self) -> str:
-        state = self._state
-        return f"<engine.ReceiveChannel maxsize={state.maxsize} overflow={state.overflow!s}>"
-
-    def statistics(self) -> ChannelStatistics:
-        """The channel's counters (shared by all clones of both ends)."""
-        return self._state.statistics()
+        super().__init__(state)
+        state.open_receive_channels += 1
 
     def receive_nowait(self) -> T:
         """Take the oldest message without waiting.
@@ -369,9 +366,9 @@ class ReceiveChannel(trio.abc.ReceiveChannel[T]):
             value = state.buffer.popleft()
             state.delivered += 1
             if state.send_waiters:
-                state.admit_waiting_senders()
+                self._admit_waiting_senders()
             return value
-        if not state.open_send:
+        if not state.open_send_channels:
             raise trio.EndOfChannel
         raise trio.WouldBlock
 
@@ -389,11 +386,29 @@ class ReceiveChannel(trio.abc.ReceiveChannel[T]):
         if self._closed:
             raise trio.ClosedResourceError
         state = self._state
-        if state.buffer:
-            return state.take(max_items)
-        if not state.open_send:
+        buffer = state.buffer
+        if buffer:
+            count = min(max_items, len(buffer))
+            batch = [buffer.popleft() for _ in range(count)]
+            state.delivered += count
+            self._admit_waiting_senders()
+            return batch
+        if not state.open_send_channels:
             raise trio.EndOfChannel
         raise trio.WouldBlock
+
+    def _admit_waiting_senders(self) -> None:
+        """Move parked senders' messages into the room taking some made."""
+        state = self._state
+        buffer = state.buffer
+        while state.send_waiters and len(buffer) < state.maxsize:
+            task, value = state.send_waiters.popitem(last=False)
+            task.custom_sleep_data._parked.remove(task)
+            buffer.append(value)
+            state.sent += 1
+            trio.lowlevel.reschedule(task)
+        if len(buffer) > state.peak_depth:
+            state.peak_depth = len(buffer)
 
     async def receive(self) -> T:
         """Take the oldest message, waiting for one if there is none.
@@ -447,27 +462,7 @@ class ReceiveChannel(trio.abc.ReceiveChannel[T]):
         # Only reached with an empty buffer, hence no parked sender (senders
         # park only on a full one): the next send hands its message straight
         # to us, as a list if we asked for a batch.
-        task = trio.lowlevel.current_task()
-        self._parked.add(task)
-        self._state.receive_waiters[task] = max_items
-        task.custom_sleep_data = self
-
-        def abort(_: Callable[[], object]) -> trio.lowlevel.Abort:
-            self._parked.remove(task)
-            del self._state.receive_waiters[task]
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        return await trio.lowlevel.wait_task_rescheduled(abort)
-
-    def clone(self) -> ReceiveChannel[T]:
-        """Another handle on the same channel, closed independently.
-
-        Raises:
-            trio.ClosedResourceError: this handle was closed.
-        """
-        if self._closed:
-            raise trio.ClosedResourceError
-        return ReceiveChannel(self._state)
+        return await self._wait(self._state.receive_waiters, max_items)
 
     def close(self) -> None:
         """Close this handle; idempotent.
@@ -476,25 +471,11 @@ class ReceiveChannel(trio.abc.ReceiveChannel[T]):
         receive handle closes, parked senders get ``BrokenResourceError``;
         buffered messages stay counted in ``depth``, undelivered.
         """
-        if self._closed:
-            return
-        self._closed = True
         state = self._state
-        for task in self._parked:
-            del state.receive_waiters[task]
-            trio.lowlevel.reschedule(task, outcome.Error(trio.ClosedResourceError()))
-        self._parked.clear()
-        state.open_receive -= 1
-        if state.open_receive == 0:
-            for task in state.send_waiters:
-                task.custom_sleep_data._parked.remove(task)
-                trio.lowlevel.reschedule(task, outcome.Error(trio.BrokenResourceError()))
-            state.send_waiters.clear()
-
-    async def aclose(self) -> None:
-        """Close this handle, then checkpoint."""
-        self.close()
-        await trio.lowlevel.checkpoint()
+        if self._release(state.receive_waiters):
+            state.open_receive_channels -= 1
+            if state.open_receive_channels == 0:
+                _wake_all(state.send_waiters, trio.BrokenResourceError)
 
 
 class open_channel(tuple[SendChannel[T], ReceiveChannel[T]]):  # a function in use
@@ -518,7 +499,7 @@ class open_channel(tuple[SendChannel[T], ReceiveChannel[T]]):  # a function in u
     """
 
     def __new__(  # type: ignore[misc]  # returns a plain tuple, as trio's open_memory_channel does
-        cls, maxsize: int, *, overflow: str = "block"
+        cls, maxsize: int, *, overflow: Overflow | OverflowName = "block"
     ) -> tuple[SendChannel[T], ReceiveChannel[T]]:
         state: _State[T] = _State(
             check_count("maxsize", maxsize, minimum=1),
@@ -526,4 +507,4 @@ class open_channel(tuple[SendChannel[T], ReceiveChannel[T]]):  # a function in u
         )
         return SendChannel(state), ReceiveChannel(state)
 
-    def __init__(self, maxsize: int, *, overflow: str = "block") -> None: ...
+    def __init__(self, maxsize: int, *, overflow: Overflow | OverflowName = "block") -> None: ...

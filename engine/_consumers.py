@@ -1,9 +1,8 @@
 """N consumers of one channel in one nursery, with a declared error policy and counters.
 
-Seed 003 had one consumer task behind a queue of 1,000 and lost 20,563
-messages. The cure there was five consumers; here that is one argument, and
-what happens when a handler raises is a choice, not an accident: count it
-and go on, or fail the whole group.
+How many workers take from the channel is one argument, and what happens
+when a handler raises is a choice, not an accident: count it and go on, or
+fail the whole group.
 """
 
 from __future__ import annotations
@@ -11,14 +10,15 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 import attrs
 import trio
 
+from ._counters import Tally, counter_metric, gauge_metric, metric_source
 from ._names import callable_name, describe_error
 from ._validation import check_choice, check_count, check_name
-from ._watchdog import attach, detach, heartbeat
+from ._watchdog import attach_statistics, heartbeat
 
 logger = logging.getLogger("engine.consumers")
 
@@ -34,6 +34,14 @@ class OnError(enum.StrEnum):
     """Cancel every worker and let the error out of :meth:`Consumers.run`."""
 
 
+# The enum's values again as a Literal (a type checker cannot derive one from
+# the other; tests/test_quality.py holds the two equal). Every option enum is
+# declared with this shape.
+OnErrorName = Literal["continue", "raise"]
+"""The values of :class:`OnError`, as the strings ``Consumers`` also accepts."""
+
+
+@metric_source(label="consumer")
 @attrs.frozen
 class ConsumerStatistics:
     """A snapshot of a consumer group, shaped for /status and /metrics.
@@ -52,26 +60,24 @@ class ConsumerStatistics:
     """
 
     name: str
-    workers: int
+    workers: int = attrs.field(metadata=gauge_metric("Workers in the group"))
     on_error: str
-    processed: int
-    errors: int
-    busy: int
-    processing_seconds_total: float
-    processing_seconds_max: float
-    last_error: str | None
-    last_error_at: float | None
-
-
-@attrs.define
-class _Tally:
-    processed: int = 0
-    errors: int = 0
-    busy: int = 0
-    seconds_total: float = 0.0
-    seconds_max: float = 0.0
+    processed: int = attrs.field(default=0, metadata=counter_metric("Messages handled"))
+    errors: int = attrs.field(default=0, metadata=counter_metric("Messages the handler raised on"))
+    busy: int = attrs.field(default=0, metadata=gauge_metric("Workers inside the handler now"))
+    processing_seconds_total: float = attrs.field(
+        default=0.0,
+        metadata=counter_metric("Time spent in the handler", name="processing_seconds"),
+    )
+    processing_seconds_max: float = attrs.field(
+        default=0.0, metadata=gauge_metric("Longest single call of the handler")
+    )
     last_error: str | None = None
     last_error_at: float | None = None
+
+
+class _Tally(Tally[ConsumerStatistics]):
+    """The counters behind :meth:`Consumers.statistics`."""
 
 
 @attrs.define(eq=False, init=False, on_setattr=attrs.setters.frozen)
@@ -106,7 +112,7 @@ class Consumers(Generic[T]):
         handler: Callable[[T], Awaitable[object]],
         *,
         workers: int = 1,
-        on_error: str = "continue",
+        on_error: OnError | OnErrorName = "continue",
         name: str | None = None,
     ) -> None:
         if not callable(handler):
@@ -120,18 +126,8 @@ class Consumers(Generic[T]):
 
     def statistics(self) -> ConsumerStatistics:
         """A frozen snapshot of the group's counters."""
-        t = self._tally
-        return ConsumerStatistics(
-            name=self.name,
-            workers=self.workers,
-            on_error=str(self.on_error),
-            processed=t.processed,
-            errors=t.errors,
-            busy=t.busy,
-            processing_seconds_total=t.seconds_total,
-            processing_seconds_max=t.seconds_max,
-            last_error=t.last_error,
-            last_error_at=t.last_error_at,
+        return self._tally.snapshot(
+            name=self.name, workers=self.workers, on_error=str(self.on_error)
         )
 
     async def run(
@@ -150,14 +146,11 @@ class Consumers(Generic[T]):
             BaseException: with ``on_error="raise"``, the handler's error,
                 in the exception group of the workers' nursery.
         """
-        run_context = attach(self)
-        try:
+        with attach_statistics(self):
             async with channel, trio.open_nursery() as nursery:
                 for index in range(self.workers):
                     nursery.start_soon(self._work, channel, name=f"{self.name}[{index}]")
                 task_status.started()
-        finally:
-            detach(run_context, self)
 
     async def _work(self, channel: trio.abc.ReceiveChannel[T]) -> None:
         tally = self._tally
@@ -176,9 +169,9 @@ class Consumers(Generic[T]):
             finally:
                 tally.busy -= 1
                 elapsed = trio.current_time() - started
-                tally.seconds_total += elapsed
-                if elapsed > tally.seconds_max:
-                    tally.seconds_max = elapsed
+                tally.processing_seconds_total += elapsed
+                if elapsed > tally.processing_seconds_max:
+                    tally.processing_seconds_max = elapsed
             heartbeat()
 
     def _record_error(self, exc: Exception) -> None:
@@ -201,7 +194,7 @@ async def consume(
     handler: Callable[[T], Awaitable[object]],
     *,
     workers: int = 1,
-    on_error: str = "continue",
+    on_error: OnError | OnErrorName = "continue",
     name: str | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:

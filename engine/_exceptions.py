@@ -30,6 +30,17 @@ import attrs
 class EngineError(Exception):
     """Root of every error the engine raises on its own account."""
 
+    # The attributes a subclass is built from, in its constructor's order: they
+    # serve ``match`` patterns and rebuild the error on the far side of a pickle.
+    # Subclass constructors look alike (store the attributes, word the message):
+    # each message is its own, so each is written out.
+    __match_args__: tuple[str, ...] = ()
+
+    def __reduce__(self) -> str | tuple[object, ...]:
+        if not self.__match_args__:
+            return super().__reduce__()
+        return (type(self), tuple(getattr(self, name) for name in self.__match_args__))
+
 
 class SupervisorError(EngineError):
     """A supervisor could not do what it was asked."""
@@ -43,15 +54,15 @@ class ChildStartError(SupervisorError):
 
     Attributes:
         child: the name of the child.
+        reason: what went wrong, in words.
     """
 
-    def __init__(self, child: str, message: str) -> None:
-        super().__init__(f"child {child!r} failed to start: {message}")
-        self.child = child
-        self._message = message
+    __match_args__ = ("child", "reason")
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.child, self._message))
+    def __init__(self, child: str, reason: str) -> None:
+        super().__init__(f"child {child!r} failed to start: {reason}")
+        self.child = child
+        self.reason = reason
 
 
 class ChildStalled(EngineError):
@@ -67,6 +78,8 @@ class ChildStalled(EngineError):
         silent_for: seconds since the last heartbeat when it was cancelled.
     """
 
+    __match_args__ = ("child", "stall_after", "silent_for")
+
     def __init__(self, child: str, stall_after: float, silent_for: float) -> None:
         super().__init__(
             f"child {child!r} stalled: no heartbeat for {silent_for:.3f} s "
@@ -75,9 +88,6 @@ class ChildStalled(EngineError):
         self.child = child
         self.stall_after = stall_after
         self.silent_for = silent_for
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.child, self.stall_after, self.silent_for))
 
 
 @attrs.frozen
@@ -110,6 +120,8 @@ class RestartIntensityExceeded(SupervisorError):
         failures: the recent failures that counted, oldest first.
     """
 
+    __match_args__ = ("supervisor", "child", "max_restarts", "period", "failures")
+
     def __init__(
         self,
         supervisor: str,
@@ -130,10 +142,6 @@ class RestartIntensityExceeded(SupervisorError):
         self.period = period
         self.failures = tuple(failures)
 
-    def __reduce__(self) -> tuple[object, ...]:
-        args = (self.supervisor, self.child, self.max_restarts, self.period, self.failures)
-        return (type(self), args)
-
 
 class ForcedShutdown(EngineError):
     """The runtime had to cancel work after asking it to stop.
@@ -146,13 +154,12 @@ class ForcedShutdown(EngineError):
         signal: the number of the signal that started the stop, if any.
     """
 
+    __match_args__ = ("reason", "signal")
+
     def __init__(self, reason: str, signal: int | None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.signal = signal
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.reason, self.signal))
 
     @property
     def exit_status(self) -> int:
@@ -173,6 +180,8 @@ class SubscriberDisconnected(EngineError):
             did not fit and every later one, until this was raised.
     """
 
+    __match_args__ = ("patterns", "maxsize", "lost")
+
     def __init__(self, patterns: tuple[str, ...], maxsize: int, lost: int) -> None:
         super().__init__(
             f"subscriber to {', '.join(patterns)} disconnected: its queue of {maxsize} was "
@@ -182,9 +191,6 @@ class SubscriberDisconnected(EngineError):
         self.maxsize = maxsize
         self.lost = lost
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.patterns, self.maxsize, self.lost))
-
 
 class SerializationError(EngineError):
     """An argument or a result of a process call could not be pickled.
@@ -193,13 +199,12 @@ class SerializationError(EngineError):
         direction: ``"argument"`` or ``"result"``.
     """
 
+    __match_args__ = ("direction", "detail")
+
     def __init__(self, direction: str, detail: str) -> None:
         super().__init__(f"cannot pickle the {direction}: {detail}")
         self.direction = direction
         self.detail = detail
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.direction, self.detail))
 
 
 class WorkerCrashed(EngineError):

@@ -11,9 +11,8 @@ Two halves, one on each side of the loop:
   stalled *now*: the thread samples the trio thread's stack
   (``sys._current_frames``), finds the task whose coroutine is running
   (``coro.cr_running``) and logs both at once, so a loop that never turns
-  again (seed 004's ``pubsub.listen()``) is still named. While the stall
-  lasts, the thread also answers the ops server's pending connections
-  (see ``_fallback.py``).
+  again (a blocking ``pubsub.listen()``, say) is still named. While the
+  stall lasts, the thread also answers the ops server's pending connections.
 
 With ``per_step=True`` a trio :class:`~trio.abc.Instrument` times every task
 step instead: exact durations and task names, at the cost of two hook calls
@@ -35,6 +34,7 @@ from time import perf_counter
 import attrs
 import trio
 
+from ._counters import Tally, counter_metric, gauge_metric, metric_source
 from ._validation import check_duration
 
 logger = logging.getLogger("engine.loop")
@@ -71,6 +71,7 @@ class LoopStall:
         return f"event loop stalled {self.seconds:.2f} s in {task}{where}"
 
 
+@metric_source(label=None)
 @attrs.frozen
 class LoopStatistics:
     """A snapshot of the loop-stall detector.
@@ -84,12 +85,20 @@ class LoopStatistics:
         last_stall: the latest stall that ended, or ``None``.
     """
 
-    threshold: float
+    threshold: float = attrs.field(
+        metadata=gauge_metric("What counts as a stall", name="stall_threshold_seconds")
+    )
     per_step: bool
-    stalls: int
-    stall_seconds_total: float
-    stall_seconds_max: float
-    last_stall: LoopStall | None
+    stalls: int = attrs.field(default=0, metadata=counter_metric("Event-loop stalls"))
+    stall_seconds_total: float = attrs.field(
+        default=0.0, metadata=counter_metric("Summed length of the stalls", name="stall_seconds")
+    )
+    stall_seconds_max: float = attrs.field(default=0.0, metadata=gauge_metric("The longest stall"))
+    last_stall: LoopStall | None = None
+
+
+class _Tally(Tally[LoopStatistics]):
+    """The counters behind :meth:`LoopWatch.statistics` (under the watch's lock)."""
 
 
 @attrs.define(eq=False)
@@ -145,24 +154,14 @@ class LoopWatch:
     _stop: threading.Event = attrs.field(init=False, repr=False, factory=threading.Event)
     _episode: _Episode | None = attrs.field(init=False, repr=False, default=None)
     _ended_key: float = attrs.field(init=False, repr=False, default=math.nan)
-    _stalls: int = attrs.field(init=False, repr=False, default=0)
-    _seconds_total: float = attrs.field(init=False, repr=False, default=0.0)
-    _seconds_max: float = attrs.field(init=False, repr=False, default=0.0)
-    _last: LoopStall | None = attrs.field(init=False, repr=False, default=None)
+    _tally: _Tally = attrs.field(init=False, repr=False, factory=_Tally)
     # Called by the watch thread, over and over, while the loop is stalled.
     on_stalled: Callable[[float], None] | None = attrs.field(init=False, repr=False, default=None)
 
     def statistics(self) -> LoopStatistics:
         """A frozen snapshot of the stalls seen so far."""
         with self._lock:
-            return LoopStatistics(
-                threshold=self.threshold,
-                per_step=self.per_step,
-                stalls=self._stalls,
-                stall_seconds_total=self._seconds_total,
-                stall_seconds_max=self._seconds_max,
-                last_stall=self._last,
-            )
+            return self._tally.snapshot(threshold=self.threshold, per_step=self.per_step)
 
     def current_stall(self) -> LoopStall | None:
         """The stall in progress, or ``None`` while the loop turns.
@@ -196,16 +195,17 @@ class LoopWatch:
 
     def _ended(self, key: float, seconds: float, task: str | None) -> None:
         """Count and log a stall that is over (called in the trio thread)."""
+        tally = self._tally
         with self._lock:
             episode = self._episode
             if episode is None or episode.key != key:
-                self._stalls += 1  # the watch thread did not see this one
+                tally.stalls += 1  # the watch thread did not see this one
                 episode = _Episode(key, task)
             self._episode = None
             self._ended_key = key
-            self._seconds_total += seconds
-            self._seconds_max = max(self._seconds_max, seconds)
-            self._last = stall = _stall(episode, seconds, ongoing=False)
+            tally.stall_seconds_total += seconds
+            tally.stall_seconds_max = max(tally.stall_seconds_max, seconds)
+            tally.last_stall = stall = _stall(episode, seconds, ongoing=False)
         logger.warning(
             "%s; the loop turns again",
             stall.describe(),
@@ -255,7 +255,7 @@ class LoopWatch:
             if key == self._ended_key or (self._episode is not None and self._episode.key == key):
                 return  # it ended, or was seen, while we sampled
             self._episode = episode = _Episode(key, name, stack, where)
-            self._stalls += 1
+            self._tally.stalls += 1
         stall = _stall(episode, perf_counter() - key, ongoing=True)
         logger.warning(
             "%s, and it is still stalled. The task's stack:\n  %s",

@@ -4,7 +4,7 @@ A small ASGI app (``_opsapp.py``) answers the four endpoints and hands every
 other path to the ASGI apps a service mounts. The listening
 socket is bound here, not by hypercorn, for two reasons: the bound port is
 known at once (port 0 works), and the loop watch thread can answer that same
-socket while the event loop is stalled (see ``_fallback.py``).
+socket while the event loop is stalled (see ``_ops_stalled.py``).
 
 The accept loop is ours too, so that it can bound the connections open at
 once: each accepted connection is handed to hypercorn's per-connection server
@@ -34,9 +34,9 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ._fallback import StallAnswerer
 from ._loopwatch import LoopStall, LoopWatch, open_loop_watch
 from ._metrics import EngineCollector, HasStatistics
+from ._ops_stalled import StallAnswerer
 from ._opsapp import ENDPOINTS, ASGIApp, OpsApp
 from ._probes import loop_stalled, verdict_body
 from ._validation import check_count, check_duration, check_name

@@ -3,9 +3,8 @@
 A :class:`Cycle` runs an async function on the grid ``start + k * interval``.
 The grid is computed from the tick index, never by adding durations, so
 neither the function's run time nor the scheduler's lateness accumulates.
-Each run lives inside a cancel scope whose deadline always fires: the answer
-to seed 001, where a refresh cycle hung for 27 hours and a ``SIGALRM`` patch
-was the only guard.
+Each run lives inside a cancel scope whose deadline always fires, so a hung
+run is cut and the next tick still comes.
 """
 
 from __future__ import annotations
@@ -15,14 +14,15 @@ import inspect
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import NoReturn, TypeVarTuple
+from typing import Literal, NoReturn, TypeVarTuple
 
 import attrs
 import trio
 
+from ._counters import Tally, counter_metric, gauge_metric, metric_source
 from ._names import callable_name, describe_error
 from ._validation import check_choice, check_duration, check_name
-from ._watchdog import attach, detach, heartbeat
+from ._watchdog import attach_statistics, heartbeat
 
 logger = logging.getLogger("engine.cycles")
 
@@ -41,6 +41,14 @@ class OverrunPolicy(enum.StrEnum):
     IMMEDIATE = "immediate"
 
 
+# The enum's values again as a Literal (a type checker cannot derive one from
+# the other; tests/test_quality.py holds the two equal). Every option enum is
+# declared with this shape.
+OverrunPolicyName = Literal["skip", "immediate"]
+"""The values of :class:`OverrunPolicy`, as the strings ``Cycle`` also accepts."""
+
+
+@metric_source(label="cycle")
 @attrs.frozen
 class CycleStatistics:
     """A snapshot of one cycle, shaped for JSON and Prometheus.
@@ -71,44 +79,59 @@ class CycleStatistics:
     """
 
     name: str
-    interval: float
+    interval: float = attrs.field(
+        metadata=gauge_metric("Seconds between ticks", name="interval_seconds")
+    )
     cycle_deadline: float
     overrun_policy: str
-    runs: int
-    successes: int
-    failures: int
-    timeouts: int
-    overruns: int
-    skipped_ticks: int
-    late_starts: int
-    running: bool
-    last_started_at: float | None
-    last_success_at: float | None
-    last_failure_at: float | None
-    last_error: str | None
-    last_duration: float | None
-    next_tick_at: float | None
-
-
-@attrs.define
-class _Tally:
-    """The mutable counters behind :meth:`Cycle.statistics`."""
-
-    active: bool = False
-    runs: int = 0
-    successes: int = 0
-    failures: int = 0
-    timeouts: int = 0
-    overruns: int = 0
-    skipped_ticks: int = 0
-    late_starts: int = 0
-    running: bool = False
+    runs: int = attrs.field(default=0, metadata=counter_metric("Runs started"))
+    successes: int = attrs.field(default=0, metadata=counter_metric("Runs that returned"))
+    failures: int = attrs.field(
+        default=0, metadata=counter_metric("Runs that raised or hit the cycle deadline")
+    )
+    timeouts: int = attrs.field(
+        default=0, metadata=counter_metric("Runs cut by the cycle deadline")
+    )
+    overruns: int = attrs.field(
+        default=0, metadata=counter_metric("Runs that carried past the next tick")
+    )
+    skipped_ticks: int = attrs.field(default=0, metadata=counter_metric("Ticks without a run"))
+    late_starts: int = attrs.field(default=0, metadata=counter_metric("Runs started off the grid"))
+    running: bool = attrs.field(
+        default=False, metadata=gauge_metric("1 while a run is in progress")
+    )
     last_started_at: float | None = None
     last_success_at: float | None = None
     last_failure_at: float | None = None
     last_error: str | None = None
-    last_duration: float | None = None
+    last_duration: float | None = attrs.field(
+        default=None,
+        metadata=gauge_metric("Seconds the latest finished run took", name="last_duration_seconds"),
+    )
     next_tick_at: float | None = None
+
+
+class _Tally(Tally[CycleStatistics]):
+    """The counters behind :meth:`Cycle.statistics`, and what each run adds to them."""
+
+    def begin(self, started: float, next_tick: float) -> None:
+        self.runs += 1
+        self.running = True
+        self.last_started_at = started
+        self.next_tick_at = next_tick
+
+    def end(self, started: float) -> None:
+        self.running = False
+        self.last_duration = trio.current_time() - started
+
+    def succeed(self) -> None:
+        self.successes += 1
+        self.last_success_at = trio.current_time()
+
+    def fail(self, error: str) -> None:
+        self.failures += 1
+        self.last_failure_at = trio.current_time()
+        self.last_error = error
 
 
 @attrs.frozen
@@ -188,7 +211,7 @@ class Cycle:
         *args: *PosArgsT,
         interval: float,
         cycle_deadline: float | None = None,
-        overrun: str = "skip",
+        overrun: OverrunPolicy | OverrunPolicyName = "skip",
         name: str | None = None,
     ) -> None:
         if not callable(fn):
@@ -212,26 +235,11 @@ class Cycle:
         Returns:
             A frozen :class:`CycleStatistics`.
         """
-        t = self._tally
-        return CycleStatistics(
+        return self._tally.snapshot(
             name=self.name,
             interval=self.interval,
             cycle_deadline=self.cycle_deadline,
             overrun_policy=str(self.overrun),
-            runs=t.runs,
-            successes=t.successes,
-            failures=t.failures,
-            timeouts=t.timeouts,
-            overruns=t.overruns,
-            skipped_ticks=t.skipped_ticks,
-            late_starts=t.late_starts,
-            running=t.running,
-            last_started_at=t.last_started_at,
-            last_success_at=t.last_success_at,
-            last_failure_at=t.last_failure_at,
-            last_error=t.last_error,
-            last_duration=t.last_duration,
-            next_tick_at=t.next_tick_at,
         )
 
     async def run(
@@ -258,25 +266,24 @@ class Cycle:
             TypeError: if ``fn(*args)`` returns something that is not
                 awaitable (``fn`` is not an async function).
         """
-        if self._tally.active:
+        tally = self._tally
+        if tally.next_tick_at is not None:  # set for exactly as long as run() runs
             raise trio.BusyResourceError(f"cycle {self.name!r} is already running")
-        self._tally.active = True
-        run_context = attach(self)
+        grid = _Grid(origin=trio.current_time(), interval=self.interval)
+        index, due = 0, grid.origin
+        tally.next_tick_at = due
         try:
-            grid = _Grid(origin=trio.current_time(), interval=self.interval)
-            index, due = 0, grid.origin
-            task_status.started()
-            while True:
-                self._tally.next_tick_at = due
-                await trio.sleep_until(due)
-                index, due = self._catch_up(grid, index, due)
-                ended = await self._run_once(due, next_tick=grid.at(index + 1))
-                index, due = self._reschedule(grid, index, ended)
+            with attach_statistics(self):
+                task_status.started()
+                while True:
+                    tally.next_tick_at = due
+                    await trio.sleep_until(due)
+                    index, due = self._catch_up(grid, index, due)
+                    ended = await self._run_once(due, next_tick=grid.at(index + 1))
+                    index, due = self._reschedule(grid, index, ended)
         finally:
-            self._tally.active = False
-            self._tally.running = False
-            self._tally.next_tick_at = None
-            detach(run_context, self)
+            tally.running = False
+            tally.next_tick_at = None
 
     async def _run_once(self, due: float, *, next_tick: float) -> float:
         """One run; returns ``due`` plus its duration, for the overrun check.
@@ -293,47 +300,29 @@ class Cycle:
                 "not an awaitable"
             )
         started = trio.current_time()
-        self._begin(started, next_tick)
+        tally = self._tally
+        tally.begin(started, next_tick)
+        heartbeat()
         try:
             with trio.move_on_at(started + self.cycle_deadline) as scope:
                 await awaitable
         except Exception as exc:
-            self._record_failure(describe_error(exc), exc)
+            tally.fail(describe_error(exc))
+            logger.error("cycle %r failed: %s", self.name, tally.last_error, exc_info=exc)
             return due + (trio.current_time() - started)
         finally:
-            self._end(started)
+            tally.end(started)
+            heartbeat()
         if scope.cancelled_caught:
             self._record_timeout(started)
             return due + self.cycle_deadline
-        self._tally.successes += 1
-        self._tally.last_success_at = trio.current_time()
+        tally.succeed()
         return due + (trio.current_time() - started)
-
-    def _begin(self, started: float, next_tick: float) -> None:
-        tally = self._tally
-        tally.runs += 1
-        tally.running = True
-        tally.last_started_at = started
-        tally.next_tick_at = next_tick
-        heartbeat()
-
-    def _end(self, started: float) -> None:
-        self._tally.running = False
-        self._tally.last_duration = trio.current_time() - started
-        heartbeat()
-
-    def _record_failure(self, error: str, exc: BaseException | None) -> None:
-        tally = self._tally
-        tally.failures += 1
-        tally.last_failure_at = trio.current_time()
-        tally.last_error = error
-        if exc is not None:
-            logger.error("cycle %r failed: %s", self.name, error, exc_info=exc)
 
     def _record_timeout(self, started: float) -> None:
         self._tally.timeouts += 1
         message = f"cycle deadline of {self.cycle_deadline:g} s expired"
-        self._record_failure(f"{trio.TooSlowError.__name__}: {message}", None)
+        self._tally.fail(f"{trio.TooSlowError.__name__}: {message}")
         logger.warning(
             "cycle %r: %s; the run was cut after %.3f s",
             self.name,
@@ -393,7 +382,7 @@ async def every(
     fn: Callable[[*PosArgsT], Awaitable[object]],
     *args: *PosArgsT,
     cycle_deadline: float | None = None,
-    overrun: str = "skip",
+    overrun: OverrunPolicy | OverrunPolicyName = "skip",
     name: str | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:

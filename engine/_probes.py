@@ -84,8 +84,9 @@ def warnings(tree: SupervisorStatistics | None) -> list[Problem]:
 
     A cycle cut by its deadline, or whose run raised, is retried on its
     next tick; the process is alive and should not be restarted for it, but
-    an operator should see it (seed 001's watchlist failed unseen for 27
-    hours). It clears once a later run of the cycle succeeds.
+    an operator should see it: a cycle that keeps failing is otherwise
+    invisible while the process looks healthy. It clears once a later run of
+    the cycle succeeds.
     """
     if tree is None:
         return []

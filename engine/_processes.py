@@ -19,13 +19,13 @@ import os
 import pickle
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, TypeVar, TypeVarTuple
+from typing import Any, Literal, TypeVar, TypeVarTuple
 
 import attrs
 import trio
 import trio_parallel
 
-from ._board import Board
+from ._board import Board, CallSlot
 from ._bridgestats import tally
 from ._exceptions import SerializationError, WorkerCrashed
 from ._validation import check_choice, check_count, check_duration
@@ -41,8 +41,18 @@ class WorkerStart(enum.StrEnum):
     """How worker processes are started (see :mod:`multiprocessing`)."""
 
     SPAWN = "spawn"
+    """A fresh interpreter for each worker: the safest, and the slowest to start."""
     FORKSERVER = "forkserver"
+    """Forked from a clean server process started once."""
     FORK = "fork"
+    """Forked from this process, threads and locks and all: quick, and unsafe with threads."""
+
+
+# The enum's values again as a Literal (a type checker cannot derive one from
+# the other; tests/test_quality.py holds the two equal). Every option enum is
+# declared with this shape.
+WorkerStartName = Literal["spawn", "forkserver", "fork"]
+"""The values of :class:`WorkerStart`, as the strings ``open_process_pool`` also accepts."""
 
 
 _WORKER_TYPES = {
@@ -217,38 +227,74 @@ class ProcessPool:
         except _ResultNotPicklable as exc:
             raise SerializationError("result", f"of {_describe(fn)}: {exc}") from exc
 
-    async def _ensure_idle_worker(self) -> None:
+    async def warm(self) -> None:
+        """Start every worker now, so the first calls do not pay for process start-up."""
+        async with trio.open_nursery() as nursery:
+            for _ in range(self._workers):
+                nursery.start_soon(self.run, os.getpid)
+
+
+@attrs.frozen
+class WorkerLease:
+    """One of a pool's worker places, held for one batch call (see :func:`lease_worker`).
+
+    Attributes:
+        pool: the pool.
+        place: the call's slot on the pool's progress board; ``None`` when
+            the pool has no board, and the call runs unwatched.
+    """
+
+    pool: ProcessPool
+    place: CallSlot | None
+
+    async def dispatch(self, payload: bytes, fn: Callable[..., object]) -> bytes:
+        """Run a pickled call (see :func:`pickle_call`); cancelling it kills its worker."""
+        return await self.pool._dispatch(payload, fn, kill_on_cancel=True)
+
+    async def ensure_idle_worker(self) -> None:
         """Start a worker if none is idle, so the next call's deadline excludes start-up.
 
         A worker killed at a deadline is replaced by a new process whose
-        start (a few hundred ms with ``spawn``) must not count against the
-        next item's deadline. Another caller may still take the worker first;
-        then that one call pays for a start, as any call to a cold pool does.
+        start (a new interpreter and its imports, with ``spawn``) must not
+        count against the next item's deadline. Another caller may still
+        take the worker first; then that one call pays for a start, as any
+        call to a cold pool does.
         """
-        if self._context.statistics().idle_workers == 0:
-            await self._noop()
+        if self.pool._context.statistics().idle_workers == 0:
+            await self._start_one()
 
-    async def _replace_lost_worker(self) -> None:
-        """Start one new worker after one was killed or died, before its slot is reused.
+    async def replace_lost_worker(self) -> None:
+        """Start one new worker after one was killed or died, before its place is reused.
 
         trio-parallel starts a worker only when a call finds none idle, so
         ``idle + 1`` concurrent no-op calls force exactly one start (more
         only if other callers take idle workers meanwhile; extras retire
         after ``idle_timeout``).
         """
-        wanted = self._context.statistics().idle_workers + 1
+        wanted = self.pool._context.statistics().idle_workers + 1
         async with trio.open_nursery() as nursery:
             for _ in range(wanted):
-                nursery.start_soon(self._noop)
+                nursery.start_soon(self._start_one)
 
-    async def _noop(self) -> None:
-        await self._context.run_sync(os.getpid, kill_on_cancel=True, limiter=self._unlimited)
+    async def _start_one(self) -> None:
+        pool = self.pool
+        await pool._context.run_sync(os.getpid, kill_on_cancel=True, limiter=pool._unlimited)
 
-    async def warm(self) -> None:
-        """Start every worker now, so the first calls do not pay for process start-up."""
-        async with trio.open_nursery() as nursery:
-            for _ in range(self._workers):
-                nursery.start_soon(self.run, os.getpid)
+
+@asynccontextmanager
+async def lease_worker(pool: ProcessPool) -> AsyncIterator[WorkerLease]:
+    """Hold one of ``pool``'s worker places, with a slot on its progress board if it has one."""
+    async with pool._limiter:
+        # Holding a worker place, so a slot is free: the board has one per worker.
+        board = pool._progress_board()
+        if board is None:
+            yield WorkerLease(pool, None)
+            return
+        place = CallSlot(board, board.take())
+        try:
+            yield WorkerLease(pool, place)
+        finally:
+            board.give_back(place.slot)
 
 
 def open_process_pool(
@@ -257,7 +303,7 @@ def open_process_pool(
     initializer: Callable[[], object] | None = None,
     retire_after: int | None = None,
     idle_timeout: float = 600.0,
-    start_method: str = "spawn",
+    start_method: WorkerStart | WorkerStartName = "spawn",
     grace_period: float = 5.0,
 ) -> AbstractAsyncContextManager[ProcessPool]:
     """Open a pool of worker processes: ``async with engine.open_process_pool(4) as pool:``.
@@ -357,6 +403,12 @@ async def to_process(
 
     Cancellation and errors: as :meth:`ProcessPool.run`.
     """
+    pool = await default_pool()
+    return await pool.run(fn, *args, kill_on_cancel=kill_on_cancel)
+
+
+async def default_pool() -> ProcessPool:
+    """The run's default pool (see :func:`to_process`), opened on first use."""
     try:
         holder = _DEFAULT.get()
     except LookupError:
@@ -365,4 +417,4 @@ async def to_process(
         trio.lowlevel.spawn_system_task(_keep_default_pool, holder, name="engine default pool")
     await holder.ready.wait()
     assert holder.pool is not None
-    return await holder.pool.run(fn, *args, kill_on_cancel=kill_on_cancel)
+    return holder.pool

@@ -23,6 +23,7 @@ import attrs
 import trio
 
 from ._exceptions import ForcedShutdown
+from ._runlocal import run_local
 from ._validation import check_count, check_duration, check_name
 
 __all__ = ["Shutdown", "current_shutdown", "run"]
@@ -141,12 +142,7 @@ def current_shutdown() -> Shutdown:
     Raises:
         RuntimeError: called outside a trio run.
     """
-    try:
-        return _SHUTDOWN.get()
-    except LookupError:
-        shutdown = Shutdown()
-        _SHUTDOWN.set(shutdown)
-        return shutdown
+    return run_local(_SHUTDOWN, Shutdown)
 
 
 def run(

@@ -13,6 +13,8 @@ import enum
 
 import attrs
 
+from ._counters import counter_metric, gauge_metric, metric_source
+
 
 class ChildState(enum.StrEnum):
     """Where a supervised child is in its life."""
@@ -29,6 +31,7 @@ class ChildState(enum.StrEnum):
     """Ended with an error and will not be started again."""
 
 
+@metric_source(label="child")
 @attrs.frozen
 class ChildStatistics:
     """One supervised child at the moment of the snapshot.
@@ -53,18 +56,25 @@ class ChildStatistics:
     name: str
     state: ChildState
     restart: str
-    ready: bool
-    restarts: int
-    failures: int
-    stalls: int
-    stall_after: float
+    ready: bool = attrs.field(metadata=gauge_metric("1 when the current run is ready"))
+    restarts: int = attrs.field(metadata=counter_metric("Starts after the first"))
+    failures: int = attrs.field(metadata=counter_metric("Runs that raised or stalled"))
+    stalls: int = attrs.field(metadata=counter_metric("Runs cancelled by the watchdog"))
+    stall_after: float = attrs.field(
+        metadata=gauge_metric("Heartbeat limit", name="stall_after_seconds")
+    )
     last_error: str | None
     last_error_at: float | None
     started_at: float | None
-    heartbeat_age: float | None
+    heartbeat_age: float | None = attrs.field(
+        metadata=gauge_metric(
+            "Seconds since the running child last beat", name="heartbeat_age_seconds"
+        )
+    )
     attached: tuple[object, ...] = ()
 
 
+@metric_source(label="supervisor")
 @attrs.frozen
 class SupervisorStatistics:
     """A supervisor and, recursively, everything below it.
@@ -82,10 +92,12 @@ class SupervisorStatistics:
 
     name: str
     strategy: str
-    max_restarts: int
+    max_restarts: int = attrs.field(metadata=gauge_metric("The restart intensity limit"))
     period: float
-    restarts_in_period: int
-    failed: bool
+    restarts_in_period: int = attrs.field(
+        metadata=gauge_metric("Restarts counted against the intensity limit now")
+    )
+    failed: bool = attrs.field(metadata=gauge_metric("1 once it gave up"))
     taken_at: float
     children: tuple[ChildStatistics, ...]
 

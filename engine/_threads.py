@@ -1,10 +1,10 @@
 """The thread bridges: one call in a thread, and a blocking source drained by a thread.
 
-Seed 004's service called redis-py's blocking ``pubsub.listen()`` inside an
-async task; the event loop froze, startup never completed and ``/health``
-timed out. Blocking calls belong in threads, and a thread must never be able
-to hold the service hostage: the caller can always be cancelled, and a
-thread left behind is counted, never silently waited for.
+A blocking call inside an async task freezes the event loop, and with it
+everything the process serves, ``/health`` included. Blocking calls belong
+in threads, and a thread must never be able to hold the service hostage:
+the caller can always be cancelled, and a thread left behind is counted,
+never silently waited for.
 """
 
 from __future__ import annotations

@@ -10,7 +10,15 @@ E = TypeVar("E", bound=str)
 
 
 def check_duration(name: str, value: float, *, allow_zero: bool = False) -> float:
-    """A number of seconds: positive (or >= 0 with ``allow_zero``), ``math.inf`` allowed."""
+    """A number of seconds: positive (or >= 0 with ``allow_zero``), ``math.inf`` allowed.
+
+    Returns:
+        ``value`` as a float.
+
+    Raises:
+        TypeError: not a number (a bool is not one), naming ``name``.
+        ValueError: NaN, negative, or zero without ``allow_zero``, naming ``name``.
+    """
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number of seconds, got {value!r}")
     if math.isnan(value):
@@ -24,7 +32,12 @@ def check_duration(name: str, value: float, *, allow_zero: bool = False) -> floa
 
 
 def check_count(name: str, value: int, *, minimum: int = 0) -> int:
-    """A whole number of at least ``minimum``."""
+    """A whole number of at least ``minimum``.
+
+    Raises:
+        TypeError: not an int (a bool is not one), naming ``name``.
+        ValueError: below ``minimum``, naming ``name``.
+    """
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < minimum:
@@ -33,7 +46,14 @@ def check_count(name: str, value: int, *, minimum: int = 0) -> int:
 
 
 def check_choice(name: str, value: str, choices: Iterable[E]) -> E:
-    """One of a fixed set of names (a ``StrEnum``'s members, typically)."""
+    """One of a fixed set of names (a ``StrEnum``'s members, typically).
+
+    Returns:
+        The matching member of ``choices`` (so a ``StrEnum`` member for a plain string).
+
+    Raises:
+        ValueError: no member matches; the message lists them.
+    """
     options = list(choices)
     for option in options:
         if value == option:
@@ -43,7 +63,11 @@ def check_choice(name: str, value: str, choices: Iterable[E]) -> E:
 
 
 def check_name(name: str, value: str) -> str:
-    """A non-empty string used to name something in logs and statistics."""
+    """A non-empty string used to name something in logs and statistics.
+
+    Raises:
+        ValueError: not a string, or empty, naming ``name``.
+    """
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name} must be a non-empty string, got {value!r}")
     return value

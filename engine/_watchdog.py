@@ -8,8 +8,10 @@ run from anywhere inside the child without being handed anything.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import traceback
+from collections.abc import Iterator
 from typing import Protocol
 
 import attrs
@@ -61,18 +63,27 @@ def heartbeat() -> None:
         run.beat()
 
 
-def attach(source: StatisticsSource) -> RunContext | None:
-    """List ``source`` under the current child's run, if there is one."""
+@contextlib.contextmanager
+def attach_statistics(source: StatisticsSource) -> Iterator[None]:
+    """List ``source`` under the current supervised child while the block runs.
+
+    A supervisor, a cycle or a server opened inside a supervised child
+    appears under that child in its supervisor's statistics, so statistics
+    form a tree. Outside a supervised child it does nothing.
+
+    Args:
+        source: anything with a ``name`` and a ``statistics()`` method.
+    """
     run = current_run.get()
-    if run is not None:
-        run.attached.append(source)
-    return run
-
-
-def detach(run: RunContext | None, source: StatisticsSource) -> None:
-    """Undo :func:`attach` (when the source closes before its run ends)."""
-    if run is not None and source in run.attached:
-        run.attached.remove(source)
+    if run is None:
+        yield
+        return
+    run.attached.append(source)
+    try:
+        yield
+    finally:
+        if source in run.attached:
+            run.attached.remove(source)
 
 
 def format_task_tree(task: trio.lowlevel.Task) -> str:

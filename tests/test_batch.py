@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import psutil
@@ -139,8 +139,8 @@ async def test_cancelling_a_batch_midway_leaves_one_outcome_each_and_no_worker()
     assert not live_children()
 
 
-async def test_seed_000_shape_never_more_calls_than_workers_and_completes() -> None:
-    # 25,352 order-log lines on 4 workers: the batch that hung forever in seed 000.
+async def test_an_order_log_on_4_workers_never_has_more_calls_than_workers_and_completes() -> None:
+    # 25,352 order-log lines, one malformed, on 4 workers.
     lines = [json.dumps({"oid": i, "px": 100 + i % 50, "status": "filled"}) for i in range(25_352)]
     lines[100] = "{truncated"
     most_in_flight = 0
@@ -167,10 +167,10 @@ async def test_seed_000_shape_never_more_calls_than_workers_and_completes() -> N
     assert batch.statistics().calls < 25_352 / 20
 
 
-# -- seed 002's acceptance table, row by row ----------------------------------------------
+# -- a scan of symbols: an acceptance table, row by row --------------------------------------
 
 
-async def test_seed_002_row_2500_symbols_complete_well_within_30_seconds() -> None:
+async def test_scan_2500_symbols_complete_well_within_30_seconds() -> None:
     started = time.perf_counter()
     async with engine.open_process_pool(2) as pool:
         outcomes = await engine.run_batch(indicators, range(2_500), pool=pool, item_deadline=60)
@@ -179,7 +179,7 @@ async def test_seed_002_row_2500_symbols_complete_well_within_30_seconds() -> No
     assert set(outcomes[0].value) == {"close", "macd", "signal", "rsi14"}  # type: ignore[arg-type]
 
 
-async def test_seed_002_row_a_60s_timeout_is_recorded_and_the_batch_continues(
+async def test_scan_a_60s_timeout_is_recorded_and_the_batch_continues(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     async def fetch(symbol: str) -> str:
@@ -197,7 +197,7 @@ async def test_seed_002_row_a_60s_timeout_is_recorded_and_the_batch_continues(
 
 
 @pytest.mark.parametrize("progress", [False, True], ids=["recorded-at-once", "with-progress"])
-async def test_seed_002_row_an_exception_is_recorded_and_the_batch_continues(
+async def test_scan_an_exception_is_recorded_and_the_batch_continues(
     pool: engine.ProcessPool, progress: bool
 ) -> None:
     # Outcomes are recorded a call at a time, or one by one for a progress callback.
@@ -216,7 +216,7 @@ async def test_seed_002_row_an_exception_is_recorded_and_the_batch_continues(
         outcomes[1].unwrap()
 
 
-async def test_seed_002_row_the_pool_lives_exactly_as_long_as_its_block() -> None:
+async def test_scan_the_pool_lives_exactly_as_long_as_its_block() -> None:
     before = live_children()
     async with engine.open_process_pool(2) as pool:
         await pool.warm()
@@ -225,7 +225,7 @@ async def test_seed_002_row_the_pool_lives_exactly_as_long_as_its_block() -> Non
     assert live_children() == before
 
 
-async def test_seed_002_row_progress_fires_once_per_completed_symbol(
+async def test_scan_progress_fires_once_per_completed_symbol(
     pool: engine.ProcessPool,
 ) -> None:
     calls: list[tuple[int, int]] = []
@@ -233,7 +233,7 @@ async def test_seed_002_row_progress_fires_once_per_completed_symbol(
     assert calls == [(i, 50) for i in range(1, 51)]
 
 
-async def test_seed_002_row_worker_count_is_configurable_and_defaults_to_cpus(
+async def test_scan_worker_count_is_configurable_and_defaults_to_cpus(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     running = 0
@@ -307,7 +307,7 @@ async def test_a_thread_call_ends_by_its_clock_and_the_rest_run_later() -> None:
 
 @pytest.mark.parametrize("bridge", ["process", "thread"])
 async def test_a_worker_out_of_work_takes_part_of_the_slower_call_mid_call(
-    pool: engine.ProcessPool, bridge: str
+    pool: engine.ProcessPool, bridge: Literal["process", "thread"]
 ) -> None:
     # Each worker is sent half: the first gets 15 items of 10 ms, the second
     # 15 of 1 ms. When the second is done, the first has most of its items
@@ -436,6 +436,13 @@ async def test_an_argument_that_cannot_be_unpickled_in_the_worker_fails_only_its
     assert all(o.attempts == 1 for o in outcomes)
 
 
+class RunsButSaysNotHow:
+    """A bridge object with a ``run`` but no ``chunked``."""
+
+    async def run(self, *args: object) -> None:
+        raise AssertionError("never called")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
@@ -443,6 +450,8 @@ async def test_an_argument_that_cannot_be_unpickled_in_the_worker_fails_only_its
         ({"item_deadline": 0}, ValueError, "item_deadline must be > 0"),
         ({"chunk_size": 0}, ValueError, "chunk_size must be >= 1"),
         ({"bridge": "carrier-pigeon"}, ValueError, "bridge must be one of"),
+        ({"bridge": object()}, TypeError, "BatchRunner, got .*, which has no chunked and no run"),
+        ({"bridge": RunsButSaysNotHow()}, TypeError, "which has no chunked$"),
         ({"on_progress": 5}, TypeError, "on_progress must be callable"),
         ({"at_most_once": 1}, TypeError, "at_most_once must be a bool"),
     ],
@@ -452,6 +461,52 @@ def test_map_batch_rejects_bad_arguments_at_call_time(
 ) -> None:
     with pytest.raises(error, match=message):
         engine.map_batch(square, [1], **kwargs)
+
+
+@attrs.define
+class InlineRunner:
+    """A runner of its own, as an outside library would write one: items run inline, in order."""
+
+    chunked: bool = True
+    calls: list[list[int]] = attrs.Factory(list)
+
+    async def run(
+        self,
+        fn: Any,
+        chunk: list[tuple[int, Any]],
+        deadline: float,
+        stop_after: float,
+        call: engine._runner.Call,
+    ) -> engine._runner.ChunkReport:
+        self.calls.append([index for index, _ in chunk])
+        report = engine._runner.ChunkReport()
+        for index, item in chunk:
+            await trio.sleep(1)  # each item takes a second of trio time
+            try:
+                value = fn(item)
+            except Exception as exc:
+                report.finished.append(engine._runner.Finished(index, False, None, exc, 1.0))
+            else:
+                report.finished.append(engine._runner.Finished(index, True, value, None, 1.0))
+        return report
+
+
+async def test_a_runner_of_ones_own_needs_only_what_the_protocol_says(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    runner = InlineRunner()
+    outcomes = await engine.run_batch(
+        behave, [("ok", n) if n != 3 else ("raise", n) for n in range(8)], bridge=runner, workers=2
+    )
+    assert [o.status for o in outcomes] == ["ok"] * 3 + ["error"] + ["ok"] * 4
+    assert [o.value for o in outcomes if o.ok] == [n * n for n in range(8) if n != 3]
+    # Chunked: an even share each, both at once.
+    assert runner.calls == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert trio.current_time() == 4
+    runner = InlineRunner(chunked=False)
+    async with engine.map_batch(square, range(4), bridge=runner, workers=2):  # typed: a BatchRunner
+        pass
+    assert runner.calls == [[0], [1], [2], [3]]
 
 
 def test_a_process_batch_of_a_lambda_fails_at_call_time() -> None:
@@ -554,17 +609,6 @@ async def test_a_worker_out_of_work_takes_part_of_a_slower_call_which_goes_on(
     assert trio.current_time() == 401 * TICK
 
 
-def test_a_call_past_its_time_starts_no_item_but_to_finish_a_small_rest() -> None:
-    may_start = engine._batch_runners.may_start
-    assert may_start(0.0, 0, 10, stop_after=0.0)  # the first item always runs
-    assert may_start(0.19, 19, 81, stop_after=0.2)
-    assert not may_start(0.2, 20, 80, stop_after=0.2)
-    # Past the time, a rest that ends within a quarter more still runs.
-    assert may_start(0.2, 20, 5, stop_after=0.2)
-    assert not may_start(0.2, 20, 6, stop_after=0.2)
-    assert not may_start(0.26, 26, 1, stop_after=0.2)
-
-
 def test_a_worker_past_its_time_returns_the_rest_unstarted() -> None:
     # The worker side of a call, without a process: with no time at all,
     # only the first item runs (one always does); the parent counts the rest
@@ -575,25 +619,6 @@ def test_a_worker_past_its_time_returns_the_rest_unstarted() -> None:
     ran, errors, blob = engine._batch_runners.run_chunk_in_worker(square, [2, 3, 4])
     assert len(ran) == 3
     assert pickle.loads(blob) == [4, 9, 16]
-
-
-def test_a_clock_limited_call_gets_all_but_its_latest_start_of_the_deadline() -> None:
-    chunk_deadline = engine._batch_runners.chunk_deadline
-    assert chunk_deadline(60, 1, 0.2) == 60  # alone: the whole deadline
-    assert chunk_deadline(60, 10, 0.2) == 60 - 0.25  # every item starts by 0.25 s
-    assert chunk_deadline(60, 10) == 30  # no clock: half
-    assert chunk_deadline(1, 10, 0.5) == 0.5  # a clock too long for the deadline: half
-
-
-def test_the_balanced_end_counts_each_workers_own_speed() -> None:
-    balanced_end = engine._batch._balanced_end
-    # Alone until 10 s at 1 item/s (10 items); then joined by a worker doing
-    # 2 items/s: the other 20 take 20/3 s more.
-    assert balanced_end(0.0, 30, 1.0, 2, [(10.0, 0.5)]) == pytest.approx(10 + 20 / 3)
-    # The running worker never frees up in time: the asker does them all.
-    assert balanced_end(0.0, 5, 1.0, 2, [(100.0, 0.5)]) == 5
-    # Two free workers of equal speed split evenly.
-    assert balanced_end(0.0, 10, 1.0, 2, []) == 5
 
 
 async def test_a_hung_item_in_a_clock_limited_call_is_cut_within_twice_its_deadline(
@@ -655,7 +680,7 @@ async def test_virtual_bridge_60s_deadlines_start_when_a_worker_takes_the_item(
 
 def test_outcomes_made_in_bulk_equal_those_made_by_their_constructor() -> None:
     items = ["a", "b", "c"]
-    made = engine._batch._ok_outcomes(
+    made = engine._outcome.ok_outcomes_in_bulk(
         [2, 0], items, ["C", "A"], [0.5, 0.25], [1.0, 2.0, 3.0], [2, 1, 1]
     )
     assert made == [
@@ -706,7 +731,7 @@ def test_a_process_call_reports_only_the_items_before_its_cut() -> None:
 def test_a_cut_behind_the_calls_progress_takes_only_what_it_has_not_started() -> None:
     cuts: list[int] = []
     started = 5
-    call = engine._batch_runners.Call(started=lambda: started, cut=cuts.append)
+    call = engine._runner.Call(started=lambda: started, cut=cuts.append)
     # Asked to stop at 3, it had already started 5: the items taken start at 5.
     assert call.cut_at(3) == 5
     assert (cuts, call.limit) == ([3, 5], 5)
@@ -716,7 +741,7 @@ def test_a_cut_behind_the_calls_progress_takes_only_what_it_has_not_started() ->
     assert call.cut_at(4) == 5
     assert (cuts, call.limit) == ([3, 5, 4, 5], 5)
     # A call the batch cannot watch is never cut.
-    assert engine._batch_runners.Call().cut_at(2) == engine._board.NO_LIMIT
+    assert engine._runner.Call().cut_at(2) == engine._board.NO_LIMIT
 
 
 def test_a_worker_starts_no_item_at_or_past_its_cut_and_gives_the_claim_back() -> None:
@@ -889,3 +914,90 @@ def test_any_mix_of_speeds_hangs_and_crashes_gives_each_item_its_own_true_outcom
         if outcome.status == engine.Status.TIMEOUT:
             assert outcome.ran == deadline
             assert reported[outcome.index] == started[outcome.index] + deadline
+
+
+# -- what becomes of a failed call: plain decisions -------------------------------------------
+
+
+def settle(
+    report: engine._runner.ChunkReport, *, size: int = 5, at_most_once: bool = False
+) -> engine._batch_failures.Settlement:
+    return engine._batch_failures.settle_failed_call(
+        report, size=size, deadline=60.0, at_most_once=at_most_once
+    )
+
+
+def test_a_call_whose_worker_died_runs_its_culprit_alone_and_the_lost_again() -> None:
+    crash = engine.WorkerCrashed("running item 12", exit_code=None, signal=9)
+    chunk = [(index, None) for index in range(10, 15)]
+    report = engine._runner.lost_with_the_worker(chunk, 3, crash)
+    assert (report.lost, report.unknown, report.not_started) == ([10, 11], [12], [13, 14])
+    settled = settle(report)
+    assert (settled.ended, settled.alone, settled.again) == ((), (12,), (10, 11))
+    assert (settled.another_attempt, settled.split) == (True, True)
+    assert settled.warning is not None
+    assert settled.warning.endswith("1 items run again alone, 2 others again")
+
+
+def test_at_most_once_a_failed_call_ends_its_items_instead() -> None:
+    Ending, Status = engine._batch_failures.Ending, engine.Status
+    hung = engine._runner.too_slow(60.0)
+    settled = settle(
+        engine._runner.ChunkReport(unknown=[12], lost=[10, 11], failure=hung), at_most_once=True
+    )
+    assert (settled.alone, settled.again, settled.split) == ((), (), True)
+    assert settled.ended[0] == Ending(12, Status.TIMEOUT, hung, 60.0)
+    assert [(e.index, e.status) for e in settled.ended[1:]] == [(10, "crashed"), (11, "crashed")]
+    assert "item 12" in str(settled.ended[1].error)
+    assert "its result was lost" in str(settled.ended[1].error)
+    # Which item hung is unknown: each ends with the call, none had its own deadline.
+    settled = settle(engine._runner.ChunkReport(unknown=[1, 2], failure=hung), at_most_once=True)
+    assert [(e.index, e.status, e.ran) for e in settled.ended] == [
+        (1, "timeout", 0.0),
+        (2, "timeout", 0.0),
+    ]
+
+
+@pytest.mark.parametrize("at_most_once", [False, True])
+def test_a_call_its_worker_could_not_unpickle_runs_each_item_alone(at_most_once: bool) -> None:
+    failure = engine.SerializationError("argument", "could not be unpickled in the worker")
+    report = engine._runner.ChunkReport(unknown=[3, 4, 5], failure=failure)
+    settled = settle(report, at_most_once=at_most_once)
+    assert (settled.ended, settled.alone, settled.again) == ((), (3, 4, 5), ())
+    # It ran none of them: running alone is their first attempt.
+    assert (settled.another_attempt, settled.split) == (False, True)
+
+
+def test_an_item_sent_alone_ends_with_its_calls_failure() -> None:
+    Ending, Status = engine._batch_failures.Ending, engine.Status
+    hung, crash = engine._runner.too_slow(60.0), engine.WorkerCrashed("x", exit_code=3, signal=None)
+    lost = engine.SerializationError("argument", "item 7")
+    assert settle(engine._runner.ChunkReport(unknown=[7], failure=hung), size=1).ended == (
+        Ending(7, Status.TIMEOUT, hung, 60.0),
+    )
+    assert settle(engine._runner.ChunkReport(unknown=[7], failure=crash), size=1).ended == (
+        Ending(7, Status.CRASHED, crash),
+    )
+    alone = settle(engine._runner.ChunkReport(unknown=[7], failure=lost), size=1)
+    assert alone == engine._batch_failures.Settlement((Ending(7, Status.ERROR, lost),))
+
+
+def test_items_abandoned_at_their_deadline_just_end() -> None:
+    hung = engine._runner.too_slow(0.3)
+    settled = settle(engine._runner.ChunkReport(timed_out=[(4, 0.3)], failure=hung))
+    assert settled == engine._batch_failures.Settlement(
+        (engine._batch_failures.Ending(4, engine.Status.TIMEOUT, hung, 0.3),)
+    )
+
+
+def test_results_that_cannot_be_loaded_run_again_alone_or_end_as_errors() -> None:
+    settle_lost_results = engine._batch_failures.settle_lost_results
+    failure = engine._runner.ResultsLost("result", "could not be unpickled here")
+    again = settle_lost_results([4, 5], [0.5, 0.25], failure, at_most_once=False)
+    assert (again.ended, again.alone, again.another_attempt) == ((), (4, 5), True)
+    ended = settle_lost_results([4, 5], [0.5, 0.25], failure, at_most_once=True)
+    assert [(e.index, e.status, e.ran) for e in ended.ended] == [
+        (4, "error", 0.5),
+        (5, "error", 0.25),
+    ]
+    assert (ended.alone, ended.split) == ((), False)

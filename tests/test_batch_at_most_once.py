@@ -137,8 +137,8 @@ async def test_a_call_that_starts_nothing_within_the_deadline_ends_every_item(
 
 
 @attrs.define
-class RacingPool:
-    """Enough of a process pool for ``ProcessRunner._run``, its worker played in virtual time.
+class RacingLease:
+    """A worker held for ``ProcessRunner._run``, played in virtual time.
 
     The worker claims ``claimed`` items, the last of them started long
     before its deadline. Ended, it claims ``claimed_before_the_kill`` (it
@@ -146,23 +146,22 @@ class RacingPool:
     with ``returns``, sends back its results anyway.
     """
 
-    board: engine._board.Board
-    slot: int
+    place: engine._board.CallSlot
     claimed: int
     claimed_before_the_kill: int
     returns: bytes | None = None
     replaced: int = 0
 
-    async def _ensure_idle_worker(self) -> None:
+    async def ensure_idle_worker(self) -> None:
         await trio.lowlevel.checkpoint()
 
-    async def _replace_lost_worker(self) -> None:
+    async def replace_lost_worker(self) -> None:
         self.replaced += 1
         await trio.lowlevel.checkpoint()
 
-    async def _dispatch(self, payload: bytes, fn: object, kill_on_cancel: bool) -> bytes:
-        worker = engine._board.Slot(self.board.path, self.slot)
-        worker.report_time(time.monotonic_ns() - 3600 * 10**9)
+    async def dispatch(self, payload: bytes, fn: object) -> bytes:
+        worker = engine._board.Slot(*self.place.address)
+        worker.report_time(1)  # the clock's first nanosecond: long before any deadline
         worker.report(self.claimed)
         try:
             await trio.sleep_forever()
@@ -173,11 +172,11 @@ class RacingPool:
         return self.returns
 
 
-async def run_racing(pool: RacingPool) -> engine._batch_runners.ChunkReport:
-    runner = engine._batch_runners.ProcessRunner(pool)  # type: ignore[arg-type]  # a fake
-    call = engine._batch_runners.Call(at_most_once=True)
+async def run_racing(lease: RacingLease) -> engine._runner.ChunkReport:
+    runner = engine._batch_runners.ProcessRunner(None)  # type: ignore[arg-type]  # never asked for a worker
+    call = engine._runner.Call(at_most_once=True)
     chunk = [(index, index) for index in range(10, 15)]
-    return await runner._run(square, chunk, 60.0, math.inf, (pool.board, pool.slot), call)
+    return await runner._run(square, chunk, 60.0, math.inf, lease, call)
 
 
 @pytest.fixture
@@ -189,18 +188,22 @@ def board() -> Iterator[engine._board.Board]:
         opened.close()
 
 
+def taken(board: engine._board.Board) -> engine._board.CallSlot:
+    return engine._board.CallSlot(board, board.take())
+
+
 async def test_a_call_ended_for_an_overdue_item_blames_it_not_the_next(
     autojump_clock: trio.abc.Clock, board: engine._board.Board
 ) -> None:
     # Item 11 (the second) is found overdue; before the kill lands it ends
     # and item 12 starts. Item 11 timed out; 10 and 12 started, and their
     # results died with the worker; 13 and 14 never started.
-    pool = RacingPool(board, board.take(), claimed=2, claimed_before_the_kill=3)
-    report = await run_racing(pool)
+    lease = RacingLease(taken(board), claimed=2, claimed_before_the_kill=3)
+    report = await run_racing(lease)
     assert (report.unknown, report.lost, report.not_started) == ([11], [10, 12], [13, 14])
     assert isinstance(report.failure, trio.TooSlowError)
     assert trio.current_time() == 60
-    assert pool.replaced == 1
+    assert lease.replaced == 1
 
 
 async def test_results_that_arrive_as_the_call_is_ended_are_kept(
@@ -210,12 +213,12 @@ async def test_results_that_arrive_as_the_call_is_ended_are_kept(
     # killed, and every result counts.
     values = [index * index for index in range(10, 15)]
     results = pickle.dumps((array.array("d", [1.0] * 4 + [60.0]), {}, pickle.dumps(values)))
-    pool = RacingPool(board, board.take(), claimed=5, claimed_before_the_kill=5, returns=results)
-    report = await run_racing(pool)
+    lease = RacingLease(taken(board), claimed=5, claimed_before_the_kill=5, returns=results)
+    report = await run_racing(lease)
     assert (report.unknown, report.lost, report.not_started, report.failure) == ([], [], [], None)
     assert report.decode is not None
     assert report.decode().values == values
-    assert pool.replaced == 0
+    assert lease.replaced == 0
 
 
 # -- real processes ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import engine
+from engine._channels import OverflowName
 
 
 def drain(receive: engine.ReceiveChannel[Any]) -> list[Any]:
@@ -42,7 +43,7 @@ async def test_messages_arrive_in_order_and_iteration_ends_at_close() -> None:
     ],
 )
 async def test_drop_policies_drop_exactly_the_right_messages(
-    overflow: str, kept: list[int], dropped: int
+    overflow: OverflowName, kept: list[int], dropped: int
 ) -> None:
     send, receive = engine.open_channel[int](3, overflow=overflow)
     for i in range(10):
@@ -210,7 +211,7 @@ async def test_send_batch_nowait_on_closed_or_broken_channels() -> None:
     batch=st.lists(st.integers(), max_size=12),
 )
 def test_send_batch_nowait_equals_send_nowait_for_each(
-    overflow: str, maxsize: int, before: int, batch: list[int]
+    overflow: OverflowName, maxsize: int, before: int, batch: list[int]
 ) -> None:
     one, one_receive = engine.open_channel[int](maxsize, overflow=overflow)
     many, many_receive = engine.open_channel[int](maxsize, overflow=overflow)
@@ -346,13 +347,13 @@ OPERATIONS = st.lists(
     operations=OPERATIONS,
 )
 def test_conservation_law_holds_under_any_interleaving(
-    overflow: str, maxsize: int, operations: list[tuple[str, int]]
+    overflow: OverflowName, maxsize: int, operations: list[tuple[str, int]]
 ) -> None:
     trio.run(_conservation_scenario, overflow, maxsize, operations)
 
 
 async def _conservation_scenario(
-    overflow: str, maxsize: int, operations: list[tuple[str, int]]
+    overflow: OverflowName, maxsize: int, operations: list[tuple[str, int]]
 ) -> None:
     send, receive = engine.open_channel[int](maxsize, overflow=overflow)
     senders = [send, send.clone()]

@@ -89,3 +89,14 @@ def test_bridges_example_keeps_the_loop_live() -> None:
     assert int(received.split("up to ")[1].split()[0]) > 1  # batches, not one per wakeup
     assert live == "the loop stayed live: True"
     assert closed == "source closed in its own thread: engine iterator"
+
+
+@pytest.mark.subprocess
+def test_extending_example_prints_what_its_page_shows() -> None:
+    page = (ROOT / "docs" / "extending.md").read_text()
+    code = page.split("```python\n")[1].split("```")[0]
+    assert code in (EXAMPLES / "extending_component.py").read_text()
+    shown = page.split("It prints:\n\n```text\n")[1].split("```")[0]
+    result = _run_example("extending_component.py")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == shown

@@ -1,15 +1,15 @@
 """The market service's pages say what the service does: getting-started.md, configuration.md.
 
-The configuration reference is compared with the command's parser (flags,
-variables, defaults, error messages), the getting-started example is run
-and its output compared with the page, and the metric names and /status
-sources the page quotes are looked up on a running service.
+The configuration reference is compared with the settings' table and the
+command's parser built from it (flags, variables, defaults, error messages),
+the getting-started example is run and its output compared with the page,
+and the metric names and /status sources the page quotes are looked up on a
+running service.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import re
@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import services.market.__main__ as cli
 from services.market._service import MarketConfig, MarketService, serve_market
+from services.market._settings import SETTINGS, Setting
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -90,14 +91,34 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- configuration.md against the parser -------------------------------------
 
 
-def test_configuration_lists_exactly_the_flags_and_variables_of_the_parser() -> None:
+def _documented_default(setting: Setting) -> str:
+    """The page's default column for ``setting``, without its backticks."""
+    if setting.switch:
+        return "off"
+    if setting.default is not None:
+        return setting.default
+    return f"none: {setting.unset}"
+
+
+def test_configuration_lists_every_setting_with_its_flag_variable_and_default() -> None:
+    rows = {_code(row[0]): row for row in _flag_rows()}
+    assert sorted(rows) == sorted(s.flag for s in SETTINGS), "flags differ from the table's"
+    for setting in SETTINGS:
+        _, variable, default, *_ = rows[setting.flag]
+        assert _code(variable) == setting.variable, f"{setting.flag}'s variable"
+        assert default.replace("`", "") == _documented_default(setting), f"{setting.flag}'s default"
+
+
+def test_the_parser_and_its_help_are_the_tables() -> None:
     actions = _parser_actions()
-    rows = {_code(row[0]): _code(row[1]) for row in _flag_rows()}
-    assert sorted(rows) == sorted(actions), "flags on the page differ from the parser's"
-    read_by_the_command = set(re.findall(r"MARKET_[A-Z_]+", inspect.getsource(cli)))
-    assert set(rows.values()) == read_by_the_command, "variables differ from those read"
-    for flag, variable in rows.items():
-        assert variable in (actions[flag].help or ""), f"{flag}'s help does not name {variable}"
+    assert list(actions) == [s.flag for s in SETTINGS], "the parser's flags are not the table's"
+    for setting in SETTINGS:
+        shown = actions[setting.flag].help or ""
+        assert shown.startswith(setting.help), f"{setting.flag}'s help"
+        assert setting.variable is not None
+        assert setting.variable in shown, f"{setting.flag}'s help does not name its variable"
+        default = _documented_default(setting).removeprefix("none: ")
+        assert default in shown, f"{setting.flag}'s help does not give its default"
 
 
 def test_configuration_defaults_are_the_parsers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,6 +141,8 @@ def test_configuration_defaults_are_the_parsers(monkeypatch: pytest.MonkeyPatch)
 def test_configuration_names_every_marketconfig_field(monkeypatch: pytest.MonkeyPatch) -> None:
     fields = {row[4].strip("`") for row in _flag_rows() if row[4].startswith("`")}
     assert fields == {field.name for field in attrs.fields(MarketConfig)}
+    # Every setting but the command's own switch is a field of the same name.
+    assert {s.name for s in SETTINGS} - {"log_json"} == fields
     _clean_environment(monkeypatch)
     # "the same defaults": the command line with nothing set is MarketConfig().
     assert cli.config_from_args([]) == (MarketConfig(), False)

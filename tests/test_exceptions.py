@@ -35,3 +35,14 @@ def test_every_exception_derives_from_engine_error() -> None:
         value = getattr(engine, name)
         if isinstance(value, type) and issubclass(value, BaseException):
             assert issubclass(value, engine.EngineError), name
+
+
+def test_exceptions_match_on_the_arguments_they_were_built_from() -> None:
+    error: engine.EngineError = engine.ChildStalled("feed", 30.0, 31.5)
+    match error:
+        case engine.ChildStartError(child, reason):
+            pytest.fail(f"matched the wrong class: {child} {reason}")
+        case engine.ChildStalled(child, stall_after, silent_for):
+            assert (child, stall_after, silent_for) == ("feed", 30.0, 31.5)
+        case _:
+            pytest.fail("no case matched")

@@ -16,7 +16,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import engine
-from engine._metrics import _BUILDERS, EngineCollector, Families, builds
+from engine._counters import Tally, metric_source
+from engine._metrics import _BUILDERS, EngineCollector, Families, build, builds
 from engine._periodic import CycleStatistics
 from engine._probes import Kind, Problem, liveness, readiness, to_jsonable, verdict_body, warnings
 
@@ -349,3 +350,151 @@ async def test_loop_statistics_are_plain_values() -> None:
         stall_seconds_max=0.0,
         last_stall=None,
     )
+
+
+# -- statistics declared once: engine.Tally and engine.metric_source ---------
+
+
+@metric_source(label="queue")
+@attrs.frozen
+class QueueStatistics:
+    """The module docstring's example of ``engine/_counters.py``."""
+
+    name: str
+    maxsize: int = attrs.field(metadata=engine.gauge_metric("The bound", name="capacity"))
+    sent: int = attrs.field(default=0, metadata=engine.counter_metric("Messages accepted"))
+    by_kind: dict[str, int] = attrs.field(
+        factory=dict, metadata=engine.counter_metric("Messages by kind", label="kind")
+    )
+    last_error: str | None = None
+
+
+class _QueueTally(Tally[QueueStatistics]):
+    """The counters behind QueueStatistics."""
+
+
+class Queue:
+    def __init__(self, name: str, maxsize: int) -> None:
+        self.name, self.maxsize = name, maxsize
+        self._tally = _QueueTally()
+
+    def put(self, kind: str) -> None:
+        self._tally.sent += 1
+        self._tally.by_kind[kind] = self._tally.by_kind.get(kind, 0) + 1
+
+    def statistics(self) -> QueueStatistics:
+        return self._tally.snapshot(name=self.name, maxsize=self.maxsize)
+
+
+def test_a_tally_counts_the_fields_with_a_default_and_snapshots_the_class() -> None:
+    queue = Queue("jobs", 8)
+    assert queue.statistics() == QueueStatistics(name="jobs", maxsize=8)
+    queue.put("a")
+    queue.put("a")
+    first = queue.statistics()
+    queue.put("b")
+    assert first == QueueStatistics("jobs", 8, sent=2, by_kind={"a": 2})  # its own mapping
+    assert queue.statistics() == QueueStatistics("jobs", 8, sent=3, by_kind={"a": 2, "b": 1})
+    assert vars(_QueueTally)["__slots__"] == ("sent", "by_kind", "last_error")
+    assert _QueueTally().by_kind is not _QueueTally().by_kind
+    assert repr(queue._tally) == "_QueueTally(sent=3, by_kind={'a': 2, 'b': 1}, last_error=None)"
+
+
+def test_a_tally_refuses_misspelt_and_missing_fields() -> None:
+    tally = _QueueTally()
+    with pytest.raises(AttributeError):
+        tally.sentt += 1
+    with pytest.raises(AttributeError):
+        tally.sentt = 1
+    with pytest.raises(TypeError, match="maxsize"):
+        tally.snapshot(name="jobs")
+    assert tally.snapshot(name="jobs", maxsize=1, sent=5).sent == 5  # given wins
+    with pytest.raises(TypeError, match="subclass Tally"):
+        Tally()
+
+
+def test_a_tally_subclass_may_add_slots_and_compute_fields() -> None:
+    class Buffered(Tally[QueueStatistics]):
+        __slots__ = ("items", "maxsize")
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.items: list[str] = []
+            self.maxsize = 4
+
+        @property
+        def sent(self) -> int:
+            return len(self.items)
+
+    tally = Buffered()
+    tally.items.append("x")
+    assert vars(Buffered)["__slots__"] == ("items", "maxsize", "by_kind", "last_error")
+    assert tally.snapshot(name="b") == QueueStatistics("b", 4, sent=1)
+
+
+def test_a_tally_needs_an_attrs_class_and_plain_defaults() -> None:
+    with pytest.raises(TypeError, match="attrs statistics class"):
+
+        class _NotAttrs(Tally[int]):
+            pass
+
+    @attrs.frozen
+    class SelfMade:
+        size: int = attrs.field(default=attrs.Factory(lambda self: 1, takes_self=True))
+
+    with pytest.raises(TypeError, match="Factory taking self"):
+
+        class _SelfMadeTally(Tally[SelfMade]):
+            pass
+
+
+async def test_a_metric_source_exports_its_declared_fields_under_its_label() -> None:
+    queue = Queue("jobs", 8)
+    queue.put("a")
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(None, {"jobs": queue}, None))
+    page = {
+        (name, labels): value
+        for (name, labels), value in scrape(registry).items()
+        if name.startswith("engine_queue")
+    }
+    jobs = frozenset({("queue", "jobs")})
+    assert page == {
+        ("engine_queue_capacity", jobs): 8,
+        ("engine_queue_sent_total", jobs): 1,
+        ("engine_queue_by_kind_total", jobs | {("kind", "a")}): 1,
+    }
+
+    @metric_source(label=None)
+    @attrs.frozen
+    class RunWideStatistics:
+        calls: int = attrs.field(metadata=engine.counter_metric("Calls"))
+        workers: int = 3  # undeclared: not exported
+
+    families = Families()
+    build(families, "ignored", RunWideStatistics(calls=2))
+    (family,) = families
+    assert [(s.name, s.labels, s.value) for s in family.samples] == [
+        ("engine_run_wide_calls_total", {}, 2)
+    ]
+
+
+def test_bad_metric_sources_are_refused() -> None:
+    with pytest.raises(ValueError, match="label must be snake_case"):
+        metric_source(label="Queue")
+    with pytest.raises(TypeError, match="attrs class"):
+        metric_source(label="x")(Queue)
+
+
+async def test_fresh_components_report_their_statistics_class_defaults() -> None:
+    cycle = engine.Cycle(trio.lowlevel.checkpoint, interval=2.0, name="c")
+    assert cycle.statistics() == engine.CycleStatistics("c", 2.0, 2.0, "skip")
+    group = engine.Consumers(trio.sleep, workers=2, name="g")
+    assert group.statistics() == engine.ConsumerStatistics("g", 2, "continue")
+    send, receive = engine.open_channel[int](3)
+    assert send.statistics() == engine.ChannelStatistics(
+        3, "block", open_send_channels=1, open_receive_channels=1
+    )
+    assert engine.bridge_statistics() == engine.BridgeStatistics()
+    await send.aclose()
+    await receive.aclose()

@@ -6,6 +6,7 @@ import __future__
 import subprocess
 import sys
 import types
+import typing
 from pathlib import Path
 
 import pytest
@@ -58,5 +59,19 @@ def test_public_surface_is_exactly_all() -> None:
 
 
 def test_every_public_name_has_a_docstring() -> None:
-    missing = [name for name in engine.__all__ if not getattr(engine, name).__doc__]
+    # A ``Literal`` alias cannot carry one: it is documented by its enum.
+    missing = [
+        name
+        for name in engine.__all__
+        if typing.get_origin(getattr(engine, name)) is not typing.Literal
+        and not getattr(engine, name).__doc__
+    ]
     assert missing == []
+
+
+def test_each_literal_alias_spells_its_enums_values() -> None:
+    aliases = [n for n in engine.__all__ if typing.get_origin(getattr(engine, n)) is typing.Literal]
+    assert len(aliases) >= 6
+    for name in aliases:
+        enum = getattr(engine, name.removesuffix("Name"))
+        assert set(typing.get_args(getattr(engine, name))) == {m.value for m in enum}, name

@@ -44,6 +44,7 @@ from services.market.simulator import (
     SimulatorStatistics,
     open_simulator,
 )
+from services.market.simulator import __main__ as command
 from services.market.simulator._instruments import instruments
 from services.market.simulator._pacing import Pacer
 from services.market.simulator._session import Session
@@ -587,7 +588,7 @@ async def test_stall_rejects_a_bad_duration(seconds: Any) -> None:
 async def test_statistics_count_connections_and_messages() -> None:
     with trio.fail_after(GUARD):
         async with _simulator(rate=5000) as sim:
-            assert sim.statistics() == SimulatorStatistics(0, 0, 0, 0, 0, 0, 0, 0, 0, False)
+            assert sim.statistics() == SimulatorStatistics(connections_open=0, stalled=False)
             async with open_websocket_url(sim.address.raw_url("btcusdt@trade")) as ws:
                 texts = await _receive(ws, 20)
                 during = sim.statistics()
@@ -751,6 +752,22 @@ def test_config_defaults() -> None:
     assert config.symbols == ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT")
     assert (config.rate, config.seed, config.host, config.port) == (1000.0, 0, "127.0.0.1", 0)
     assert SimulatorConfig(rate=math.inf, symbols=["AAA1"]).symbols == ("AAA1",)
+
+
+def test_the_command_lines_settings_are_the_configs_fields_with_its_defaults() -> None:
+    parse = command._parser().parse_args
+    assert SimulatorConfig(**vars(parse([]))) == SimulatorConfig(port=9443)
+    args = parse(["--symbols", "ETHUSDT, BTCUSDT,", "--rate", "inf", "--epoch-ms", "5"])
+    assert SimulatorConfig(**vars(args)) == SimulatorConfig(
+        symbols=("ETHUSDT", "BTCUSDT"), rate=math.inf, port=9443, epoch_ms=5
+    )
+
+
+def test_the_command_line_refuses_a_bad_setting_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        command.main(["--rate", "0"])
+    assert exited.value.code == 2
+    assert "error: rate must be > 0" in capsys.readouterr().err
 
 
 @pytest.mark.subprocess

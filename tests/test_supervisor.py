@@ -5,9 +5,13 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, get_args
 
 import attrs
 import pytest
@@ -15,6 +19,10 @@ import trio
 import trio.testing
 
 import engine
+from engine import Restart, RestartName, Strategy, StrategyName
+from engine._exceptions import FailureRecord
+from engine._restarts import RestartIntensity, restart_group, wants_restart
+from engine.lowlevel import attach_statistics
 
 NO_JITTER = engine.Backoff(initial=1.0, maximum=8.0, jitter=0.0)
 IMMEDIATE = engine.Backoff(initial=0.0, maximum=0.0, jitter=0.0)
@@ -108,7 +116,10 @@ async def test_rest_for_one_restarts_the_failed_and_later_children(
     ],
 )
 async def test_restart_policies(
-    autojump_clock: trio.abc.Clock, restart: str, fails: bool, expected_starts: list[float]
+    autojump_clock: trio.abc.Clock,
+    restart: RestartName,
+    fails: bool,
+    expected_starts: list[float],
 ) -> None:
     starts: list[float] = []
 
@@ -661,3 +672,154 @@ async def test_a_cycle_under_a_supervisor_is_listed_and_keeps_the_watchdog_fed(
     (attached,) = child.attached
     assert isinstance(attached, engine.CycleStatistics)
     assert (attached.name, attached.runs, attached.successes) == ("watchlist", 10, 10)
+
+
+async def test_attach_statistics_lists_a_source_under_the_child_while_the_block_runs(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    @attrs.frozen
+    class Pool:
+        name: str = "pool"
+
+        def statistics(self) -> str:
+            return "pool statistics"
+
+    async def child(*, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            with attach_statistics(Pool()):
+                task_status.started()
+                await trio.sleep(1)
+                raise RuntimeError("closed early")
+        except RuntimeError:
+            await trio.sleep_forever()
+
+    with attach_statistics(Pool()):
+        pass  # outside a supervised child: nothing to attach to, and no error
+    async with engine.open_supervisor() as sup:
+        await sup.start(child, name="c")
+        (during,) = sup.statistics().children
+        await trio.sleep(2)
+        (after,) = sup.statistics().children
+        sup.cancel()
+    assert during.attached == ("pool statistics",)
+    assert after.attached == ()
+
+
+async def test_options_accept_the_enums_as_well_as_their_strings(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with engine.open_supervisor(strategy=Strategy.REST_FOR_ONE) as sup:
+        sup.start_soon(trio.sleep, 1, name="brief", restart=Restart.TRANSIENT)
+    assert sup.strategy == "rest_for_one"
+    (child,) = sup.statistics().children
+    assert (child.restart, child.state) == ("transient", engine.ChildState.STOPPED)
+
+
+def test_option_names_are_the_enum_values() -> None:
+    assert get_args(StrategyName) == tuple(Strategy)
+    assert get_args(RestartName) == tuple(Restart)
+
+
+# -- the restart policy, as plain decisions ----------------------------------
+
+
+@attrs.frozen
+class Member:
+    order: int
+    live: bool = True
+    restart: Restart = Restart.PERMANENT
+
+
+def test_restart_group_follows_the_strategy() -> None:
+    a, b, c, d = Member(1), Member(2, restart=Restart.TEMPORARY), Member(3, live=False), Member(4)
+    children = [a, b, c, d]
+    assert restart_group(Strategy.ONE_FOR_ONE, b, children) == ([b], [])
+    # Ended children stay out; temporary ones are stopped, not restarted.
+    assert restart_group(Strategy.ONE_FOR_ALL, d, children) == ([a, d], [b])
+    # Only the children started after the one that ended.
+    assert restart_group(Strategy.REST_FOR_ONE, b, children) == ([b, d], [])
+    assert restart_group(Strategy.REST_FOR_ONE, c, children) == ([c, d], [])
+
+
+@pytest.mark.parametrize(
+    ("restart", "failed", "expected"),
+    [
+        (Restart.PERMANENT, False, True),
+        (Restart.PERMANENT, True, True),
+        (Restart.TRANSIENT, False, False),
+        (Restart.TRANSIENT, True, True),
+        (Restart.TEMPORARY, False, False),
+        (Restart.TEMPORARY, True, False),
+    ],
+)
+def test_wants_restart(restart: Restart, failed: bool, expected: bool) -> None:
+    assert wants_restart(restart, failed=failed) is expected
+
+
+def test_restart_intensity_counts_restarts_in_a_sliding_window() -> None:
+    window = RestartIntensity(max_restarts=2, period=10.0)
+    assert window.admit(0.0)
+    assert window.admit(5.0)
+    assert not window.admit(9.0)
+    assert window.in_period(9.0) == 3
+    # At 15 the restarts of 0 and 5 are a full period old, and no longer count.
+    assert window.admit(15.0)
+    assert window.in_period(15.0) == 2
+
+
+def test_restart_intensity_reports_the_recent_failures_only() -> None:
+    window = RestartIntensity(max_restarts=0, period=10.0)
+    for at in range(60):
+        window.record_failure(FailureRecord(float(at), "feed", f"OSError: {at}"))
+    error = window.exceeded("root", "feed", now=60.0)
+    assert [f.at for f in error.failures] == [51.0 + i for i in range(9)]
+    assert (error.supervisor, error.child, error.max_restarts, error.period) == (
+        "root",
+        "feed",
+        0,
+        10.0,
+    )
+    old = window.exceeded("root", "feed", now=0.0).failures
+    assert len(old) == 50  # the oldest are forgotten
+    assert old[0].at == 10.0
+
+
+_TYPO_CHECK = """\
+import engine
+from engine import Restart, Strategy
+
+
+async def child() -> None: ...
+
+
+async def main() -> None:
+    async with engine.open_supervisor(strategy=Strategy.ONE_FOR_ALL):
+        pass
+    async with engine.open_supervisor(strategy="one_for_some"):  # wrong
+        pass
+    async with engine.open_supervisor(strategy="rest_for_one") as sup:
+        sup.start_soon(child, name="a", restart="transient")
+        sup.start_soon(child, name="b", restart=Restart.TEMPORARY)
+        sup.start_soon(child, name="c", restart="sometimes")  # wrong
+        await sup.start(child, name="d", restart="permanant")  # wrong
+"""
+
+
+@pytest.mark.subprocess
+def test_a_misspelt_option_fails_type_checking(tmp_path: Path) -> None:
+    snippet = tmp_path / "snippet.py"
+    snippet.write_text(_TYPO_CHECK)
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache"), str(snippet)],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    flagged = {
+        int(m[1]) for m in re.finditer(r"snippet\.py:(\d+): error: .*\[arg-type\]", result.stdout)
+    }
+    wrong = {n for n, line in enumerate(_TYPO_CHECK.splitlines(), 1) if line.endswith("# wrong")}
+    assert flagged == wrong, result.stdout + result.stderr
+    assert result.stdout.count("error:") == len(wrong), result.stdout

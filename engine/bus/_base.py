@@ -8,6 +8,8 @@ from typing import Protocol
 
 import attrs
 
+from .._hub import HubOverflow, HubOverflowName
+
 
 async def _no_ack() -> None:
     return None
@@ -59,7 +61,7 @@ class Bus(Protocol):
         ...
 
     def subscribe(
-        self, pattern: str, *, maxsize: int, overflow: str = "drop_oldest"
+        self, pattern: str, *, maxsize: int, overflow: HubOverflow | HubOverflowName = "drop_oldest"
     ) -> AbstractAsyncContextManager[Subscription]:
         """Subscribe for the length of an ``async with`` block, with a bounded queue."""
         ...

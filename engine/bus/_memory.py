@@ -7,7 +7,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import trio
 
-from .._hub import Hub, HubStatistics
+from .._hub import Hub, HubOverflow, HubOverflowName, HubStatistics
 from .._hub import Subscription as HubSubscription
 from ._base import BusMessage
 
@@ -59,7 +59,7 @@ class MemoryBus:
         self._hub.publish_nowait(topic, BusMessage(topic, bytes(data), msg_id))
 
     def subscribe(
-        self, pattern: str, *, maxsize: int, overflow: str = "drop_oldest"
+        self, pattern: str, *, maxsize: int, overflow: HubOverflow | HubOverflowName = "drop_oldest"
     ) -> AbstractAsyncContextManager[MemorySubscription]:
         """Subscribe to ``pattern`` for the length of an ``async with`` block.
 

@@ -10,17 +10,10 @@ from typing import Any
 import attrs
 import trio
 
-from .._batch_runners import (
-    Call,
-    ChunkReport,
-    Finished,
-    chunk_deadline,
-    lost_with_the_worker,
-    may_start,
-    too_slow,
-)
 from .._board import NO_LIMIT
 from .._exceptions import WorkerCrashed
+from .._runner import Call, ChunkReport, Finished, lost_with_the_worker, too_slow
+from .._schedule import chunk_deadline, may_start
 
 
 def _finite_and_not_negative(

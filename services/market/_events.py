@@ -1,14 +1,15 @@
 """Binance public stream messages as typed structs, and their normalised form.
 
-Decoded with msgspec (about 0.3-0.5 µs per message against 1.8 µs for the
-stdlib ``json``), in two steps: the combined-stream envelope with its
-``data`` kept raw, then ``data`` into the struct its stream name calls for.
-Field names are Binance's, so the wire format is documented by the types.
+Decoded with msgspec, several times faster than the stdlib ``json`` on the
+path every message takes, in two steps: the combined-stream envelope with
+its ``data`` kept raw, then ``data`` into the struct its stream name calls
+for. Field names are Binance's, so the wire format is documented by the
+types.
 
 The structs are ``gc=False``: they hold only strings, numbers and lists of
-string pairs, so they can never be part of a reference cycle, and at 50,000
-messages/s leaving them out of the garbage collector's tracking saves it
-work (and the decoder about a tenth of its time).
+string pairs, so they can never be part of a reference cycle, and leaving
+them out of the garbage collector's tracking saves it work at every message
+(and the decoder some of its time).
 
 What a decoded event holds is what the rest of the service can take as it
 is: its symbol is one plain topic token (ASCII letters and digits, at most
@@ -197,9 +198,15 @@ class Normalised(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
 _ENCODER = msgspec.json.Encoder()
 
 
-def _not_finite(*texts: str) -> ValueError:
-    shown = ", ".join(repr(text[:40]) for text in texts)
-    return ValueError(f"not a finite number: {shown}")
+def _finite(first: str, second: str) -> tuple[float, float]:
+    """Two decimal strings as floats; ``ValueError`` unless both are finite."""
+    a, b = float(first), float(second)
+    # ``x - x == 0.0`` is false exactly for infinities and NaN, with no call
+    # per number: this is on the path every message takes.
+    if not a - a == b - b == 0.0:
+        shown = ", ".join(repr(text[:40]) for text in (first, second))
+        raise ValueError(f"not a finite number: {shown}")
+    return a, b
 
 
 KINDS = ("trades", "aggtrades", "book", "depth", "klines")
@@ -213,38 +220,28 @@ def normalise(event: Event) -> tuple[str, bytes]:
         ValueError: a price or quantity that is not a finite number (JSON
             has neither infinities nor NaN).
     """
-    # ``x - x == 0.0`` is false exactly for infinities and NaN: the check
-    # costs no call, on the path every message takes.
     match event:
         case Trade():
-            price, qty = float(event.p), float(event.q)
-            if not price - price == qty - qty == 0.0:
-                raise _not_finite(event.p, event.q)
+            price, qty = _finite(event.p, event.q)
             body = Normalised(
                 "trade", event.s, event.T, price, qty, id=event.t, buyer_maker=event.m
             )
             topic = f"trades.{event.s}"
         case AggTrade():
-            price, qty = float(event.p), float(event.q)
-            if not price - price == qty - qty == 0.0:
-                raise _not_finite(event.p, event.q)
+            price, qty = _finite(event.p, event.q)
             body = Normalised(
                 "aggTrade", event.s, event.T, price, qty, id=event.a, buyer_maker=event.m
             )
             topic = f"aggtrades.{event.s}"
         case BookTicker():
-            bid, ask = float(event.b), float(event.a)
-            if not bid - bid == ask - ask == 0.0:
-                raise _not_finite(event.b, event.a)
+            bid, ask = _finite(event.b, event.a)
             body = Normalised("book", event.s, 0, bid=bid, ask=ask, id=event.u)
             topic = f"book.{event.s}"
         case DepthUpdate():
             body = Normalised("depth", event.s, event.E, id=event.u)
             topic = f"depth.{event.s}"
         case Kline():
-            close, volume = float(event.k.c), float(event.k.v)
-            if not close - close == volume - volume == 0.0:
-                raise _not_finite(event.k.c, event.k.v)
+            close, volume = _finite(event.k.c, event.k.v)
             body = Normalised("kline", event.s, event.k.T, close, volume)
             topic = f"klines.{event.s}"
     return topic, _ENCODER.encode(body)

@@ -15,38 +15,31 @@ import engine
 from engine.bus import MemoryBus
 
 from ._events import KINDS
+from ._settings import DEFAULT_SYMBOLS as DEFAULT_SYMBOLS
+from ._settings import DEFAULTS, PORT, SECONDS
 from .api import build_api
 from .broadcast import BroadcastConfig, BroadcastServer, serve_broadcast
 from .cycles import Watchlist, WatchlistConfig, WhaleFlowConfig, WhaleFlows
 from .feed import Feed, FeedConfig
 from .orders import ORDER_KIND, OrderLog, OrderLogConfig
-from .scans import DEFAULT_UNIVERSE, ScanConfig, Scans, SimulatedKlines
+from .scans import ScanConfig, Scans, SimulatedKlines
 from .simulator import Simulator, SimulatorConfig, serve_simulator
 
 logger = logging.getLogger("market")
 
-DEFAULT_SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT", "XRPUSDT")
 BINANCE_REST = "https://api.binance.com"
 # The simulator's trades are worth up to about 1,600 in quote currency; this
 # makes a few percent of them whales, so the whale flow has something to show.
 SIMULATED_WHALE_USD = 1_500.0
 
 
-def _port(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
-        raise ValueError(f"{attribute.name} must be a port number from 0 to 65535, got {value!r}")
-
-
-def _grace_period(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not isinstance(value, int | float) or not value >= 0:  # refuses nan too
-        raise ValueError(f"grace_period must be >= 0 seconds or inf, got {value!r}")
-
-
 @attrs.frozen
 class MarketConfig:
     """Everything the service is told; built from flags and ``MARKET_*`` variables.
 
-    Every value is checked when it is built, by the parts that will use it:
+    Each field is a setting of ``python -m services.market``, and its default
+    is the command's (``services/market/_settings.py`` declares them). Every
+    value is checked when it is built, by the parts that will use it:
     a bad one raises ``ValueError`` here, not when :func:`serve_market` starts.
 
     Attributes:
@@ -88,28 +81,28 @@ class MarketConfig:
             below ``max_clients``.
     """
 
-    host: str = "127.0.0.1"
-    port: int = attrs.field(default=8000, validator=_port)
-    ws_host: str = "127.0.0.1"
-    ws_port: int = attrs.field(default=8001, validator=_port)
-    feed_url: str | None = None
-    symbols: tuple[str, ...] = DEFAULT_SYMBOLS
-    rate: float = 1000.0
-    processors: int = 4
-    queue_size: int = 10_000
-    overflow: str = "block"
-    grace_period: float = attrs.field(default=10.0, validator=_grace_period)
-    order_log: str | None = None
-    order_log_publish: str = "batch"
-    rest_url: str | None = None
-    watchlist_interval: float = 5.0
-    whale_threshold: float | None = None
-    scan_symbols: int = DEFAULT_UNIVERSE
-    scan_workers: int | None = None
-    token: str | None = attrs.field(default=None, repr=False)
-    allowed_origins: tuple[str, ...] | None = None
-    max_clients: int = 1000
-    max_clients_per_ip: int | None = None
+    host: str = DEFAULTS["host"]
+    port: int = attrs.field(default=DEFAULTS["port"], validator=PORT.validate)
+    ws_host: str = DEFAULTS["ws_host"]
+    ws_port: int = attrs.field(default=DEFAULTS["ws_port"], validator=PORT.validate)
+    feed_url: str | None = DEFAULTS["feed_url"]
+    symbols: tuple[str, ...] = DEFAULTS["symbols"]
+    rate: float = DEFAULTS["rate"]
+    processors: int = DEFAULTS["processors"]
+    queue_size: int = DEFAULTS["queue_size"]
+    overflow: str = DEFAULTS["overflow"]
+    grace_period: float = attrs.field(default=DEFAULTS["grace_period"], validator=SECONDS.validate)
+    order_log: str | None = DEFAULTS["order_log"]
+    order_log_publish: str = DEFAULTS["order_log_publish"]
+    rest_url: str | None = DEFAULTS["rest_url"]
+    watchlist_interval: float = DEFAULTS["watchlist_interval"]
+    whale_threshold: float | None = DEFAULTS["whale_threshold"]
+    scan_symbols: int = DEFAULTS["scan_symbols"]
+    scan_workers: int | None = DEFAULTS["scan_workers"]
+    token: str | None = attrs.field(default=DEFAULTS["token"], repr=False)
+    allowed_origins: tuple[str, ...] | None = DEFAULTS["allowed_origins"]
+    max_clients: int = DEFAULTS["max_clients"]
+    max_clients_per_ip: int | None = DEFAULTS["max_clients_per_ip"]
 
     def __attrs_post_init__(self) -> None:
         # Every part checks its own settings: building them all now refuses a
@@ -344,11 +337,3 @@ async def _serve_market(
             broadcast.abort()
             raise
         nursery.cancel_scope.cancel()
-
-
-def rate_from_text(text: str) -> float:
-    """``"inf"`` or a positive number of messages per second."""
-    rate = float(text)
-    if not rate > 0:  # refuses nan and -inf; inf is "no limit"
-        raise ValueError(f"rate must be > 0, got {text!r}")
-    return rate

@@ -1,18 +1,14 @@
 """The feed's WebSocket client: wsproto over a trio stream it owns, a socket read at a time.
 
-The design names trio-websocket for the feed. Measured on this project's
-2-core machine against the simulator in its own process (the service's 25
-streams), its 0.12 client reads 30,000-47,000 messages/s on its own and
-carries about 14,000/s as the reader of the whole pipeline
-(``benchmarks/pipeline.py``): its reader task puts every message on a
-memory channel and ``get_message`` takes one per call, so each message
-costs its own trips through the scheduler, and so does all that follows
-it. The feed has to carry 50,000 messages/s end to end, so this client does
-per socket read what trio-websocket does per message: it reads up to
-:data:`RECEIVE_SIZE` bytes, hands them to wsproto, and returns every message
-they completed in one list (a few hundred at full rate). On its own it
-reads about 70,000 messages/s there, and the pipeline carries 60,000-65,000.
-It also owns its TCP (or TLS) stream and always closes it, which
+A client that hands over one message per call (trio-websocket's
+``get_message``, whose reader task puts every message on a memory channel)
+makes each message cost its own trips through the scheduler, and so does
+all that follows it; that, not the network, would limit the feed. So this
+client does per socket read what such a client does per message: it reads
+up to :data:`RECEIVE_SIZE` bytes, hands them to wsproto, and returns every
+message they completed in one list (a few hundred at full rate). The
+figures, against trio-websocket, are in ``docs/getting-started.md``. It
+also owns its TCP (or TLS) stream and always closes it, which
 trio-websocket 0.12's client does not when the server closes first.
 
 wsproto does the protocol: ``WSConnection`` the opening handshake (an
@@ -20,10 +16,11 @@ HTTP/1.1 upgrade, its key and answer checked), and its frame layer,
 ``FrameProtocol``, the frames: parsing (with UTF-8 validation), masking,
 building pings, pongs and close frames. The frames of the open connection
 are read from the frame layer directly, as the simulator writes them,
-because ``wsproto.connection.Connection.events`` wraps each frame in an event
-object on the way, about a fifth of the cost of reading a message. What the
-frame layer leaves to its user, and ``Connection`` would otherwise do, is
-here: answering pings and the server's close, and the closing state.
+because ``wsproto.connection.Connection.events`` wraps each frame in an
+event object on the way, a real share of the cost of reading a message.
+What the frame layer leaves to its user, and ``Connection`` would
+otherwise do, is here: answering pings and the server's close, and the
+closing state.
 """
 
 from __future__ import annotations

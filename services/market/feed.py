@@ -1,11 +1,10 @@
-"""The feed (seed 003 rebuilt): exchange WebSocket -> bounded queue -> N processors -> bus.
+"""The feed: exchange WebSocket -> bounded queue -> N processors -> bus.
 
-Seed 003's socket client had one consumer behind a queue of 1,000 and lost
-20,563 messages to it, said only in a log line. Here the queue's bound and
-overflow policy are configuration (default: block, so nothing is lost at the
-default rate), processing is a group of N consumers, and every message is
-counted: received, malformed, missing (a jump in trade ids across a
-reconnect), queued, dropped, published.
+No message is lost unseen: the queue's bound and overflow policy are
+configuration (default: block, so nothing is lost at the default rate),
+processing is a group of N consumers, and every message is counted:
+received, malformed, missing (a jump in trade ids across a reconnect),
+queued, dropped, published.
 
 The connection is one supervised child (:meth:`Feed.connect`): it reports
 ready once connected and raises :class:`FeedDisconnected` when the
@@ -19,11 +18,9 @@ client (``_wsclient.py``, on wsproto) returns every message one read
 completed, they are decoded (msgspec, into typed events) and queued without
 a pause, and each processor takes everything queued, normalises it and
 publishes it. A trip through trio's scheduler costs more than decoding a
-message, so this is what carries 60,000-65,000 messages/s end to end, feed
-to broadcast client, at about 15 µs of CPU per message (about 14,000/s with
-trio-websocket's client, which the design first named here and which hands
-over one message per call; see ``_wsclient.py`` and
-``benchmarks/pipeline.py``).
+message, so a client that handed over one message per call, each with its
+own trips through the scheduler, would be what limits the feed's rate (the
+figures are in ``docs/getting-started.md``).
 """
 
 from __future__ import annotations
@@ -39,6 +36,7 @@ import trio
 
 import engine
 from engine.bus import Bus
+from engine.lowlevel import check_choice
 
 from ._events import Event, MalformedMessage, Trade, decode, normalise
 from ._wsclient import ConnectionClosed, HandshakeError, WebSocketClient, open_websocket
@@ -108,6 +106,10 @@ def _symbols(
         raise ValueError(f"symbols must be non-empty alphanumeric names, got {value!r}")
 
 
+def _overflow(value: str) -> engine.Overflow:
+    return check_choice("overflow", value, engine.Overflow)
+
+
 @attrs.frozen
 class FeedConfig:
     """Where the feed connects and how it queues.
@@ -133,7 +135,7 @@ class FeedConfig:
     symbols: tuple[str, ...] = attrs.field(converter=_as_tuple, validator=_symbols)
     streams: tuple[str, ...] = attrs.field(default=STREAM_KINDS, converter=_as_tuple)
     queue_size: int = 10_000
-    overflow: str = "block"
+    overflow: engine.Overflow = attrs.field(default=engine.Overflow.BLOCK, converter=_overflow)
     processors: int = 4
     ping_interval: float = 20.0
     max_symbols: int = 4096
@@ -158,7 +160,8 @@ class FeedConfig:
         return f"{self.url.rstrip('/')}/stream?streams={names}"
 
 
-@attrs.frozen
+# Keyword-only, so that given fields (no default) may follow counted ones.
+@attrs.frozen(kw_only=True)
 class FeedStatistics:
     """The feed's counters, for /health, /status and /metrics.
 
@@ -179,30 +182,40 @@ class FeedStatistics:
         symbols_evicted: symbols forgotten to keep within ``max_symbols``.
     """
 
-    connected: bool
-    connections: int
-    disconnects: int
-    received: int = attrs.field(metadata=engine.counter_metric("Frames read from the exchange"))
+    connected: bool = False
+    connections: int = 0
+    disconnects: int = 0
+    received: int = attrs.field(
+        default=0, metadata=engine.counter_metric("Frames read from the exchange")
+    )
     malformed: int = attrs.field(
-        metadata=engine.counter_metric("Frames or events that were not a valid stream message")
+        default=0,
+        metadata=engine.counter_metric("Frames or events that were not a valid stream message"),
     )
     missing_trades: int = attrs.field(
-        metadata=engine.counter_metric("Trade ids skipped: gaps in a symbol's trades")
+        default=0, metadata=engine.counter_metric("Trade ids skipped: gaps in a symbol's trades")
     )
-    published: int = attrs.field(metadata=engine.counter_metric("Events published on the bus"))
+    published: int = attrs.field(
+        default=0, metadata=engine.counter_metric("Events published on the bus")
+    )
     last_message_at: float | None = attrs.field(
+        default=None,
         metadata=engine.gauge_metric(
             "The process's monotonic clock (trio.current_time) at the latest frame, in seconds",
             name="last_message_monotonic_seconds",
-        )
+        ),
     )
     malformed_samples: tuple[str, ...]
     symbols: int = attrs.field(
         metadata=engine.gauge_metric("Symbols whose latest trade id is kept")
     )
     symbols_evicted: int = attrs.field(
-        metadata=engine.counter_metric("Symbols forgotten to keep within max_symbols")
+        default=0, metadata=engine.counter_metric("Symbols forgotten to keep within max_symbols")
     )
+
+
+class _Counters(engine.Tally[FeedStatistics]):
+    """The counters behind :meth:`Feed.statistics`; they survive reconnects."""
 
 
 class Feed:
@@ -214,18 +227,10 @@ class Feed:
         self._send: engine.SendChannel[Event]
         self._receive: engine.ReceiveChannel[Event]
         self._send, self._receive = engine.open_channel(config.queue_size, overflow=config.overflow)
-        self._connected = False
-        self._connections = 0
-        self._disconnects = 0
-        self._received = 0
-        self._malformed = 0
-        self._missing = 0
-        self._published = 0
-        self._last_message_at: float | None = None
+        self._counters = _Counters()
         self._samples: collections.deque[str] = collections.deque(maxlen=_SAMPLES_KEPT)
         # Least recently traded first, so the one to forget is at the front.
         self._last_trade: collections.OrderedDict[str, int] = collections.OrderedDict()
-        self._symbols_evicted = 0
         # A bus that can publish without a checkpoint saves one scheduler
         # trip per event; awaiting is then only for a full "block" subscriber.
         self._publish_nowait = bus.publish_nowait if isinstance(bus, _PublishesNowait) else None
@@ -237,18 +242,8 @@ class Feed:
 
     def statistics(self) -> FeedStatistics:
         """A frozen snapshot of the feed's counters."""
-        return FeedStatistics(
-            connected=self._connected,
-            connections=self._connections,
-            disconnects=self._disconnects,
-            received=self._received,
-            malformed=self._malformed,
-            missing_trades=self._missing,
-            published=self._published,
-            last_message_at=self._last_message_at,
-            malformed_samples=tuple(self._samples),
-            symbols=len(self._last_trade),
-            symbols_evicted=self._symbols_evicted,
+        return self._counters.snapshot(
+            malformed_samples=tuple(self._samples), symbols=len(self._last_trade)
         )
 
     async def connect(
@@ -262,19 +257,20 @@ class Feed:
         once per socket read.
         """
         url = self.config.stream_url()
+        counters = self._counters
         try:
             async with open_websocket(url) as ws:
-                self._connected = True
-                self._connections += 1
+                counters.connected = True
+                counters.connections += 1
                 logger.info("connected to %s (%d streams)", self.config.url, url.count("@"))
                 task_status.started()
                 await self._run(ws)
         except (ConnectionClosed, HandshakeError, OSError) as exc:
             raise FeedDisconnected(f"feed connection to {self.config.url} ended: {exc}") from exc
         finally:
-            if self._connected:
-                self._disconnects += 1
-            self._connected = False
+            if counters.connected:
+                counters.disconnects += 1
+            counters.connected = False
 
     async def _run(self, ws: WebSocketClient) -> None:
         """Read until the connection ends, with the keepalive beside; raise why it ended."""
@@ -312,8 +308,9 @@ class Feed:
 
     async def _ingest(self, frames: list[str | bytes]) -> None:
         """Decode one read's frames and queue the events, waiting only when the queue is full."""
-        self._received += len(frames)
-        self._last_message_at = trio.current_time()
+        counters = self._counters
+        counters.received += len(frames)
+        counters.last_message_at = trio.current_time()
         send = self._send
         for frame in frames:
             try:
@@ -337,25 +334,26 @@ class Feed:
             last_trade[symbol] = trade_id
             if len(last_trade) > self.config.max_symbols:
                 last_trade.popitem(last=False)
-                self._symbols_evicted += 1
+                self._counters.symbols_evicted += 1
             return
         if trade_id > last + 1:
-            self._missing += trade_id - last - 1
+            self._counters.missing_trades += trade_id - last - 1
         if trade_id > last:
             last_trade[symbol] = trade_id
         last_trade.move_to_end(symbol)
 
     def _count_malformed(self, frame: object, exc: Exception) -> None:
-        self._malformed += 1
+        counters = self._counters
+        counters.malformed += 1
         # Shortened before it is turned into text: a frame may be megabytes long.
         if isinstance(frame, str | bytes):
             frame = frame[:200]
         sample = (frame if isinstance(frame, str) else repr(frame))[:200]
         self._samples.append(sample)
-        if self._malformed % _LOG_EVERY == 1:
+        if counters.malformed % _LOG_EVERY == 1:
             logger.warning(
                 "malformed frame #%d (%s): %r; logging one in %d",
-                self._malformed,
+                counters.malformed,
                 exc,
                 sample,
                 _LOG_EVERY,
@@ -374,7 +372,7 @@ class Feed:
         await group.run(_Batches(self._receive.clone()), task_status=task_status)
 
     async def _publish(self, events: list[Event]) -> None:
-        bus, nowait = self._bus, self._publish_nowait
+        bus, nowait, counters = self._bus, self._publish_nowait, self._counters
         for event in events:
             try:
                 topic, data = normalise(event)
@@ -391,4 +389,4 @@ class Feed:
                 # stricter rules may still refuse one): this event only.
                 self._count_malformed(event, exc)
                 continue
-            self._published += 1
+            counters.published += 1

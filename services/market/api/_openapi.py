@@ -34,49 +34,41 @@ def openapi(
     schema = dict(zip(["problem", "last_update", "watchlist", "whales", "orders", "scan_request",
                        "scan", "scan_detail", "scans"], refs, strict=True))  # fmt: skip
 
-    def answer(description: str, body: str, **errors: str) -> dict[str, Any]:
-        responses = {"200": {"description": description, "content": _json(schema[body])}}
-        for code, why in errors.items():
-            responses[code.lstrip("_")] = {"description": why, "content": _json(schema["problem"])}
-        return responses
+    def refusals(*reasons: tuple[str, str]) -> dict[str, Any]:
+        problem = _json(schema["problem"])
+        return {code: {"description": why, "content": problem} for code, why in reasons}
+
+    def read(
+        summary: str, description: str, body: str, *reasons: tuple[str, str], **more: Any
+    ) -> dict[str, Any]:
+        """A GET answering ``body``, or a problem for ``reasons``; ``more``: its other fields."""
+        ok = {"description": description, "content": _json(schema[body])}
+        return {"get": {"summary": summary, **more, "responses": {"200": ok, **refusals(*reasons)}}}
+
+    def limited(summary: str, description: str, body: str, most: int) -> dict[str, Any]:
+        """A read of the newest ``limit`` items (100 unless asked), at most ``most``."""
+        bad_limit = ("400", "a bad limit")
+        return read(summary, description, body, bad_limit, parameters=[_limit(100, most)])
 
     paths: dict[str, Any] = {
-        "/api/last_update": {
-            "get": {
-                "summary": "When each dataset last changed",
-                "responses": answer("by dataset", "last_update"),
-            }
-        }
+        "/api/last_update": read("When each dataset last changed", "by dataset", "last_update")
     }
     if watchlist:
-        paths["/api/watchlist"] = {
-            "get": {
-                "summary": "The watchlist's latest quotes",
-                "responses": answer("the quotes", "watchlist"),
-            }
-        }
+        paths["/api/watchlist"] = read("The watchlist's latest quotes", "the quotes", "watchlist")
     if whales:
-        paths["/api/whale_flows"] = {
-            "get": {
-                "summary": "Latest whale trades and each symbol's whale flow",
-                "parameters": [_limit(100, 10_000)],
-                "responses": answer("whales and flows", "whales", _400="a bad limit"),
-            }
-        }
+        paths["/api/whale_flows"] = limited(
+            "Latest whale trades and each symbol's whale flow", "whales and flows", "whales", 10_000
+        )
     if orders:
-        paths["/api/orders"] = {
-            "get": {
-                "summary": "The latest orders from the order-status log, newest first",
-                "parameters": [_limit(100, 1_000)],
-                "responses": answer("orders", "orders", _400="a bad limit"),
-            }
-        }
+        paths["/api/orders"] = limited(
+            "The latest orders from the order-status log, newest first", "orders", "orders", 1_000
+        )
     # With a token, what is not a read needs it (401 without it).
     secured: dict[str, Any] = {"security": [{"bearer": []}]} if token else {}
     unauthorized = (("401", "no or a wrong bearer token"),) if token else ()
     if scans:
         accepted = {"description": "started", "content": _json(schema["scan"])}
-        refusals = (
+        started = refusals(
             ("400", "a bad body, formula, symbol or parameter"),
             *unauthorized,
             ("408", "the body did not all arrive: the connection closed or stalled"),
@@ -87,16 +79,10 @@ def openapi(
             "post": {
                 "summary": "Start a scan of the universe with a formula",
                 "requestBody": {"required": True, "content": _json(schema["scan_request"])},
-                "responses": {
-                    "202": accepted,
-                    **{
-                        code: {"description": why, "content": _json(schema["problem"])}
-                        for code, why in refusals
-                    },
-                },
+                "responses": {"202": accepted, **started},
                 **secured,
             },
-            "get": {"summary": "The scans kept", "responses": answer("newest first", "scans")},
+            **read("The scans kept", "newest first", "scans"),
         }
         scan_id = {"name": "scan_id", "in": "path", "required": True, "schema": {"type": "string"}}
         every = {
@@ -105,24 +91,20 @@ def openapi(
             "required": False,
             "schema": {"type": "boolean", "default": False},
         }
+        cancelled = refusals(*unauthorized, ("404", "no such scan"))
         paths["/api/scans/{scan_id}"] = {
             "parameters": [scan_id],
-            "get": {
-                "summary": "A scan's progress, then its results",
-                "parameters": [_limit(100, 100_000), every],
-                "responses": answer(
-                    "the scan", "scan_detail", _400="a bad parameter", _404="no such scan"
-                ),
-            },
+            **read(
+                "A scan's progress, then its results",
+                "the scan",
+                "scan_detail",
+                ("400", "a bad parameter"),
+                ("404", "no such scan"),
+                parameters=[_limit(100, 100_000), every],
+            ),
             "delete": {
                 "summary": "Cancel a scan",
-                "responses": {
-                    "202": accepted,
-                    **{
-                        code: {"description": why, "content": _json(schema["problem"])}
-                        for code, why in (*unauthorized, ("404", "no such scan"))
-                    },
-                },
+                "responses": {"202": accepted, **cancelled},
                 **secured,
             },
         }

@@ -1,11 +1,10 @@
-"""Broadcast (seed 004 rebuilt): bus messages to WebSocket clients; a slow one hurts only itself.
+"""Broadcast: bus messages to WebSocket clients; a slow one hurts only itself.
 
-Seed 004's service read Redis with a blocking iterator inside the event loop
-and froze everything, health checks included. Here the bus is read by a
-task that never blocks the loop, each message is framed once and offered to
-every client's own bounded queue, and each client has its own writer: a
-client that cannot keep up loses its oldest messages and is then closed
-with a code and a reason, while the others carry on at full rate.
+The bus is read by a task that never blocks the loop, each message is
+framed once and offered to every client's own bounded queue, and each
+client has its own writer: a client that cannot keep up loses its oldest
+messages and is then closed with a code and a reason, while the others
+carry on at full rate.
 
 See ``docs/broadcast.md``.
 """

@@ -10,7 +10,7 @@ from typing import Any
 
 import attrs
 
-from engine._validation import check_choice, check_count, check_duration, check_name
+from engine.lowlevel import check_choice, check_count, check_duration, check_name
 
 from ._topics import TopicRules, parse_pattern
 
@@ -212,8 +212,8 @@ class BroadcastConfig:
     bus_queue_size: int = attrs.field(default=10_000, validator=_count(1))
     max_clients: int = attrs.field(default=1000, validator=_count(1))
     max_handshaking: int = attrs.field(default=128, validator=_count(1))
-    # Above the dispatcher's batch (MAX_DISPATCH, 1,024): at 50,000 messages/s
-    # a client that keeps up lost messages with 1,000, and was then closed.
+    # Above the dispatcher's batch (MAX_DISPATCH, 1,024): with less, a client
+    # that keeps up at full rate loses messages, and is then closed.
     queue_size: int = attrs.field(default=4096, validator=_count(1))
     max_lost: int = attrs.field(default=1000, validator=_count(0))
     max_topics: int = attrs.field(default=64, validator=_count(1))

@@ -1,11 +1,9 @@
-"""Cycles (seed 001 rebuilt): the watchlist's REST quotes and whale flows from the trade stream.
+"""Cycles: the watchlist's REST quotes and whale flows from the trade stream.
 
-Seed 001's market-data worker stopped updating its watchlist and whale flows
-for 27 hours: thread-pool futures whose timeouts never fired, no limit per
-cycle, and a ``SIGALRM`` watchdog as the patch. Here the watchlist is an
-:class:`engine.Cycle` whose requests, batches and cycles each run under a
-cancel scope, and whale flows are a bus consumer with nothing to hang on.
-See ``docs/watchlist.md`` and ``docs/whale-flows.md``.
+The watchlist is an :class:`engine.Cycle` whose requests, batches and
+cycles each run under a cancel scope, so none can hang it; whale flows are
+a bus consumer with nothing to hang on. See ``docs/watchlist.md`` and
+``docs/whale-flows.md``.
 """
 
 from __future__ import annotations

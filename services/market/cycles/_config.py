@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import math
-import re
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 
-from engine._validation import check_choice, check_count, check_duration, check_name
+import engine
+from engine.lowlevel import check_choice, check_count, check_duration, check_name
 
-_SYMBOL = re.compile(r"[A-Z0-9]{2,20}")
-_OVERFLOWS = ("drop_oldest", "drop_newest", "block")
+from .._symbols import check_symbol, check_symbols, to_symbols
+
+_OVERFLOWS = (
+    engine.HubOverflow.DROP_OLDEST,
+    engine.HubOverflow.DROP_NEWEST,
+    engine.HubOverflow.BLOCK,
+)
 
 Validator = Callable[[object, "attrs.Attribute[Any]", Any], None]
 
@@ -33,32 +38,6 @@ def _count(minimum: int) -> Validator:
 
 def _name(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     check_name(attribute.name, value)
-
-
-def _to_symbols(value: Iterable[str]) -> tuple[str, ...]:
-    if isinstance(value, str):
-        raise TypeError(f"symbols must be a sequence of symbol names, got the string {value!r}")
-    return tuple(value)
-
-
-def check_symbol(name: str, symbol: object) -> str:
-    """An upper-case Binance symbol such as ``"BTCUSDT"``; ``name`` is the setting's name."""
-    if not isinstance(symbol, str) or not _SYMBOL.fullmatch(symbol):
-        raise ValueError(
-            f"{name} must hold upper-case Binance symbols like 'BTCUSDT', got {symbol!r}"
-        )
-    return symbol
-
-
-def _symbols(
-    instance: object, attribute: attrs.Attribute[tuple[str, ...]], symbols: tuple[object, ...]
-) -> None:
-    if not symbols:
-        raise ValueError("symbols must name at least one symbol, got none")
-    for symbol in symbols:
-        check_symbol("symbols", symbol)
-    if len(set(symbols)) != len(symbols):
-        raise ValueError(f"symbols must not repeat, got {list(symbols)!r}")
 
 
 def _base_url(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
@@ -103,7 +82,7 @@ class WatchlistConfig:
     """
 
     base_url: str = attrs.field(converter=_strip_slash, validator=_base_url)
-    symbols: tuple[str, ...] = attrs.field(converter=_to_symbols, validator=_symbols)
+    symbols: tuple[str, ...] = attrs.field(converter=to_symbols, validator=check_symbols)
     interval: float = attrs.field(default=5.0, kw_only=True, validator=_finite_duration)
     batch_size: int = attrs.field(default=20, kw_only=True, validator=_count(1))
     cycle_deadline: float = attrs.field(
@@ -189,8 +168,8 @@ def _prefix(instance: object, attribute: attrs.Attribute[str], value: str) -> No
         )
 
 
-def _overflow(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
-    check_choice(attribute.name, value, _OVERFLOWS)
+def _overflow(value: str) -> engine.HubOverflow:
+    return check_choice("overflow", value, _OVERFLOWS)
 
 
 @attrs.frozen(kw_only=True)
@@ -232,7 +211,9 @@ class WhaleFlowConfig:
     pattern: str = attrs.field(default="trades.>", validator=_pattern)
     publish_prefix: str = attrs.field(default="whales", validator=_prefix)
     queue_size: int = attrs.field(default=10_000, validator=_count(1))
-    overflow: str = attrs.field(default="drop_oldest", validator=_overflow)
+    overflow: engine.HubOverflow = attrs.field(
+        default=engine.HubOverflow.DROP_OLDEST, converter=_overflow
+    )
 
     def threshold(self, symbol: str) -> float:
         """The whale threshold of ``symbol``: its own, or ``threshold_usd``."""

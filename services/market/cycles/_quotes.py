@@ -73,12 +73,12 @@ class Quote(msgspec.Struct, frozen=True):
 
 
 class DatasetUpdate(msgspec.Struct, frozen=True):
-    """When a dataset last changed: the ``last_update`` of seed 001's status endpoint.
+    """When a dataset last changed, overall and per symbol.
 
     Attributes:
         updated_at: wall-clock seconds since the epoch of the latest change,
             ``None`` until there is one. It stops advancing when the dataset
-            is in trouble, which is how seed 001's 27-hour hang showed.
+            is in trouble, which makes it the freshness check to watch.
         symbols: the same, per symbol.
     """
 

@@ -1,10 +1,8 @@
-"""The watchlist cycle (seed 001 rebuilt): 24h quotes over REST under three nested deadlines.
+"""The watchlist cycle: 24h quotes over REST under three nested deadlines.
 
-Seed 001's worker fetched quotes on a thread pool with ``as_completed(futures,
-timeout=...)``; the timeout raised but the hung futures ran on, the cycle had
-no limit of its own, and the watchlist stopped updating for 27 hours while
-the process looked healthy. Here every limit is a trio cancel scope, which
-always fires at a checkpoint and takes everything under it down with it:
+Every limit is a trio cancel scope, which always fires at a checkpoint and
+takes everything under it down with it, so a request that never answers
+cannot hold the cycle, nor the cycle the watchlist:
 
 - each HTTP request runs under ``request_deadline``;
 - each batch (its request, and the per-symbol requests of a split batch)
@@ -29,7 +27,7 @@ import httpx
 import trio
 
 import engine
-from engine._names import describe_error
+from engine.lowlevel import describe_error
 
 from ._config import WatchlistConfig
 from ._quotes import (
@@ -89,7 +87,8 @@ class CycleReport:
     failed: dict[str, str]
 
 
-@attrs.frozen
+# Keyword-only, so that given fields (no default) may follow counted ones.
+@attrs.frozen(kw_only=True)
 class WatchlistStatistics:
     """The watchlist's counters, for /status and /metrics.
 
@@ -122,34 +121,36 @@ class WatchlistStatistics:
     name: str
     symbols: int = attrs.field(metadata=engine.gauge_metric("Symbols on the watchlist"))
     running: bool = attrs.field(metadata=engine.gauge_metric("1 while the cycle runs"))
-    cycles: int = attrs.field(metadata=engine.counter_metric("Cycles finished, including cut ones"))
-    cycle_timeouts: int = attrs.field(
-        metadata=engine.counter_metric("Cycles cut by the cycle deadline")
+    cycles: int = attrs.field(
+        default=0, metadata=engine.counter_metric("Cycles finished, including cut ones")
     )
-    cycle_errors: int = attrs.field(metadata=engine.counter_metric("Cycles that raised"))
+    cycle_timeouts: int = attrs.field(
+        default=0, metadata=engine.counter_metric("Cycles cut by the cycle deadline")
+    )
+    cycle_errors: int = attrs.field(default=0, metadata=engine.counter_metric("Cycles that raised"))
     batch_timeouts: int = attrs.field(
-        metadata=engine.counter_metric("Batches cut by the batch deadline")
+        default=0, metadata=engine.counter_metric("Batches cut by the batch deadline")
     )
     request_timeouts: int = attrs.field(
-        metadata=engine.counter_metric("Requests cut by the request deadline")
+        default=0, metadata=engine.counter_metric("Requests cut by the request deadline")
     )
     request_errors: int = attrs.field(
-        metadata=engine.counter_metric("Requests that failed otherwise")
+        default=0, metadata=engine.counter_metric("Requests that failed otherwise")
     )
     malformed_responses: int = attrs.field(
-        metadata=engine.counter_metric("Answers that were not valid tickers")
+        default=0, metadata=engine.counter_metric("Answers that were not valid tickers")
     )
     rejected_symbols: int = attrs.field(
-        metadata=engine.counter_metric("Symbol fetches the exchange rejected")
+        default=0, metadata=engine.counter_metric("Symbol fetches the exchange rejected")
     )
     split_batches: int = attrs.field(
-        metadata=engine.counter_metric("Batches fetched again symbol by symbol")
+        default=0, metadata=engine.counter_metric("Batches fetched again symbol by symbol")
     )
     symbols_ok: int = attrs.field(
-        metadata=engine.gauge_metric("Symbols that answered in the latest cycle")
+        default=0, metadata=engine.gauge_metric("Symbols that answered in the latest cycle")
     )
     symbols_failed: int = attrs.field(
-        metadata=engine.gauge_metric("Symbols that did not answer in the latest cycle")
+        default=0, metadata=engine.gauge_metric("Symbols that did not answer in the latest cycle")
     )
     last_update: float | None = attrs.field(
         metadata=engine.gauge_metric(
@@ -157,23 +158,11 @@ class WatchlistStatistics:
             name="last_update_timestamp_seconds",
         )
     )
-    last_error: str | None
-
-
-@attrs.define
-class _Counters:
-    cycles: int = 0
-    cycle_timeouts: int = 0
-    cycle_errors: int = 0
-    batch_timeouts: int = 0
-    request_timeouts: int = 0
-    request_errors: int = 0
-    malformed_responses: int = 0
-    rejected_symbols: int = 0
-    split_batches: int = 0
-    symbols_ok: int = 0
-    symbols_failed: int = 0
     last_error: str | None = None
+
+
+class _Counters(engine.Tally[WatchlistStatistics]):
+    """The counters behind :meth:`Watchlist.statistics`."""
 
 
 @attrs.define(eq=False)
@@ -274,24 +263,11 @@ class Watchlist:
 
     def statistics(self) -> WatchlistStatistics:
         """A frozen snapshot of the counters."""
-        c = self._counters
-        return WatchlistStatistics(
+        return self._counters.snapshot(
             name=self.config.name,
             symbols=len(self.config.symbols),
             running=self._client is not None,
-            cycles=c.cycles,
-            cycle_timeouts=c.cycle_timeouts,
-            cycle_errors=c.cycle_errors,
-            batch_timeouts=c.batch_timeouts,
-            request_timeouts=c.request_timeouts,
-            request_errors=c.request_errors,
-            malformed_responses=c.malformed_responses,
-            rejected_symbols=c.rejected_symbols,
-            split_batches=c.split_batches,
-            symbols_ok=c.symbols_ok,
-            symbols_failed=c.symbols_failed,
             last_update=self.last_update()["watchlist"].updated_at,
-            last_error=c.last_error,
         )
 
     async def wait_cycle(self) -> CycleReport:

@@ -1,11 +1,10 @@
-"""Whale flows (seed 001 rebuilt): large trades picked out of the trade stream, as they happen.
+"""Whale flows: large trades picked out of the trade stream, as they happen.
 
-Seed 001 scanned for whale flows in a thread-pool cycle with the same
-never-firing futures timeouts as its watchlist, and froze with it. Here
-detection is a consumer of the bus: each trade published on ``trades.<SYMBOL>``
-is looked at once, as it arrives; there is no request that can hang. What
-can go wrong is counted instead: payloads that are not trades, and trades the
-subscription's bounded queue dropped (on the bus's statistics).
+Detection is a consumer of the bus, not a periodic scan: each trade
+published on ``trades.<SYMBOL>`` is looked at once, as it arrives; there is
+no request that can hang. What can go wrong is counted instead: payloads
+that are not trades, and trades the subscription's bounded queue dropped
+(on the bus's statistics).
 
 Definitions (also in ``docs/whale-flows.md``):
 
@@ -38,8 +37,8 @@ import msgspec
 import trio
 
 import engine
-from engine._validation import check_count
 from engine.bus import Bus, BusMessage
+from engine.lowlevel import check_count
 
 from .._events import Normalised
 from ._config import WhaleFlowConfig
@@ -98,7 +97,8 @@ class SymbolFlow(msgspec.Struct, frozen=True):
     net_notional: float
 
 
-@attrs.frozen
+# Keyword-only, so that given fields (no default) may follow counted ones.
+@attrs.frozen(kw_only=True)
 class WhaleFlowStatistics:
     """Whale detection's counters, for /status and /metrics.
 
@@ -125,17 +125,20 @@ class WhaleFlowStatistics:
 
     name: str
     running: bool
-    trades: int = attrs.field(metadata=engine.counter_metric("Trades examined"))
-    whales: int = attrs.field(metadata=engine.counter_metric("Whale trades detected"))
-    published: int = attrs.field(metadata=engine.counter_metric("Whales published on the bus"))
+    trades: int = attrs.field(default=0, metadata=engine.counter_metric("Trades examined"))
+    whales: int = attrs.field(default=0, metadata=engine.counter_metric("Whale trades detected"))
+    published: int = attrs.field(
+        default=0, metadata=engine.counter_metric("Whales published on the bus")
+    )
     malformed: int = attrs.field(
-        metadata=engine.counter_metric("Payloads that were not valid Normalised JSON")
+        default=0, metadata=engine.counter_metric("Payloads that were not valid Normalised JSON")
     )
     ignored: int = attrs.field(
-        metadata=engine.counter_metric("Valid payloads that were not trades with a price and size")
+        default=0,
+        metadata=engine.counter_metric("Valid payloads that were not trades with a price and size"),
     )
     window_evictions: int = attrs.field(
-        metadata=engine.counter_metric("Whales that left a flow window early")
+        default=0, metadata=engine.counter_metric("Whales that left a flow window early")
     )
     last_update: float | None = attrs.field(
         metadata=engine.gauge_metric(
@@ -144,30 +147,23 @@ class WhaleFlowStatistics:
         )
     )
     last_whale_at: float | None = attrs.field(
+        default=None,
         metadata=engine.gauge_metric(
             "When the latest whale was detected, in seconds since the epoch",
             name="last_whale_timestamp_seconds",
-        )
+        ),
     )
     symbols: int = attrs.field(
         metadata=engine.gauge_metric("Symbols whose latest trade time is kept")
     )
     windows: int = attrs.field(metadata=engine.gauge_metric("Symbols with a whale in the window"))
     symbols_evicted: int = attrs.field(
-        metadata=engine.counter_metric("Symbols forgotten to keep within max_symbols")
+        default=0, metadata=engine.counter_metric("Symbols forgotten to keep within max_symbols")
     )
 
 
-@attrs.define
-class _Counters:
-    trades: int = 0
-    whales: int = 0
-    published: int = 0
-    malformed: int = 0
-    ignored: int = 0
-    window_evictions: int = 0
-    symbols_evicted: int = 0
-    last_whale_at: float | None = None
+class _Counters(engine.Tally[WhaleFlowStatistics]):
+    """The counters behind :meth:`WhaleFlows.statistics`."""
 
 
 @runtime_checkable
@@ -281,21 +277,12 @@ class WhaleFlows:
 
     def statistics(self) -> WhaleFlowStatistics:
         """A frozen snapshot of the counters."""
-        c = self._counters
-        return WhaleFlowStatistics(
+        return self._counters.snapshot(
             name=self.name,
             running=self._running,
-            trades=c.trades,
-            whales=c.whales,
-            published=c.published,
-            malformed=c.malformed,
-            ignored=c.ignored,
-            window_evictions=c.window_evictions,
             last_update=max(self._seen.values(), default=None),
-            last_whale_at=c.last_whale_at,
             symbols=len(self._seen),
             windows=len(self._windows),
-            symbols_evicted=c.symbols_evicted,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -1,4 +1,4 @@
-"""The order log (seed 000): follow a Hyperliquid-style order-status log, publish its orders.
+"""The order log: follow a Hyperliquid-style order-status log, publish its orders.
 
 ``OrderLog(config, bus).follow`` is a supervised child: it looks at the file
 as it grows, has worker processes read and parse a backlog (never more

@@ -1,16 +1,16 @@
 """Shared-memory files that carry a worker's encoded messages back, instead of its pipe.
 
-A region's messages are about 290 bytes per line, 700 KB per region. Sent
-back through the worker's pipe they are copied 64 KiB at a time with a
-context switch each, and pickled on both sides: measured here, 1.6 ns per
-byte in the parent and as much in the worker, together more than a third
-of the CPU a parsed line costs. Written once into an anonymous memory file
+A region's encoded messages are most of what it read. Sent back through
+the worker's pipe they are copied 64 KiB at a time with a context switch
+each, and pickled on both sides, which costs a large share of the CPU a
+parsed line takes. Written once into an anonymous memory file
 (``memfd_create``) that the worker reopens through ``/proc/<pid>/fd/<n>``,
-and read once by the parent, they cost 0.3 ns per byte on each side.
+and read once by the parent, they cost a fraction of that (the figures are
+in ``docs/orders.md``, "Where parsing runs").
 
 Nothing has a name in the file system, so nothing is left behind if the
 process dies. Where memory files or ``/proc`` are missing (not Linux) there
-are no buffers, and results come back through the pipe as before.
+are no buffers, and results come back through the pipe instead.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import os
 class ResultBuffers:
     """Memory files for results in flight, one per region at most (private).
 
-    Reading one back is a copy out of memory (no disk behind it), done in
-    the event loop: about 0.1 ms for a region's messages.
+    Reading one back is a copy out of memory (no disk behind it), short
+    enough to be done in the event loop.
     """
 
     def __init__(self) -> None:

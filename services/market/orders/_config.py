@@ -10,7 +10,7 @@ from typing import Any
 import attrs
 
 import engine
-from engine._validation import check_choice, check_count, check_duration
+from engine.lowlevel import check_choice, check_count, check_duration
 
 
 class PublishMode(enum.StrEnum):
@@ -103,7 +103,8 @@ class OrderLogConfig:
     max_line_bytes: int = attrs.field(default=1 << 20, validator=_count(1))
 
 
-@attrs.frozen
+# Keyword-only, so that given fields (no default) may follow counted ones.
+@attrs.frozen(kw_only=True)
 class OrderLogStatistics:
     """The order log's counters, for /status and /metrics.
 
@@ -149,22 +150,27 @@ class OrderLogStatistics:
     """
 
     path: str
-    following: bool = attrs.field(metadata=engine.gauge_metric("1 while a file is open"))
-    lines: int = attrs.field(metadata=engine.counter_metric("Non-blank lines read, valid or not"))
-    orders: int = attrs.field(metadata=engine.counter_metric("Orders published"))
-    messages: int = attrs.field(metadata=engine.counter_metric("Bus messages published"))
+    following: bool = attrs.field(
+        default=False, metadata=engine.gauge_metric("1 while a file is open")
+    )
+    lines: int = attrs.field(
+        default=0, metadata=engine.counter_metric("Non-blank lines read, valid or not")
+    )
+    orders: int = attrs.field(default=0, metadata=engine.counter_metric("Orders published"))
+    messages: int = attrs.field(default=0, metadata=engine.counter_metric("Bus messages published"))
     malformed: int = attrs.field(
-        metadata=engine.counter_metric("Lines that were not a valid order-status line")
+        default=0, metadata=engine.counter_metric("Lines that were not a valid order-status line")
     )
     malformed_samples: tuple[str, ...]
     truncations: int = attrs.field(
-        metadata=engine.counter_metric("Times the file was found truncated")
+        default=0, metadata=engine.counter_metric("Times the file was found truncated")
     )
     rotations: int = attrs.field(
-        metadata=engine.counter_metric("Times the path was found naming a new file")
+        default=0, metadata=engine.counter_metric("Times the path was found naming a new file")
     )
     bytes_read: int = attrs.field(
-        metadata=engine.counter_metric("Bytes of the files accounted for", name="read_bytes")
+        default=0,
+        metadata=engine.counter_metric("Bytes of the files accounted for", name="read_bytes"),
     )
     position: int = attrs.field(
         metadata=engine.gauge_metric(
@@ -178,16 +184,18 @@ class OrderLogStatistics:
         metadata=engine.gauge_metric("Bytes of a last line waiting for its newline")
     )
     chunks_in_processes: int = attrs.field(
-        metadata=engine.counter_metric("Regions read and parsed by worker processes")
+        default=0, metadata=engine.counter_metric("Regions read and parsed by worker processes")
     )
     slices_in_loop: int = attrs.field(
-        metadata=engine.counter_metric("Slices parsed in the event loop")
+        default=0, metadata=engine.counter_metric("Slices parsed in the event loop")
     )
     worker_failures: int = attrs.field(
-        metadata=engine.counter_metric("Regions a worker could not parse, parsed here instead")
+        default=0,
+        metadata=engine.counter_metric("Regions a worker could not parse, parsed here instead"),
     )
     refusals: int = attrs.field(
-        metadata=engine.counter_metric("Times the path was found naming no regular file")
+        default=0,
+        metadata=engine.counter_metric("Times the path was found naming no regular file"),
     )
     refused: str
     file_threads: int = attrs.field(

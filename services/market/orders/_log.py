@@ -1,8 +1,7 @@
-"""OrderLog (seed 000 rebuilt): follow an order-status log and publish its orders on the bus.
+"""OrderLog: follow an order-status log and publish its orders on the bus.
 
-Seed 000's parser cut each batch of lines into more chunks than it had
-workers, waited on thread-pool futures with ``asyncio.wait_for`` (which
-never fired) and hung for good. Here:
+The file is parsed on every core, and the event loop never waits on work
+it cannot cancel:
 
 * a look at the file (an ``fstat``, in a thread) says how big it is now,
   and whether it was truncated or replaced;
@@ -46,8 +45,8 @@ import attrs
 import trio
 
 import engine
-from engine._validation import check_count
 from engine.bus import Bus
+from engine.lowlevel import check_count
 
 from ._buffers import ResultBuffers
 from ._config import OrderLogConfig, OrderLogStatistics, PublishMode, StartAt
@@ -67,11 +66,10 @@ SLICE_SECONDS = 0.004
 # A backlog at least this big goes to worker processes (when there are
 # workers): below it, a dispatch costs more than it saves.
 PROCESS_MIN_BYTES = 256 << 10
-# A worker's region: big enough that a dispatch (about 0.2 ms of CPU, parent
-# and worker) is noise, small enough that a region's objects stay in the
-# CPU's caches while it is parsed (in a worker, 1 MiB regions took about
-# 10 % less CPU per line than 4 MiB ones) and that workers share a backlog
-# evenly.
+# A worker's region: big enough that a dispatch's CPU (parent and worker) is
+# noise, small enough that a region's objects stay in the CPU's caches while
+# it is parsed and that workers share a backlog evenly (docs/orders.md has
+# the figures).
 REGION_BYTES = 1 << 20
 MIN_REGION_BYTES = 64 << 10
 _FIRST_SLICE_BYTES = 64 << 10
@@ -112,6 +110,10 @@ class _Slot:
         self.result: ParsedRegion | Lines | None = None
 
 
+class _Counters(engine.Tally[OrderLogStatistics]):
+    """The counters behind :meth:`OrderLog.statistics`."""
+
+
 class OrderLog:
     """Follows an order-status log and publishes its orders on a bus.
 
@@ -150,12 +152,8 @@ class OrderLog:
         self._parse = functools.partial(
             parse_chunk, batch=batch, keep=self._options.keep, max_samples=_SAMPLES_KEPT
         )
-        self._following = False
-        self._lines = self._orders = self._messages = self._malformed = 0
-        self._truncations = self._rotations = self._bytes_read = 0
+        self._counters = _Counters()
         self._position = self._lag = self._pending = 0
-        self._chunks = self._slices = self._failures = 0
-        self._refusals = 0
         self._refused: str | None = None
         self._files = trio.CapacityLimiter(FILE_THREADS)
         self._tail_factory = tail_factory
@@ -175,24 +173,12 @@ class OrderLog:
 
     def statistics(self) -> OrderLogStatistics:
         """A frozen snapshot of the counters."""
-        return OrderLogStatistics(
+        return self._counters.snapshot(
             path=self.config.path,
-            following=self._following,
-            lines=self._lines,
-            orders=self._orders,
-            messages=self._messages,
-            malformed=self._malformed,
             malformed_samples=tuple(self._samples),
-            truncations=self._truncations,
-            rotations=self._rotations,
-            bytes_read=self._bytes_read,
             position=self._position,
             lag_bytes=self._lag,
             pending_bytes=self._pending,
-            chunks_in_processes=self._chunks,
-            slices_in_loop=self._slices,
-            worker_failures=self._failures,
-            refusals=self._refusals,
             refused=self._refused or "",
             file_threads=self._files.borrowed_tokens,
             unclosed_files=len(self._unclosed),
@@ -253,7 +239,7 @@ class OrderLog:
                 await trio.sleep(self.config.poll_interval)
             self._note_refusal(tail)
             self._position, self._pending = tail.seen, 0
-            self._following = True
+            self._counters.following = True
             logger.info("following %s", self.config.path)
             task_status.started()
             # Room for as many finished regions as are being parsed: the
@@ -264,7 +250,7 @@ class OrderLog:
                 async with send:
                     await self._follow(tail, send)
         finally:
-            self._following = False
+            self._counters.following = False
             self._buffers.close()
             await self._close(tail)
 
@@ -300,13 +286,13 @@ class OrderLog:
         """Count and log, once per episode, a path naming something other than a regular file."""
         refused = tail.refused
         if refused is not None and refused != self._refused:
-            self._refusals += 1
+            self._counters.refusals += 1
             logger.warning(
                 "%s is %s, not a regular file: not opened; %s",
                 self.config.path,
                 refused,
                 "still following the file it named before"
-                if self._following
+                if self._counters.following
                 else "waiting for a regular file there",
             )
         self._refused = refused
@@ -321,7 +307,7 @@ class OrderLog:
             if look.event is Event.TRUNCATED:
                 self._truncated()
             elif look.event is Event.ROTATED:
-                self._rotations += 1
+                self._counters.rotations += 1
                 logger.info("%s was replaced; reading the new file", self.config.path)
                 self._drop_pending("unfinished when the file was rotated")
             self._lag = look.size - self._position
@@ -335,13 +321,13 @@ class OrderLog:
                 await trio.sleep(self.config.poll_interval)
 
     def _truncated(self) -> None:
-        self._truncations += 1
+        self._counters.truncations += 1
         logger.info("%s was truncated; reading it from the start", self.config.path)
         self._drop_pending("unfinished when the file was truncated")
 
     def _drop_pending(self, why: str) -> None:
         if self._pending:
-            self._lines += 1
+            self._counters.lines += 1
             self._count_malformed(1, [f"{why}: {self._pending} bytes at {self._position}"])
         self._position = self._pending = 0
 
@@ -375,10 +361,10 @@ class OrderLog:
                 nursery.start_soon(self._fill, slot, index, tail, in_processes, in_flight)
         if self._last_owned is not None:
             _, end, pending = self._last_owned
-            self._bytes_read += end - start
+            self._counters.bytes_read += end - start
         else:  # nothing owned: all of it inside a line being skipped (or cut short)
             end, pending = size, 0
-            self._bytes_read += 0 if self._cut_short else size - start
+            self._counters.bytes_read += 0 if self._cut_short else size - start
         if self._cut_short:
             # The previous round's unfinished line was finished by region 0,
             # unless that one was cut short; this round's last one never will be.
@@ -444,7 +430,7 @@ class OrderLog:
         finally:
             self._buffers.give_back(buffer)
         if result is None:
-            self._failures += 1
+            self._counters.worker_failures += 1
         return result
 
     def _run(
@@ -474,14 +460,14 @@ class OrderLog:
             if isinstance(result, ParsedRegion):
                 lines = result.lines
                 if result.parsed is not None:
-                    self._chunks += 1
+                    self._counters.chunks_in_processes += 1
                     await self._publish(result.parsed)
             else:
                 assert result is not None
                 lines = result
                 await self._parse_here(lines.data)
             if lines.overlong:
-                self._lines += 1
+                self._counters.lines += 1
                 self._count_malformed(1, [lines.sample])
 
     async def _parse_here(self, data: bytes) -> None:
@@ -500,13 +486,14 @@ class OrderLog:
             self._slice_bytes = int(
                 min(max((self._slice_bytes + target) / 2, _MIN_SLICE_BYTES), 1 << 22)
             )
-            self._slices += 1
+            self._counters.slices_in_loop += 1
             await trio.lowlevel.checkpoint()
             await self._publish(parsed)
             start = stop
 
     async def _publish(self, parsed: ParsedChunk) -> None:
-        self._lines += parsed.lines
+        counters = self._counters
+        counters.lines += parsed.lines
         if parsed.malformed:
             self._count_malformed(parsed.malformed, parsed.samples)
         if not parsed.topics:
@@ -528,12 +515,12 @@ class OrderLog:
                 except trio.WouldBlock:  # a subscriber with the block policy is full
                     await bus.publish(topic, payload, msg_id=msg_id)
             if index % _CLOCK_EVERY == _CLOCK_EVERY - 1 and perf_counter() > deadline:
-                self._messages += index + 1 - counted
+                counters.messages += index + 1 - counted
                 counted = index + 1
                 await trio.lowlevel.checkpoint()
                 deadline = perf_counter() + SLICE_SECONDS
-        self._messages += len(topics) - counted
-        self._orders += parsed.orders
+        counters.messages += len(topics) - counted
+        counters.orders += parsed.orders
         if self.config.publish is PublishMode.BATCH:
             self._history.add_batch(payloads, parsed.order_coins)
         else:
@@ -543,14 +530,14 @@ class OrderLog:
         await trio.lowlevel.checkpoint()
 
     def _count_malformed(self, count: int, samples: list[str]) -> None:
-        before = self._malformed
-        self._malformed += count
+        before = self._counters.malformed
+        after = self._counters.malformed = before + count
         self._samples.extend(samples)
         # The first one, then about one in _LOG_EVERY: a log line, not a flood.
-        if samples and (before == 0 or before // _LOG_EVERY != self._malformed // _LOG_EVERY):
+        if samples and (before == 0 or before // _LOG_EVERY != after // _LOG_EVERY):
             logger.warning(
                 "%s: %d malformed lines so far; latest: %s",
                 self.config.path,
-                self._malformed,
+                after,
                 samples[-1],
             )

@@ -81,7 +81,7 @@ def state_of(status: str) -> OrderState:
 class _Details(msgspec.Struct, gc=False):
     """The ``order`` object of a node line: the fields used, in the node's names."""
 
-    coin: str  # checked once per distinct coin, in _check_coins (a pattern here costs 30 %)
+    coin: str  # checked once per distinct coin, in _check_coins, not per line by a pattern
     side: Literal["B", "A"]
     limitPx: _Price
     sz: _Size
@@ -206,7 +206,7 @@ def decode_order(payload: bytes) -> Order:
 
 
 def _orders(lines: list[_Line]) -> list[Order]:
-    # One comprehension, no call per line: about 15 % of the parse.
+    # One comprehension, no call per line: this runs for every line parsed.
     states, sides = _STATES, _SIDES
     return [
         Order(

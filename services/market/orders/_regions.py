@@ -333,10 +333,10 @@ def _keep_freed_memory() -> None:
     A region allocates and frees a few MB (the bytes read, the decoded
     objects, the encoded messages). By default glibc hands the top of its
     heap back to the system each time, and the next region faults every
-    page in again: measured here, 500 page faults per 1 MiB region and a
-    fifth of its CPU time. Keeping up to 64 MiB free in the worker's heap
-    (and serving blocks under 32 MiB from it) removes them. Elsewhere than
-    glibc this does nothing.
+    page in again, a real share of its CPU time (``docs/orders.md``).
+    Keeping up to 64 MiB free in the worker's heap (and serving blocks under
+    32 MiB from it) removes those faults. Elsewhere than glibc this does
+    nothing.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -1,4 +1,4 @@
-"""Scans (seed 002 rebuilt): indicators over the symbol universe, filtered by user formulas.
+"""Scans: indicators over the symbol universe, filtered by user formulas.
 
 Formulas such as ``rsi14 < 30 and macd_hist > 0 and close > sma50`` are parsed
 by a small whitelisted grammar into a checked expression tree and evaluated

@@ -20,7 +20,7 @@ import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Final, TypeAlias
+from typing import Any, ClassVar, Final, TypeAlias
 
 import attrs
 import lark
@@ -31,6 +31,8 @@ from ._indicators import INDICATORS, MAX_PERIOD, Indicator
 MAX_FORMULA_LENGTH: Final = 1000
 #: The deepest expression tree accepted (``a + b + c`` is 3 deep; parentheses add nothing).
 MAX_FORMULA_DEPTH: Final = 100
+
+_Validator: TypeAlias = Callable[[Any, Any, Any], None]
 
 ARITHMETIC_OPS: Final = ("+", "-", "*", "/")
 COMPARISON_OPS: Final = ("<", "<=", ">", ">=", "==", "!=")
@@ -88,14 +90,19 @@ def _depth_of(node: Expr) -> int:
     return node.depth if isinstance(node, _Node) else 1
 
 
+@attrs.frozen
 class _Node:
-    """The inner nodes' shared behaviour: str() is the canonical spelling."""
+    """The inner nodes' shared behaviour: a bounded depth; str() is the canonical spelling.
 
-    __slots__ = ()
-    depth: int
+    Each node checks its operands in its fields' validators, which attrs runs
+    before this class's ``__attrs_post_init__``: an operand of the wrong kind
+    is reported before a tree too deep.
+    """
 
-    def _set_depth(self, *children: Expr) -> None:
-        depth = _height(*children)
+    depth: int = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        depth = _height(*_children(self))
         if depth > MAX_FORMULA_DEPTH:
             raise ValueError(f"expression nests more than {MAX_FORMULA_DEPTH} levels deep")
         object.__setattr__(self, "depth", depth)
@@ -114,6 +121,11 @@ def _check_conditions(node: str, operands: Sequence[Expr]) -> None:
     for operand in operands:
         if is_number(operand):
             raise TypeError(f"{node} takes conditions, got the number {canonical(operand)}")
+
+
+def _takes(check: Callable[[str, Sequence[Expr]], None], node: str) -> _Validator:
+    """A validator of a one-operand field: ``check`` it, naming the node ``node``."""
+    return lambda instance, attribute, operand: check(node, [operand])
 
 
 # Typed converters: lists are accepted, tuples stored (frozen, hashable).
@@ -148,12 +160,7 @@ class Number:
 class Negate(_Node):
     """``-operand``."""
 
-    operand: NumberExpr
-    depth: int = attrs.field(init=False, eq=False, repr=False)
-
-    def __attrs_post_init__(self) -> None:
-        _check_numbers("'-'", [self.operand])
-        self._set_depth(self.operand)
+    operand: NumberExpr = attrs.field(validator=_takes(_check_numbers, "'-'"))
 
 
 @attrs.frozen
@@ -162,12 +169,11 @@ class Arithmetic(_Node):
 
     op: str = attrs.field(validator=attrs.validators.in_(ARITHMETIC_OPS))
     left: NumberExpr
-    right: NumberExpr
-    depth: int = attrs.field(init=False, eq=False, repr=False)
+    right: NumberExpr = attrs.field()
 
-    def __attrs_post_init__(self) -> None:
-        _check_numbers(f"'{self.op}'", [self.left, self.right])
-        self._set_depth(self.left, self.right)
+    @right.validator
+    def _check(self, attribute: object, right: NumberExpr) -> None:
+        _check_numbers(f"'{self.op}'", [self.left, right])
 
 
 @attrs.frozen
@@ -176,55 +182,49 @@ class Compare(_Node):
 
     operands: tuple[NumberExpr, ...] = attrs.field(converter=_number_tuple)
     ops: tuple[str, ...] = attrs.field(converter=_str_tuple)
-    depth: int = attrs.field(init=False, eq=False, repr=False)
 
-    def __attrs_post_init__(self) -> None:
-        if len(self.ops) < 1 or len(self.operands) != len(self.ops) + 1:
+    @ops.validator
+    def _check(self, attribute: object, ops: tuple[str, ...]) -> None:
+        if len(ops) < 1 or len(self.operands) != len(ops) + 1:
             raise ValueError("a comparison needs n + 1 operands for n >= 1 operators")
-        if not set(self.ops) <= set(COMPARISON_OPS):
-            raise ValueError(f"comparison operators are {COMPARISON_OPS}, got {self.ops}")
+        if not set(ops) <= set(COMPARISON_OPS):
+            raise ValueError(f"comparison operators are {COMPARISON_OPS}, got {ops}")
         _check_numbers("a comparison", self.operands)
-        self._set_depth(*self.operands)
+
+
+@attrs.frozen
+class _Junction(_Node):
+    """``and`` or ``or`` (the subclass's ``_word``) over two or more conditions."""
+
+    _word: ClassVar[str]
+    operands: tuple[Condition, ...] = attrs.field(converter=_condition_tuple)
+
+    @operands.validator
+    def _check(self, attribute: object, operands: tuple[Condition, ...]) -> None:
+        if len(operands) < 2:
+            raise ValueError(f"'{self._word}' needs at least two operands")
+        _check_conditions(f"'{self._word}'", operands)
+
+
+@attrs.frozen
+class And(_Junction):
+    """``a and b and ...``: two or more conditions."""
+
+    _word: ClassVar[str] = "and"
+
+
+@attrs.frozen
+class Or(_Junction):
+    """``a or b or ...``: two or more conditions."""
+
+    _word: ClassVar[str] = "or"
 
 
 @attrs.frozen
 class Not(_Node):
     """``not operand``."""
 
-    operand: Condition
-    depth: int = attrs.field(init=False, eq=False, repr=False)
-
-    def __attrs_post_init__(self) -> None:
-        _check_conditions("'not'", [self.operand])
-        self._set_depth(self.operand)
-
-
-@attrs.frozen
-class And(_Node):
-    """``a and b and ...``: two or more conditions."""
-
-    operands: tuple[Condition, ...] = attrs.field(converter=_condition_tuple)
-    depth: int = attrs.field(init=False, eq=False, repr=False)
-
-    def __attrs_post_init__(self) -> None:
-        if len(self.operands) < 2:
-            raise ValueError("'and' needs at least two operands")
-        _check_conditions("'and'", self.operands)
-        self._set_depth(*self.operands)
-
-
-@attrs.frozen
-class Or(_Node):
-    """``a or b or ...``: two or more conditions."""
-
-    operands: tuple[Condition, ...] = attrs.field(converter=_condition_tuple)
-    depth: int = attrs.field(init=False, eq=False, repr=False)
-
-    def __attrs_post_init__(self) -> None:
-        if len(self.operands) < 2:
-            raise ValueError("'or' needs at least two operands")
-        _check_conditions("'or'", self.operands)
-        self._set_depth(*self.operands)
+    operand: Condition = attrs.field(validator=_takes(_check_conditions, "'not'"))
 
 
 NumberExpr: TypeAlias = Number | Indicator | Negate | Arithmetic
@@ -337,38 +337,36 @@ def _truth(node: Condition, values: Mapping[str, float]) -> bool | None:
         case Not(operand=operand):
             result = _truth(operand, values)
             return None if result is None else not result
-        case And(operands=operands):
-            # Kleene logic: any False decides; otherwise any unknown leaves it unknown.
+        case And(operands=operands) | Or(operands=operands):
+            # Kleene logic: an operand equal to the decider (False for 'and',
+            # True for 'or') decides; otherwise any unknown leaves it unknown.
+            decider = isinstance(node, Or)
             unknown = False
             for operand in operands:
                 result = _truth(operand, values)
-                if result is False:
-                    return False
+                if result is decider:
+                    return decider
                 unknown |= result is None
-            return None if unknown else True
-        case Or(operands=operands):
-            unknown = False
-            for operand in operands:
-                result = _truth(operand, values)
-                if result is True:
-                    return True
-                unknown |= result is None
-            return None if unknown else False
+            return None if unknown else not decider
     raise TypeError(f"not a condition node: {node!r}")
+
+
+def _children(node: object) -> tuple[Expr, ...]:
+    match node:
+        case Negate(operand=child) | Not(operand=child):
+            return (child,)
+        case Arithmetic(left=left, right=right):
+            return (left, right)
+        case Compare(operands=children) | _Junction(operands=children):
+            return children
+    return ()
 
 
 def walk(node: Expr) -> Iterator[Expr]:
     """Every node of the tree, parents before children."""
     yield node
-    match node:
-        case Negate(operand=child) | Not(operand=child):
-            yield from walk(child)
-        case Arithmetic(left=left, right=right):
-            yield from walk(left)
-            yield from walk(right)
-        case Compare(operands=children) | And(operands=children) | Or(operands=children):
-            for child in children:
-                yield from walk(child)
+    for child in _children(node):
+        yield from walk(child)
 
 
 @attrs.frozen
@@ -560,12 +558,22 @@ class _Builder(lark.Transformer[lark.Token, _Typed]):
         assert isinstance(inner, _Typed)
         return _Typed(inner.node, _at(lpar))
 
-    def factor(self, children: list[lark.Token | _Typed]) -> _Typed:
-        minus, operand = children
-        assert isinstance(minus, lark.Token)
+    def _prefix(
+        self,
+        children: list[lark.Token | _Typed],
+        check: Callable[[str, _Typed], None],
+        what: str,
+        node: Callable[..., Expr],
+    ) -> _Typed:
+        """An operator before its one operand: ``-x``, ``not x``; ``check`` the operand."""
+        keyword, operand = children
+        assert isinstance(keyword, lark.Token)
         assert isinstance(operand, _Typed)
-        self._numbers("'-'", operand)
-        return self._make(_at(minus), Negate, operand.node)
+        check(what, operand)
+        return self._make(_at(keyword), node, operand.node)
+
+    def factor(self, children: list[lark.Token | _Typed]) -> _Typed:
+        return self._prefix(children, self._numbers, "'-'", Negate)
 
     def sum(self, children: list[lark.Token | _Typed]) -> _Typed:
         return self._arithmetic(children)
@@ -592,11 +600,7 @@ class _Builder(lark.Transformer[lark.Token, _Typed]):
         return self._make(operands[0].position, Compare, nodes, ops)
 
     def not_test(self, children: list[lark.Token | _Typed]) -> _Typed:
-        keyword, operand = children
-        assert isinstance(keyword, lark.Token)
-        assert isinstance(operand, _Typed)
-        self._conditions("'not'", operand)
-        return self._make(_at(keyword), Not, operand.node)
+        return self._prefix(children, self._conditions, "'not'", Not)
 
     def and_test(self, children: list[_Typed]) -> _Typed:
         self._conditions("'and'", *children)

@@ -23,7 +23,7 @@ import attrs
 import trio
 
 import engine
-from engine._validation import check_count, check_duration
+from engine.lowlevel import check_count, check_duration
 
 from ._formula import Formula, parse_formula
 from ._job import ScanJob, SymbolResult
@@ -57,7 +57,7 @@ class ScanConfig:
         keep: finished scans kept for their results (the oldest go first).
         seed: the universe's (and the simulated candles') seed.
         warm: start every worker as soon as :meth:`Scans.run` starts, so the
-            first scan does not wait for process starts (about 0.3 s each);
+            first scan does not wait for process starts;
             by default workers start with the first scan, and a service that
             never scans runs none.
     """

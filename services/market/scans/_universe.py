@@ -14,11 +14,9 @@ import string
 
 import attrs
 
-from engine._validation import check_count
+from engine.lowlevel import check_count
 
-from ..simulator._config import DEFAULT_SYMBOLS, INTERVALS_MS
-from ..simulator._history import MAX_HISTORY, History
-from ..simulator._instruments import Instrument
+from ..simulator import DEFAULT_SYMBOLS, INTERVALS_MS, MAX_HISTORY, History, Instrument
 from ._indicators import Klines
 
 DEFAULT_UNIVERSE = 2_500

@@ -10,16 +10,26 @@ tests; and, on request, a Hyperliquid-style order-status log file. See
 
 from __future__ import annotations
 
+from ._config import DEFAULT_SYMBOLS as DEFAULT_SYMBOLS
+from ._config import INTERVALS_MS as INTERVALS_MS
 from ._config import SimulatorConfig as SimulatorConfig
+from ._history import MAX_HISTORY as MAX_HISTORY
+from ._history import History as History
+from ._instruments import Instrument as Instrument
 from ._orderlog import generate_order_lines as generate_order_lines
 from ._orderlog import write_order_log as write_order_log
 from ._server import Simulator as Simulator
 from ._server import SimulatorAddress as SimulatorAddress
-from ._server import SimulatorStatistics as SimulatorStatistics
 from ._server import open_simulator as open_simulator
 from ._server import serve_simulator as serve_simulator
+from ._state import SimulatorStatistics as SimulatorStatistics
 
 __all__ = [
+    "DEFAULT_SYMBOLS",
+    "INTERVALS_MS",
+    "MAX_HISTORY",
+    "History",
+    "Instrument",
     "Simulator",
     "SimulatorAddress",
     "SimulatorConfig",

@@ -10,8 +10,54 @@ import sys
 
 import engine
 
-from ._config import DEFAULT_SYMBOLS, SimulatorConfig
+from .._settings import Setting, add_settings
+from ._config import SimulatorConfig
 from ._server import open_simulator
+
+
+def _symbols(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+_DEFAULT = SimulatorConfig()
+
+# Each is the SimulatorConfig field of its name, with the same default but the port.
+_SETTINGS = (
+    Setting("host", None, _DEFAULT.host, None, "address to bind"),
+    Setting("port", int, "9443", None, "port to bind; 0 picks one"),
+    Setting("seed", int, str(_DEFAULT.seed), None, "seed of every price and id"),
+    Setting(
+        "rate",
+        float,
+        f"{_DEFAULT.rate:g}",
+        None,
+        "messages per second on each connection; 'inf' for no limit",
+    ),
+    Setting("symbols", _symbols, ",".join(_DEFAULT.symbols), None, "comma-separated symbols"),
+    Setting(
+        "epoch_ms",
+        int,
+        None,
+        None,
+        "start a simulated clock here (ms since the epoch)",
+        unset="the wall clock",
+    ),
+    Setting(
+        "order_log",
+        None,
+        None,
+        None,
+        "also append a Hyperliquid-style order-status log to this file",
+        unset="none",
+    ),
+    Setting(
+        "order_log_rate",
+        float,
+        f"{_DEFAULT.order_log_rate:g}",
+        None,
+        "lines per second of the order log",
+    ),
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,37 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m services.market.simulator",
         description="Binance-format market data streams and REST endpoints, from a seed.",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    parser.add_argument("--port", type=int, default=9443, help="port to bind; 0 picks one (9443)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every price and id (0)")
-    parser.add_argument(
-        "--rate",
-        type=float,
-        default=1000.0,
-        help="messages per second on each connection; 'inf' for no limit (1000)",
-    )
-    parser.add_argument(
-        "--symbols",
-        default=",".join(DEFAULT_SYMBOLS),
-        help="comma-separated symbols (%(default)s)",
-    )
-    parser.add_argument(
-        "--epoch-ms",
-        type=int,
-        default=None,
-        help="start a simulated clock here (ms since the epoch) instead of the wall clock",
-    )
-    parser.add_argument(
-        "--order-log",
-        default=None,
-        help="also append a Hyperliquid-style order-status log to this file (none)",
-    )
-    parser.add_argument(
-        "--order-log-rate",
-        type=float,
-        default=100.0,
-        help="lines per second of the order log (100)",
-    )
+    add_settings(parser, _SETTINGS, {})
     return parser
 
 
@@ -67,16 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        config = SimulatorConfig(
-            symbols=[s.strip() for s in args.symbols.split(",") if s.strip()],
-            rate=args.rate,
-            seed=args.seed,
-            host=args.host,
-            port=args.port,
-            epoch_ms=args.epoch_ms,
-            order_log=args.order_log,
-            order_log_rate=args.order_log_rate,
-        )
+        config = SimulatorConfig(**vars(args))
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
     engine.run(_serve, config, grace_period=1.0)

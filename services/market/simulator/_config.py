@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-import re
-from collections.abc import Iterable
 
 import attrs
 
-from engine._validation import check_count, check_name
+from engine.lowlevel import check_count, check_name
+
+from .._symbols import check_symbols, to_symbols
 
 DEFAULT_SYMBOLS = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT")
 
@@ -32,28 +32,6 @@ INTERVALS_MS: dict[str, int] = {
     "3d": 259_200_000,
     "1w": 604_800_000,
 }
-
-_SYMBOL = re.compile(r"[A-Z0-9]{2,20}")
-
-
-def _to_symbols(value: Iterable[str]) -> tuple[str, ...]:
-    if isinstance(value, str):
-        raise TypeError(f"symbols must be a sequence of symbol names, got the string {value!r}")
-    return tuple(value)
-
-
-def _check_symbols(
-    instance: object, attribute: attrs.Attribute[tuple[str, ...]], symbols: tuple[object, ...]
-) -> None:
-    if not symbols:
-        raise ValueError("symbols must name at least one symbol, got none")
-    for symbol in symbols:
-        if not isinstance(symbol, str) or not _SYMBOL.fullmatch(symbol):
-            raise ValueError(
-                f"symbols must be upper-case Binance symbols like 'BTCUSDT', got {symbol!r}"
-            )
-    if len(set(symbols)) != len(symbols):
-        raise ValueError(f"symbols must not repeat, got {list(symbols)!r}")
 
 
 def _check_rate(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
@@ -128,7 +106,7 @@ class SimulatorConfig:
     """
 
     symbols: tuple[str, ...] = attrs.field(
-        default=DEFAULT_SYMBOLS, converter=_to_symbols, validator=_check_symbols
+        default=DEFAULT_SYMBOLS, converter=to_symbols, validator=check_symbols
     )
     rate: float = attrs.field(default=1000.0, validator=_check_rate)
     seed: int = attrs.field(default=0, validator=_check_seed)

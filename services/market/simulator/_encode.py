@@ -1,10 +1,11 @@
 """The one JSON encoder of the simulator: swap it here for msgspec or orjson.
 
-Every message and every REST body goes through :func:`encode`. The stdlib
-encoder's C core costs about 2.5 µs per stream message here (msgspec: about
-0.3 µs). ``JSONEncoder.encode`` would rebuild that C encoder on every call,
-another 1.5 µs, so it is built once; without the C accelerator (other Python
-implementations) the plain encoder does the work.
+Every message and every REST body goes through :func:`encode`, so it is
+the one place to swap for a faster encoder (``docs/simulator.md`` has the
+figures). ``JSONEncoder.encode`` would rebuild the stdlib's C encoder on
+every call, adding more than half again to each message, so it is built
+once; without the C accelerator (other Python implementations) the plain
+encoder does the work.
 """
 
 from __future__ import annotations

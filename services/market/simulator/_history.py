@@ -77,7 +77,7 @@ class Candles:
 
 @attrs.frozen
 class History:
-    """Candles of every instrument, anchored at ``anchor_ms`` (private).
+    """Candles of every instrument, anchored at ``anchor_ms``.
 
     Args:
         seed: the simulator's seed.

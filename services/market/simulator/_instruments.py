@@ -26,7 +26,7 @@ _KNOWN_PRICES = {
 
 @attrs.frozen
 class Instrument:
-    """One symbol's fixed parameters (private).
+    """One symbol's fixed parameters.
 
     Attributes:
         symbol: upper case, as in message bodies.

@@ -35,7 +35,7 @@ import msgspec
 import trio
 
 import engine
-from engine._validation import check_count
+from engine.lowlevel import check_count
 
 from ._config import DEFAULT_SYMBOLS
 from ._instruments import Instrument

@@ -11,15 +11,13 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
-import engine
-from engine._validation import check_duration
-from engine._watchdog import attach, detach
+from engine.lowlevel import attach_statistics, check_duration
 
 from ._config import SimulatorConfig
 from ._http import handle_connection
 from ._instruments import instruments
 from ._orderlog import write_order_log
-from ._state import SharedState
+from ._state import SharedState, SimulatorStatistics
 
 logger = logging.getLogger("services.market.simulator")
 
@@ -45,54 +43,6 @@ class SimulatorAddress:
     def raw_url(self, stream: str) -> str:
         """The URL of one raw stream: ``ws://.../ws/<stream>``."""
         return f"{self.ws_url}/ws/{stream}"
-
-
-@attrs.frozen
-class SimulatorStatistics:
-    """A snapshot of a simulator's counters.
-
-    Attributes:
-        connections_open: WebSocket connections streaming now.
-        connections_total: WebSocket connections accepted with valid streams.
-        connections_dropped: connections cut by :meth:`Simulator.drop_connections`.
-        streams_rejected: connections closed at once for an unknown stream.
-        messages_sent: stream messages sent, across all connections;
-            counted as each burst is handed to the socket, so a client never
-            has more (a dropped connection may cut the last burst short).
-        messages_skipped: messages never sent because a connection fell
-            more than a quarter second behind its schedule (a slow client).
-        malformed_sent: deliberately broken frames sent.
-        bytes_sent: WebSocket bytes of stream messages and broken frames.
-        rest_requests: REST requests answered.
-        stalled: whether a :meth:`Simulator.stall` is holding messages now.
-    """
-
-    connections_open: int = attrs.field(
-        metadata=engine.gauge_metric("WebSocket connections streaming now")
-    )
-    connections_total: int = attrs.field(
-        metadata=engine.counter_metric(
-            "WebSocket connections accepted with valid streams", name="connections"
-        )
-    )
-    connections_dropped: int = attrs.field(
-        metadata=engine.counter_metric("Connections cut on purpose")
-    )
-    streams_rejected: int = attrs.field(
-        metadata=engine.counter_metric("Connections closed for an unknown stream")
-    )
-    messages_sent: int = attrs.field(metadata=engine.counter_metric("Stream messages sent"))
-    messages_skipped: int = attrs.field(
-        metadata=engine.counter_metric("Messages skipped for a slow client")
-    )
-    malformed_sent: int = attrs.field(
-        metadata=engine.counter_metric("Broken frames sent on purpose")
-    )
-    bytes_sent: int = attrs.field(
-        metadata=engine.counter_metric("Bytes of stream messages and broken frames")
-    )
-    rest_requests: int = attrs.field(metadata=engine.counter_metric("REST requests answered"))
-    stalled: bool = attrs.field(metadata=engine.gauge_metric("1 while a stall holds messages"))
 
 
 @attrs.define(eq=False)
@@ -173,17 +123,11 @@ class Simulator:
         """A snapshot of the counters."""
         state = self._state
         counters = state.counters
-        return SimulatorStatistics(
+        return counters.snapshot(
             connections_open=len(state.sessions),
-            connections_total=counters.connections_total,
-            connections_dropped=counters.connections_dropped,
-            streams_rejected=counters.streams_rejected,
-            messages_sent=counters.messages_sent,
-            messages_skipped=counters.messages_skipped + sum(s.skipped for s in state.sessions),
-            malformed_sent=counters.malformed_sent,
-            bytes_sent=counters.bytes_sent,
-            rest_requests=counters.rest_requests,
             stalled=state.stalled(),
+            # Skips of the sessions still open are theirs until they end.
+            messages_skipped=counters.messages_skipped + sum(s.skipped for s in state.sessions),
         )
 
 
@@ -217,8 +161,7 @@ async def serve_simulator(
         listeners = listeners[:1]
     state = SharedState.create(config, instruments(config.symbols, config.seed))
     simulator = Simulator(config, _address(config.host, listeners[0]), state=state)
-    run = attach(simulator)
-    try:
+    with attach_statistics(simulator):
         async with trio.open_nursery() as nursery:
             handler = functools.partial(handle_connection, state)
             await nursery.start(trio.serve_listeners, handler, listeners)
@@ -235,8 +178,6 @@ async def serve_simulator(
                 )
             logger.info("exchange simulator on %s", simulator.address.rest_url)
             task_status.started(simulator)
-    finally:
-        detach(run, simulator)
 
 
 @asynccontextmanager

@@ -2,8 +2,9 @@
 
 wsproto does the protocol. The writer asks the :class:`Tape` for a burst of
 messages, frames each with wsproto's frame layer, and hands the whole burst
-to one ``send_all``: one socket write per burst, not per frame, which is what
-lets one core send well over 50,000 messages a second. The reader answers
+to one ``send_all``: one socket write per burst, not per frame, because a
+write per frame would cap what one core can send (``docs/simulator.md``,
+"Speed, and how"). The reader answers
 pings, the close handshake, and Binance's ``SUBSCRIBE`` /
 ``UNSUBSCRIBE`` / ``LIST_SUBSCRIPTIONS`` requests.
 """

@@ -9,6 +9,8 @@ from typing import Protocol
 import attrs
 import trio
 
+import engine
+
 from ._config import SimulatorConfig
 from ._history import History
 from ._instruments import Instrument
@@ -26,18 +28,62 @@ class SessionHandle(Protocol):
     def skipped(self) -> int: ...
 
 
-@attrs.define(eq=False)
-class Counters:
-    """Running totals (private); ``Simulator.statistics()`` snapshots them."""
+# Keyword-only, so that given fields (no default) may follow counted ones.
+@attrs.frozen(kw_only=True)
+class SimulatorStatistics:
+    """A snapshot of a simulator's counters.
 
-    connections_total: int = 0
-    connections_dropped: int = 0
-    streams_rejected: int = 0
-    messages_sent: int = 0
-    messages_skipped: int = 0
-    malformed_sent: int = 0
-    bytes_sent: int = 0
-    rest_requests: int = 0
+    Attributes:
+        connections_open: WebSocket connections streaming now.
+        connections_total: WebSocket connections accepted with valid streams.
+        connections_dropped: connections cut by :meth:`Simulator.drop_connections`.
+        streams_rejected: connections closed at once for an unknown stream.
+        messages_sent: stream messages sent, across all connections;
+            counted as each burst is handed to the socket, so a client never
+            has more (a dropped connection may cut the last burst short).
+        messages_skipped: messages never sent because a connection fell
+            more than a quarter second behind its schedule (a slow client).
+        malformed_sent: deliberately broken frames sent.
+        bytes_sent: WebSocket bytes of stream messages and broken frames.
+        rest_requests: REST requests answered.
+        stalled: whether a :meth:`Simulator.stall` is holding messages now.
+    """
+
+    connections_open: int = attrs.field(
+        metadata=engine.gauge_metric("WebSocket connections streaming now")
+    )
+    connections_total: int = attrs.field(
+        default=0,
+        metadata=engine.counter_metric(
+            "WebSocket connections accepted with valid streams", name="connections"
+        ),
+    )
+    connections_dropped: int = attrs.field(
+        default=0, metadata=engine.counter_metric("Connections cut on purpose")
+    )
+    streams_rejected: int = attrs.field(
+        default=0, metadata=engine.counter_metric("Connections closed for an unknown stream")
+    )
+    messages_sent: int = attrs.field(
+        default=0, metadata=engine.counter_metric("Stream messages sent")
+    )
+    messages_skipped: int = attrs.field(
+        default=0, metadata=engine.counter_metric("Messages skipped for a slow client")
+    )
+    malformed_sent: int = attrs.field(
+        default=0, metadata=engine.counter_metric("Broken frames sent on purpose")
+    )
+    bytes_sent: int = attrs.field(
+        default=0, metadata=engine.counter_metric("Bytes of stream messages and broken frames")
+    )
+    rest_requests: int = attrs.field(
+        default=0, metadata=engine.counter_metric("REST requests answered")
+    )
+    stalled: bool = attrs.field(metadata=engine.gauge_metric("1 while a stall holds messages"))
+
+
+class Counters(engine.Tally[SimulatorStatistics]):
+    """Running totals (private); ``Simulator.statistics()`` snapshots them."""
 
 
 @attrs.define(eq=False)

@@ -1,4 +1,4 @@
-"""Answering the ops port from the loop watch thread while the event loop is stalled.
+"""The ops port served from the loop watch thread while the event loop is stalled.
 
 The ops server's listening socket is shared by two acceptors. While the loop
 turns, hypercorn (in the loop) accepts every connection at once and the

@@ -21,47 +21,44 @@ from rich.table import Table
 
 import engine
 
-from ._formula import FormulaError, parse_formula
-from ._scan import ScanConfig, ScanRun, Scans
-from ._universe import DEFAULT_UNIVERSE, SimulatedKlines
+from ._settings import Setting, add_settings
+from .scans import (
+    DEFAULT_UNIVERSE,
+    FormulaError,
+    ScanConfig,
+    ScanRun,
+    Scans,
+    SimulatedKlines,
+    parse_formula,
+)
+
+_SETTINGS = (
+    Setting("formula", None, None, None, "the condition symbols must meet", required=True),
+    Setting("symbols", int, str(DEFAULT_UNIVERSE), None, "how many symbols the universe holds"),
+    Setting("workers", int, None, "MARKET_SCAN_WORKERS", "worker processes", unset="one per CPU"),
+    Setting("deadline", float, "60", None, "seconds one symbol may take once a worker has it"),
+    Setting("seed", int, "0", None, "the simulator's seed"),
+    Setting(
+        "epoch_ms",
+        int,
+        None,
+        None,
+        "the simulated market's 'now' in ms since the epoch; "
+        "fixing it makes the results reproducible",
+        unset="the clock",
+    ),
+    Setting("limit", int, "50", None, "matches shown"),
+    Setting("json", None, None, None, "print JSON instead of a table", switch=True),
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-    env = os.environ.get
     parser = argparse.ArgumentParser(
         prog="python -m services.market scan",
         description="Scan the simulated universe with a formula, e.g. "
         "'rsi14 < 30 and macd_hist > 0 and close > sma50' (see docs/formulas.md).",
     )
-    parser.add_argument("--formula", required=True, help="the condition symbols must meet")
-    parser.add_argument(
-        "--symbols",
-        type=int,
-        default=DEFAULT_UNIVERSE,
-        help=f"how many symbols the universe holds (default {DEFAULT_UNIVERSE})",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=env("MARKET_SCAN_WORKERS"),
-        help="worker processes (MARKET_SCAN_WORKERS; default one per CPU)",
-    )
-    parser.add_argument(
-        "--deadline",
-        type=float,
-        default=60.0,
-        help="seconds one symbol may take once a worker has it (default 60)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="the simulator's seed (default 0)")
-    parser.add_argument(
-        "--epoch-ms",
-        type=int,
-        default=None,
-        help="the simulated market's 'now' in ms since the epoch (default: the clock); "
-        "fixing it makes the results reproducible",
-    )
-    parser.add_argument("--limit", type=int, default=50, help="matches shown (default 50)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_settings(parser, _SETTINGS, os.environ)
     return parser
 
 
