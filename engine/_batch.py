@@ -33,6 +33,7 @@ from typing import Any, Generic, Literal, TypeVar
 import attrs
 import trio
 
+from ._asyncwith import async_with_only
 from ._batch_run import BatchRun
 from ._batch_runners import AsyncRunner, ProcessRunner, ThreadRunner
 from ._outcome import Outcome as Outcome  # re-exported: engine imports it from here
@@ -214,9 +215,10 @@ def map_batch(
     if not isinstance(at_most_once, bool):
         raise TypeError(f"at_most_once must be a bool, got {at_most_once!r}")
     runner = _check_bridge(bridge, fn)
-    return _open_batch(
+    batch = _open_batch(
         fn, listed, runner, workers, deadline, on_progress, chunk_size, pool, at_most_once
     )
+    return async_with_only(batch, call="engine.map_batch", target="batch", loop="outcome")
 
 
 def _check_bridge(bridge: object, fn: Callable[..., Any]) -> Bridge | BatchRunner:

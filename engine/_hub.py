@@ -21,6 +21,7 @@ from typing import Generic, Literal, TypeVar
 import attrs
 import trio
 
+from ._asyncwith import async_with_only
 from ._channels import Overflow, ReceiveChannel, SendChannel, open_channel
 from ._counters import counter_metric, metric_source
 from ._exceptions import SubscriberDisconnected
@@ -299,7 +300,12 @@ class Hub(Generic[T]):
         split = tuple(_split(p, "pattern", wildcards=True) for p in patterns)
         bound = check_count("maxsize", maxsize, minimum=1)
         policy = check_choice("overflow", overflow, HubOverflow)
-        return self._subscribed(tuple(patterns), split, bound, policy)
+        return async_with_only(
+            self._subscribed(tuple(patterns), split, bound, policy),
+            call="hub.subscribe",
+            target="sub",
+            loop="topic, message",
+        )
 
     @asynccontextmanager
     async def _subscribed(

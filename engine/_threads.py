@@ -10,6 +10,8 @@ never silently waited for.
 from __future__ import annotations
 
 import collections
+import contextvars
+import inspect
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -19,9 +21,11 @@ from typing import Generic, TypeVar, TypeVarTuple
 import attrs
 import trio
 
+from ._asyncwith import async_with_only
 from ._bridgestats import tally
 from ._validation import check_count, check_duration
 from ._virtual import real_work_in_flight
+from ._watchdog import current_run
 
 logger = logging.getLogger("engine.threads")
 
@@ -169,7 +173,12 @@ class _Pump(Generic[T]):
         self._error: BaseException | None = None
         self._waiting: trio.Event | None = None
         self._token = trio.lowlevel.current_trio_token()
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        # The caller's context variables travel into the thread, as with
+        # trio.to_thread: heartbeat() there beats the caller's supervised child.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._main,), name=name, daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -230,7 +239,7 @@ class _Pump(Generic[T]):
             return
         # Real time, in a worker thread, shielded: the thread is stopped or
         # given up on within a bound whatever the clock or our cancel state.
-        with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True), real_work_in_flight():
             await trio.to_thread.run_sync(self._thread.join, _ITERATOR_STOP_WAIT)
         if self._thread.is_alive():
             tally().iterator_threads_abandoned += 1
@@ -274,6 +283,16 @@ def iterate_in_thread(
     - ``poll``: called in the thread as ``poll(poll_interval)``; returns an
       item, or ``None`` when nothing arrived within that many seconds.
 
+    Heartbeats:
+        The thread runs with the caller's context variables and calls
+        :func:`engine.heartbeat` after every ``poll`` that returns, even
+        empty, and after every item a ``source`` yields. Inside a
+        supervised child started with ``stall_after``, a quiet source
+        therefore keeps the child alive, while a wedged one (a ``poll``
+        that never returns, an iterator blocked in ``next()``) lets the
+        watchdog cancel it. An iterator that may stay quiet for longer
+        than ``stall_after`` belongs in ``poll``.
+
     Cancellation:
         Leaving the block (normally, by an error or by cancellation) stops
         the thread. A ``poll`` source stops within ``poll_interval``. A
@@ -297,29 +316,43 @@ def iterate_in_thread(
     Raises:
         ValueError: at call time, for both or neither of ``source`` and
             ``poll``, or a bad number (named).
+        TypeError: at call time, for a ``source`` that is neither an
+            iterable nor a callable of no arguments, or a ``poll`` or
+            ``close`` that is not callable; during iteration, for a
+            ``source`` factory that returned something not iterable (a
+            ``get``-style function belongs in ``poll``).
     """
     if (source is None) == (poll is None):
         raise ValueError("give exactly one of source (an iterable) and poll (a get(timeout))")
     interval = check_duration("poll_interval", poll_interval)
     batch = check_count("max_batch", max_batch, minimum=1)
     bound = check_count("buffer", buffer, minimum=1)
+    if close is not None and not callable(close):
+        raise TypeError(f"close must be callable, got {close!r}")
+    if poll is not None:
+        if not callable(poll):
+            raise TypeError(f"poll must be a get(timeout)-style callable, got {poll!r}")
+        read = _polling(poll, interval)
+    else:
+        read = _iterating(_checked_source(source))
 
     def produce(pump: _Pump[T]) -> None:
         try:
-            if poll is not None:
-                _produce_polled(pump, poll, interval)
-            else:
-                assert source is not None
-                _produce_iterated(pump, source)
+            read(pump)
         finally:
             if close is not None:
                 close()
 
-    return _iterating(produce, batch, bound)
+    return async_with_only(
+        _pumping(produce, batch, bound),
+        call="engine.iterate_in_thread",
+        target="items",
+        loop="item",
+    )
 
 
 @asynccontextmanager
-async def _iterating(
+async def _pumping(
     produce: Callable[[_Pump[T]], None], max_batch: int, buffer: int
 ) -> AsyncIterator[ThreadIterator[T]]:
     pump: _Pump[T] = _Pump(produce, max_batch=max_batch, buffer=buffer, name="engine iterator")
@@ -330,22 +363,80 @@ async def _iterating(
         await pump.stop()
 
 
-def _produce_polled(pump: _Pump[T], poll: Callable[[float], T | None], interval: float) -> None:
-    while not pump.stopping:
-        item = poll(interval)
-        if item is not None and not pump.put(item):
-            return
+_GET_STYLE = "a get(timeout)-style function belongs in poll="
 
 
-def _produce_iterated(pump: _Pump[T], source: Iterable[T] | Callable[[], Iterable[T]]) -> None:
-    iterable = source() if callable(source) and not isinstance(source, Iterable) else source
-    assert isinstance(iterable, Iterable)
-    iterator: Iterator[T] = iter(iterable)
+def _checked_source(source: object) -> Callable[[], Iterable[T]]:
+    """A zero-argument callable returning ``source``'s iterable, or a ``TypeError`` now."""
+    if isinstance(source, Iterable):
+        return lambda: source
+    if not callable(source):
+        raise TypeError(
+            f"source must be an iterable or a zero-argument callable returning one, got {source!r}"
+        )
+    required = _required_parameters(source)
+    if required:
+        raise TypeError(
+            f"source {source!r} is called with no arguments, but it requires"
+            f" {', '.join(required)}: {_GET_STYLE}"
+        )
+    return source  # its result is checked when it is called, in the thread
+
+
+def _required_parameters(fn: Callable[..., object]) -> list[str]:
     try:
-        for item in iterator:
-            if not pump.put(item):
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have none: judge the result instead
+        return []
+    empty = inspect.Parameter.empty
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return [
+        name
+        for name, parameter in signature.parameters.items()
+        if parameter.default is empty and parameter.kind not in variadic
+    ]
+
+
+def _beater() -> Callable[[], None]:
+    """What beats the caller's supervised child, looked up once per thread."""
+    run = current_run.get()
+    return run.beat if run is not None else _nothing
+
+
+def _nothing() -> None:
+    pass
+
+
+def _polling(poll: Callable[[float], T | None], interval: float) -> Callable[[_Pump[T]], None]:
+    def read(pump: _Pump[T]) -> None:
+        beat = _beater()
+        while not pump.stopping:
+            item = poll(interval)
+            beat()  # even for an empty poll: the source answered
+            if item is not None and not pump.put(item):
                 return
-    finally:
-        closer = getattr(iterator, "close", None)
-        if callable(closer):
-            closer()
+
+    return read
+
+
+def _iterating(factory: Callable[[], Iterable[T]]) -> Callable[[_Pump[T]], None]:
+    def read(pump: _Pump[T]) -> None:
+        beat = _beater()
+        iterable = factory()
+        if not isinstance(iterable, Iterable):
+            raise TypeError(
+                f"source() returned {iterable!r}, which is not iterable: source is an iterable"
+                f" or a zero-argument factory of one, and {_GET_STYLE}"
+            )
+        iterator: Iterator[T] = iter(iterable)
+        try:
+            for item in iterator:
+                beat()
+                if not pump.put(item):
+                    return
+        finally:
+            closer = getattr(iterator, "close", None)
+            if callable(closer):
+                closer()
+
+    return read

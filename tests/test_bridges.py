@@ -7,6 +7,8 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import psutil
 import pytest
@@ -278,6 +280,159 @@ async def test_iterate_in_thread_rejects_bad_arguments() -> None:
         engine.iterate_in_thread(poll=lambda t: None, poll_interval=0)
     with pytest.raises(ValueError, match="max_batch must be >= 1"):
         engine.iterate_in_thread([1], max_batch=0)
+    with pytest.raises(TypeError, match="poll must be a get"):
+        engine.iterate_in_thread(poll=5)  # type: ignore[arg-type]  # deliberately wrong
+    with pytest.raises(TypeError, match="close must be callable"):
+        engine.iterate_in_thread([1], close=5)  # type: ignore[arg-type]  # deliberately wrong
+    with pytest.raises(TypeError, match="source must be an iterable or a zero-argument callable"):
+        engine.iterate_in_thread(5)  # type: ignore[arg-type]  # deliberately wrong
+
+
+async def test_a_get_timeout_function_passed_as_source_is_told_to_use_poll() -> None:
+    def get_message(timeout: float) -> int | None:
+        return None
+
+    with pytest.raises(TypeError, match=r"requires timeout: .* belongs in poll="):
+        engine.iterate_in_thread(get_message)  # type: ignore[arg-type]  # the mistake
+
+
+async def test_a_source_factory_returning_a_non_iterable_is_told_to_use_poll() -> None:
+    def get() -> Any:  # a get() with no timeout: called with no arguments, it returns an item
+        return 7
+
+    async def consume() -> None:
+        async with engine.iterate_in_thread(get) as items:
+            async for _ in items:
+                pass
+
+    with trio.fail_after(5), pytest.raises(TypeError, match=r"returned 7, .* belongs in poll="):
+        await consume()
+
+
+async def test_stopping_the_thread_does_not_let_the_virtual_clock_jump(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    def get(timeout: float) -> int | None:
+        time.sleep(0.2)  # the block ends while the thread is in here
+        return None
+
+    with trio.move_on_after(60):
+        async with engine.iterate_in_thread(poll=get):
+            pass
+    assert trio.current_time() == 0
+
+
+class _Gate:
+    """A blocking source: each poll, or each next(), waits until the test lets it through."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._entered = 0  # calls that reached the gate
+        self._passes = 0  # calls let through but not yet taken
+        self._open = False
+
+    def poll(self, timeout: float) -> int | None:
+        self._wait()
+        return None  # a quiet channel: nothing arrived
+
+    def items(self) -> Iterator[int]:
+        for item in range(1_000_000):
+            self._wait()
+            yield item
+
+    def _wait(self) -> None:  # in the bridge's thread
+        with self._condition:
+            self._entered += 1
+            self._condition.notify_all()
+            self._condition.wait_for(lambda: self._open or self._passes > 0)
+            if not self._open:
+                self._passes -= 1
+
+    async def entered(self, count: int) -> None:
+        """Wait until ``count`` calls have reached the gate; virtual time stands still meanwhile."""
+
+        def wait() -> None:
+            with self._condition:
+                if not self._condition.wait_for(lambda: self._entered >= count, timeout=10):
+                    raise AssertionError(
+                        f"the source was called {self._entered} times, not {count}"
+                    )
+
+        await engine.to_thread(wait)
+
+    async def let_through(self) -> None:
+        """Let the waiting call return, and wait until the source is called again."""
+        with self._condition:
+            self._passes += 1
+            count = self._entered + 1
+            self._condition.notify_all()
+        await self.entered(count)
+
+    def open(self) -> None:
+        with self._condition:
+            self._open = True
+            self._condition.notify_all()
+
+
+def _drained(gate: _Gate, kind: str) -> AbstractAsyncContextManager[engine.ThreadIterator[int]]:
+    if kind == "poll":
+        return engine.iterate_in_thread(poll=gate.poll)
+    return engine.iterate_in_thread(gate.items)
+
+
+@pytest.mark.parametrize("kind", ["poll", "source"])
+async def test_a_quiet_source_keeps_stall_after_fed(
+    autojump_clock: trio.abc.Clock, kind: str
+) -> None:
+    gate = _Gate()
+    received: list[int] = []
+
+    async def listener() -> None:
+        async with _drained(gate, kind) as items:
+            async for item in items:
+                received.append(item)
+
+    async with engine.open_supervisor() as sup:
+        sup.start_soon(listener, name="listener", stall_after=5)
+        await gate.entered(1)
+        for _ in range(10):  # a poll or an item every 4 s: 40 s, eight times stall_after
+            await trio.sleep(4)
+            await gate.let_through()
+        await trio.testing.wait_all_tasks_blocked()  # the listener has taken what arrived
+        (child,) = sup.statistics().children
+        got = list(received)
+        gate.open()
+        sup.cancel()
+    assert trio.current_time() == 40
+    assert (child.stalls, child.heartbeat_age) == (0, 0)
+    assert got == ([] if kind == "poll" else list(range(10)))
+
+
+@pytest.mark.parametrize("kind", ["poll", "source"])
+async def test_a_wedged_source_stalls_its_child(autojump_clock: trio.abc.Clock, kind: str) -> None:
+    gate = _Gate()
+    cancelled_at: list[float] = []
+
+    async def listener() -> None:
+        async with _drained(gate, kind) as items:
+            try:
+                async for _ in items:
+                    pass
+            finally:
+                cancelled_at.append(trio.current_time())
+                gate.open()  # so that the block's end finds the thread free to stop
+
+    async with engine.open_supervisor() as sup:
+        sup.start_soon(listener, name="listener", restart="temporary", stall_after=5)
+        await gate.entered(1)
+        await trio.sleep(2)
+        await gate.let_through()  # one answer at 2 s, then the source hangs
+        await trio.sleep(10)
+        (child,) = sup.statistics().children
+        sup.cancel()
+    assert cancelled_at == [7]  # the last beat at 2, plus stall_after
+    assert child.stalls == 1
+    assert engine.bridge_statistics().iterator_threads_abandoned == 0
 
 
 @pytest.mark.parametrize("cancelled", [False, True])

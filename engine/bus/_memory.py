@@ -7,6 +7,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import trio
 
+from .._asyncwith import async_with_only
 from .._hub import Hub, HubOverflow, HubOverflowName, HubStatistics
 from .._hub import Subscription as HubSubscription
 from ._base import BusMessage
@@ -66,7 +67,10 @@ class MemoryBus:
         Raises:
             ValueError: at call time, for a bad pattern, bound or policy.
         """
-        return self._subscribed(self._hub.subscribe(pattern, maxsize=maxsize, overflow=overflow))
+        inner = self._hub.subscribe(pattern, maxsize=maxsize, overflow=overflow)
+        return async_with_only(
+            self._subscribed(inner), call="bus.subscribe", target="sub", loop="message"
+        )
 
     @asynccontextmanager
     async def _subscribed(
