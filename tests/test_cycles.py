@@ -812,5 +812,21 @@ def test_whale_flows_page_example_prints_what_the_page_shows(tmp_path: Path) -> 
     script.write_text(code)
     result = _run([str(script)], ROOT)
     assert result.returncode == 0, result.stderr
-    [output] = [block for block in _quoted("whale-flows.md", "text") if "whale" in block]
+    [output] = [block for block in _quoted("whale-flows.md", "text") if "flows at t=" in block]
     assert result.stdout == output
+
+
+async def test_a_published_whale_is_the_json_the_page_shows_with_its_type_first() -> None:
+    [shown] = [block for block in _quoted("whale-flows.md", "text") if "8812" in block]
+    bus = MemoryBus()
+    whales = WhaleFlows(WhaleFlowConfig(), bus)
+    async with bus.subscribe("whales.>", maxsize=10) as published, trio.open_nursery() as nursery:
+        await nursery.start(whales.run)
+        await publish(bus, trade("BTCUSDT", 50_000, 2.5, trade_id=8812))
+        message = await anext(published)
+        nursery.cancel_scope.cancel()
+    assert message.topic == "whales.BTCUSDT"
+    assert message.data.decode() == shown.strip()
+    # The type every message on the broadcast carries, and a client can dispatch on.
+    assert message.data.startswith(b'{"type":"whale",')
+    assert msgspec.json.decode(message.data, type=WhaleTrade).id == 8812

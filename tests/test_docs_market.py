@@ -3,8 +3,10 @@
 The configuration reference is compared with the settings' table and the
 command's parser built from it (flags, variables, defaults, error messages),
 the getting-started example is run and its output compared with the page,
-and the metric names and /status sources the page quotes are looked up on a
-running service.
+the metric names, /metrics size, /status sources and message types the page
+quotes are looked up on a running service, and the documented commands
+whose output is deterministic (the client's errors, the scan command) are
+run and compared with the pages.
 """
 
 from __future__ import annotations
@@ -26,13 +28,20 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 import services.market.__main__ as cli
+from services.market import _client_command as client_command
+from services.market._events import KINDS
 from services.market._service import MarketConfig, MarketService, serve_market
 from services.market._settings import SETTINGS, Setting
+from services.market._wsclient import open_websocket
+from services.market.cycles import WhaleFlowConfig
+from services.market.orders import ORDER_KIND
+from tests.test_market_service import service_process
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 GETTING_STARTED = DOCS / "getting-started.md"
 CONFIGURATION = DOCS / "configuration.md"
+SCANS = DOCS / "scans.md"
 EXAMPLE = DOCS / "examples" / "market_client.py"
 
 Row = list[str]
@@ -195,10 +204,10 @@ def test_an_address_in_use_is_one_line_and_status_1() -> None:
             check=False,
         )
     assert result.returncode == 1, result.stderr
-    assert result.stderr.splitlines()[-1] == (
-        "market service: cannot start: [Errno 98] Address already in use"
-    ), result.stderr
+    line = "market service: cannot start: [Errno 98] Address already in use"
+    assert result.stderr.splitlines()[-1] == line, result.stderr
     assert "Traceback" not in result.stderr
+    assert f"```\n{line}\n```" in GETTING_STARTED.read_text()
 
 
 # -- getting-started.md -------------------------------------------------------
@@ -240,6 +249,120 @@ async def test_metrics_and_sources_quoted_in_getting_started_exist() -> None:
     assert quoted, "the page quotes no metric"
     assert quoted <= exposed, f"quoted but not on /metrics: {sorted(quoted - exposed)}"
     assert json.loads(sources_line) == sorted(status["sources"])
+    match = re.search(r"Prometheus text format, about (\d+) lines", page)
+    assert match is not None, "the page no longer gives /metrics' size"
+    about, lines = int(match.group(1)), len(metrics.splitlines())
+    assert abs(lines - about) <= about * 0.05, f"/metrics has {lines} lines, the page says {about}"
+
+
+def _topic_rows() -> list[Row]:
+    return _table_after(GETTING_STARTED.read_text(), "for each type of message:\n")
+
+
+def _types(message: str | bytes) -> set[str]:
+    """The ``type`` of a message, or of each element of an array (orders in batches)."""
+    body = json.loads(message)
+    return {item["type"] for item in (body if isinstance(body, list) else [body])}
+
+
+async def test_the_topic_table_lists_every_kind_and_type_the_service_sends() -> None:
+    rows = _topic_rows()
+    kinds = [_code(row[0]).split(".")[0] for row in rows]
+    documented = {_code(row[1]) for row in rows}
+    received: set[str] = set()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            service: MarketService = await nursery.start(
+                serve_market, MarketConfig(port=0, ws_port=0, symbols=("BTCUSDT",))
+            )
+            # Every kind the service publishes: it refuses a topic of any other.
+            async with open_websocket(f"{service.ws_url}?topics={','.join(kinds)}") as ws:
+                while not documented <= received:
+                    for message in await ws.receive_messages():
+                        received |= _types(message)
+            nursery.cancel_scope.cancel()
+    assert received == documented
+    assert sorted(kinds) == sorted((*KINDS, WhaleFlowConfig().publish_prefix, ORDER_KIND))
+
+
+def _quoted_after(page: str, marker: str) -> str:
+    """The first line of the code block after ``marker``, without a ``$ `` command."""
+    block = page.split(f"{marker}\n```\n", 1)[1].split("```", 1)[0]
+    return next(line for line in block.splitlines() if not line.startswith("$ "))
+
+
+def test_the_clients_documented_nothing_listens_error(capsys: pytest.CaptureFixture[str]) -> None:
+    shown = _quoted_after(GETTING_STARTED.read_text(), "<!-- client error: nothing listens -->")
+    with socket.socket() as bound:  # bound, never listening: connections are refused
+        bound.bind(("127.0.0.1", 0))
+        url = f"ws://127.0.0.1:{bound.getsockname()[1]}/ws"
+        status = client_command.main(["--topics", "trades", "--url", url])
+    assert status == 1
+    assert capsys.readouterr().err == shown.replace(client_command.DEFAULT_URL, url) + "\n"
+
+
+@pytest.mark.subprocess
+def test_the_clients_documented_commands_against_a_running_service(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    page = GETTING_STARTED.read_text()
+    watch = re.search(r"python -m services\.market client (--topics trades --count 3)\n", page)
+    assert watch is not None, "the page no longer shows the client watching trades"
+    # The command's block ends where the match does; the next block is its output.
+    shown = page[watch.end() :].split("```\n", 2)[2].split("```", 1)[0].splitlines()
+    refused = _quoted_after(page, "<!-- client error: unknown topic -->")
+    with service_process() as (_, _, ws_url):
+        status = client_command.main([*watch.group(1).split(), "--url", ws_url])
+        printed = capsys.readouterr().out.splitlines()
+        assert status == 0
+        assert client_command.main(["--topics", "tardes", "--url", ws_url]) == 1
+    assert len(printed) == len(shown) == 3
+    for line, documented in zip(printed, shown, strict=True):
+        assert list(json.loads(line)) == list(json.loads(documented))  # the fields, in order
+        assert json.loads(line)["type"] == "trade"
+    assert capsys.readouterr().err == refused.replace(client_command.DEFAULT_URL, ws_url) + "\n"
+
+
+# -- scans.md: the scan command ---------------------------------------------------
+
+
+def _console_blocks(page: Path) -> list[list[str]]:
+    blocks = re.findall(r"```console\n(.*?)```", page.read_text(), flags=re.DOTALL)
+    return [block.splitlines() for block in blocks]
+
+
+def _scan_argv(command: str) -> list[str]:
+    argv = shlex.split(command.removeprefix("$ "))
+    assert argv[:4] == ["python", "-m", "services.market", "scan"], argv
+    return [sys.executable, *argv[1:]]
+
+
+@pytest.mark.subprocess
+def test_the_documented_scan_prints_what_scans_md_shows() -> None:
+    [block] = [b for b in _console_blocks(SCANS) if "--epoch-ms" in b[0]]
+    result = subprocess.run(
+        _scan_argv(block[0]), capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    printed, shown = result.stdout.splitlines(), block[1:]
+    top = next(i for i, line in enumerate(printed) if line.startswith("┏"))
+    # The title, which rich wraps to the table's width, word for word; the
+    # columns' names (their widths follow the values).
+    assert " ".join(printed[:top]).split() == shown[0].split()
+    assert printed[top + 1].split() == shown[2].split()
+    # The summary, but for the time the scan took.
+    took = re.compile(r"in \d+\.\d+ s")
+    assert took.sub("in ? s", printed[-1]) == took.sub("in ? s", block[-1])
+
+
+@pytest.mark.subprocess
+def test_a_bad_formula_prints_what_scans_md_shows() -> None:
+    [block] = [b for b in _console_blocks(SCANS) if "3O" in b[0]]
+    result = subprocess.run(
+        _scan_argv(block[0]), capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == block[1:]
 
 
 # -- links --------------------------------------------------------------------
@@ -254,7 +377,11 @@ def _anchors(page: str) -> set[str]:
     return anchors
 
 
-@pytest.mark.parametrize("page", [GETTING_STARTED, CONFIGURATION], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "page",
+    [GETTING_STARTED, CONFIGURATION, DOCS / "broadcast.md", DOCS / "whale-flows.md"],
+    ids=lambda p: p.name,
+)
 def test_links_lead_to_files_and_headings_that_exist(page: Path) -> None:
     text = page.read_text()
     for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", text):

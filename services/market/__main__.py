@@ -38,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Market-data service: exchange feed -> processors -> bus, with /health "
         "/ready /metrics /status. Runs on an embedded exchange simulator unless --feed-url "
         "is given. Each flag defaults to its MARKET_* environment variable.",
-        epilog="Other command: 'python -m services.market scan --formula ...' scans the "
-        "simulated universe once (see its --help).",
+        epilog="Other commands (see their --help): 'python -m services.market client "
+        "--topics trades' prints a running service's stream; 'python -m services.market "
+        "scan --formula ...' scans the simulated universe once.",
     )
     add_settings(parser, SETTINGS, os.environ)
     return parser
@@ -73,12 +74,19 @@ async def _main(config: MarketConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the service (or the ``scan`` command); the exit status (0 after a graceful stop)."""
+    """Run the service (or the ``scan`` or ``client`` command); the exit status.
+
+    The service's is 0 after a graceful stop.
+    """
     arguments = sys.argv[1:] if argv is None else list(argv)
     if arguments[:1] == ["scan"]:
         from ._scan_command import main as scan_main
 
         return scan_main(arguments[1:])
+    if arguments[:1] == ["client"]:
+        from ._client_command import main as client_main
+
+        return client_main(arguments[1:])
     config, log_json = config_from_args(arguments)
     engine.configure_logging("INFO", json=log_json)
     # httpx logs every request at INFO: one line per watchlist batch, every cycle.

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import AcceptConnection, RejectConnection, Request
+from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 from wsproto.utilities import RemoteProtocolError
 
@@ -47,6 +47,8 @@ CLOSE_TIMEOUT = 2.0
 """Seconds the closing handshake may take before the socket is closed anyway."""
 MAX_RESPONSE_HEAD = 16384
 """Bytes of the server's answer to the upgrade request (its status line and headers)."""
+MAX_REFUSAL_BODY = 1024
+"""Bytes of a refusal's body read at most, for the reason it gives."""
 
 _NORMAL = 1000
 _ABNORMAL = 1006
@@ -335,11 +337,36 @@ async def _handshake(stream: trio.abc.Stream, header: str, target: str) -> bytes
         if isinstance(event, AcceptConnection):
             return received[end + 4 :]
         if isinstance(event, RejectConnection):
-            raise HandshakeError(
-                f"the server refused the upgrade with HTTP {event.status_code}",
-                event.status_code,
-            )
+            status = event.status_code
+            why = await _refusal_reason(stream, ws, received[end + 4 :]) if event.has_body else ""
+            refused = f"the server refused the upgrade with HTTP {status}"
+            raise HandshakeError(f"{refused}: {why}" if why else refused, status)
     raise HandshakeError("the server answered the upgrade with something else")
+
+
+async def _refusal_reason(stream: trio.abc.Stream, ws: WSConnection, data: bytes) -> str:
+    """The first line of a refusal's body, where servers say why; empty if there is none.
+
+    At most :data:`MAX_REFUSAL_BODY` bytes are read, within :data:`CLOSE_TIMEOUT`.
+    """
+    body = b""
+    finished = False
+    with trio.move_on_after(CLOSE_TIMEOUT):
+        while not finished and len(body) < MAX_REFUSAL_BODY:
+            try:
+                data = data or bytes(await stream.receive_some(RECEIVE_SIZE))
+                if not data:
+                    break  # the server closed: what came is all there is
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, RejectData):
+                        body += event.data
+                        finished = event.body_finished
+            except (RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+                break
+            data = b""
+    lines = body[:MAX_REFUSAL_BODY].decode("utf-8", "replace").strip().splitlines()
+    return lines[0] if lines else ""
 
 
 @asynccontextmanager

@@ -53,8 +53,11 @@ _BATCH = 1024
 MAX_SYMBOLS = 4096
 
 
-class WhaleTrade(msgspec.Struct, frozen=True, omit_defaults=True):
+class WhaleTrade(msgspec.Struct, frozen=True, omit_defaults=True, tag="whale"):
     """One whale trade, as kept in the history and published on ``whales.<SYMBOL>``.
+
+    Encoded as compact JSON with ``"type": "whale"`` first, as every message
+    the broadcast sends names its type; fields at their default are left out.
 
     Attributes:
         symbol: ``"BTCUSDT"``.
