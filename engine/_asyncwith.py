@@ -17,7 +17,11 @@ T = TypeVar("T")
 
 @final
 class AsyncWithOnly(AbstractAsyncContextManager[T]):
-    """An async context manager that raises a ``TypeError`` naming its block when iterated."""
+    """An async context manager that raises a ``TypeError`` naming its block when iterated.
+
+    It defines ``__aiter__`` to say so, so ``isinstance(m, collections.abc.AsyncIterable)``
+    is true of it; only the object its block yields iterates.
+    """
 
     __slots__ = ("_hint", "_manager")
 

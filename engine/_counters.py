@@ -194,9 +194,13 @@ class _TallyType(type):
         mcs, name: str, bases: tuple[type, ...], namespace: dict[str, Any], **kwargs: Any
     ) -> _TallyType:
         statistics = _parameter(namespace.get("__orig_bases__", ()))
+        if statistics is None and any(isinstance(base, _TallyType) for base in bases):
+            # A subclass of a tally keeps fixed slots: a misspelt counter fails.
+            namespace.setdefault("__slots__", ())
         if statistics is not None:
             fields = attrs.fields(statistics)
-            own = tuple(namespace.get("__slots__", ()))
+            slots = namespace.get("__slots__", ())
+            own = (slots,) if isinstance(slots, str) else tuple(slots)
             defined = {*namespace, *own}
             counted = [
                 f for f in fields if f.default is not attrs.NOTHING and f.name not in defined
@@ -206,8 +210,12 @@ class _TallyType(type):
             namespace["_starts"] = tuple(_start(statistics, f) for f in counted)
             # The snapshot takes every field the tally has: counted, or
             # defined by the subclass (a slot of its own, a property).
-            namespace["_read"] = tuple(f.name for f in fields if f.name in defined or f in counted)
-            namespace["_copied"] = tuple(f.name for f in counted if _is_factory(f.default))
+            namespace["_read"] = tuple(
+                (f.name, f.alias or f.name) for f in fields if f.name in defined or f in counted
+            )
+            namespace["_copied"] = tuple(
+                f.alias or f.name for f in counted if _is_factory(f.default)
+            )
         return super().__new__(mcs, name, bases, namespace, **kwargs)
 
 
@@ -257,7 +265,7 @@ class Tally(Generic[S], metaclass=_TallyType):
     __slots__ = ()
     _statistics: ClassVar[type[Any] | None] = None
     _starts: ClassVar[tuple[tuple[str, Callable[[], object]], ...]] = ()
-    _read: ClassVar[tuple[str, ...]] = ()
+    _read: ClassVar[tuple[tuple[str, str], ...]] = ()  # (attribute, init argument)
     _copied: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
@@ -276,7 +284,7 @@ class Tally(Generic[S], metaclass=_TallyType):
         Raises:
             TypeError: a field without a default is neither held nor given.
         """
-        values: dict[str, object] = {name: getattr(self, name) for name in self._read}
+        values: dict[str, object] = {arg: getattr(self, name) for name, arg in self._read}
         for name in self._copied:  # a mapping or a list: the snapshot gets its own
             values[name] = copy.copy(values[name])
         values.update(given)

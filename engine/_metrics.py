@@ -35,7 +35,9 @@ from ._statistics import ChildState, SupervisorStatistics
 class HasStatistics(Protocol):
     """Anything that can be observed: it has a ``statistics()`` snapshot."""
 
-    def statistics(self) -> object: ...
+    def statistics(self) -> object:
+        """A frozen snapshot of what it has done."""
+        ...
 
 
 S = TypeVar("S")

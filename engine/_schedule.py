@@ -34,6 +34,8 @@ TARGET_CALL_SECONDS = 0.1
 # The last calls are never smaller than this much work: smaller ones cost
 # more in dispatch than they save in waiting.
 MIN_CALL_SECONDS = 0.004
+# The usual most items per call. The last call of a batch may take up to
+# twice this, less one, rather than leave a crumb for one more call.
 MAX_CHUNK = 4096
 # A worker with nothing left to take shares a running call that still has
 # more than this much work ahead (and takes at least MIN_CALL_SECONDS of it).

@@ -22,9 +22,13 @@ class StatisticsSource(Protocol):
     """Something that can be listed under a child in the supervision tree."""
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """Its name in the tree."""
+        ...
 
-    def statistics(self) -> object: ...
+    def statistics(self) -> object:
+        """A frozen snapshot of what it has done (an attrs class exports on /metrics)."""
+        ...
 
 
 @attrs.define(eq=False)

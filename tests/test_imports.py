@@ -4,7 +4,10 @@ market service's parts use each other's public names.
 Read from the source with :mod:`ast`, so an import inside a function or under
 ``TYPE_CHECKING`` counts as much as one at the top. The tests themselves may
 reach into private modules (they are white-box tests of those modules); the
-service, the benchmarks and the docs' examples may not.
+service, the benchmarks and the docs' examples may not. A part of the market
+service may use the private modules of ``services.market`` itself (its
+events, its settings, its symbol checks): they are shared by the parts, and
+are the parts' common parent's, not another part's.
 """
 
 from __future__ import annotations

@@ -498,3 +498,49 @@ async def test_fresh_components_report_their_statistics_class_defaults() -> None
     assert engine.bridge_statistics() == engine.BridgeStatistics()
     await send.aclose()
     await receive.aclose()
+
+
+def test_a_tally_snapshots_a_private_field_by_its_init_name() -> None:
+    @attrs.frozen
+    class S:
+        name: str
+        _hidden: int = 0
+
+    class _T(Tally[S]):
+        """Counters."""
+
+    tally = _T()
+    tally._hidden = 3
+    assert tally.snapshot(name="x") == S(name="x", hidden=3)
+
+
+def test_a_tally_takes_one_slot_given_as_a_string() -> None:
+    @attrs.frozen
+    class S:
+        sent: int = 0
+
+    class _T(Tally[S]):
+        __slots__ = "extra"
+
+    tally = _T()
+    tally.extra = 1
+    assert not hasattr(tally, "e")
+    assert tally.snapshot() == S(sent=0)
+
+
+def test_a_subclass_of_a_tally_still_refuses_a_misspelt_counter() -> None:
+    @attrs.frozen
+    class S:
+        sent: int = 0
+
+    class _T(Tally[S]):
+        """Counters."""
+
+    class _U(_T):
+        """More behaviour, same counters."""
+
+    tally = _U()
+    tally.sent += 1
+    with pytest.raises(AttributeError):
+        tally.snet = 1
+    assert tally.snapshot() == S(sent=1)

@@ -69,6 +69,25 @@ def test_every_public_name_has_a_docstring() -> None:
     assert missing == []
 
 
+def test_every_lowlevel_name_and_its_public_members_have_docstrings() -> None:
+    import engine.lowlevel
+
+    missing = []
+    for name in engine.lowlevel.__all__:
+        value = getattr(engine.lowlevel, name)
+        if not value.__doc__:
+            missing.append(name)
+        if isinstance(value, type):
+            missing += [
+                f"{name}.{member}"
+                for member, attribute in vars(value).items()
+                if not member.startswith("_")
+                and callable(attribute) | isinstance(attribute, property)
+                and not attribute.__doc__
+            ]
+    assert missing == []
+
+
 def test_each_literal_alias_spells_its_enums_values() -> None:
     aliases = [n for n in engine.__all__ if typing.get_origin(getattr(engine, n)) is typing.Literal]
     assert len(aliases) >= 6

@@ -68,7 +68,7 @@ async def _main(config: MarketConfig) -> None:
     async with trio.open_nursery() as nursery:
         service: MarketService = await nursery.start(serve_market, config)
         # What start-up built lives as long as the service: moving it out of the
-        # collector's reach keeps full collections (tens of ms) off the loop.
+        # collector's reach keeps full collections off the loop.
         gc.freeze()
         print(f"market service ready at {service.url} (WebSocket: {service.ws_url})", flush=True)
 
