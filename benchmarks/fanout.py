@@ -11,7 +11,7 @@ lost: each client must receive every message (the engine's queues are sized
 for the whole run; the websockets server applies back-pressure).
 
 Servers (in this process):
-    fanout              services.market.broadcast.serve_broadcast on trio: a
+    fanout              engine.broadcast.serve_broadcast on trio: a
                         MemoryBus publisher publishes every message on
                         ``trades.BTCUSDT`` and yields to the scheduler every
                         ``--burst`` messages (default 1: after every message,
@@ -68,8 +68,8 @@ sys.path.insert(0, str(ROOT))
 
 from _frames import complete_frames  # noqa: E402  # benchmarks/_frames.py, beside this file
 
+from engine.broadcast import BroadcastConfig, serve_broadcast  # noqa: E402  # idem
 from engine.bus import MemoryBus  # noqa: E402  # after the path set-up above
-from services.market.broadcast import BroadcastConfig, serve_broadcast  # noqa: E402  # idem
 
 MESSAGE = json.dumps(
     {

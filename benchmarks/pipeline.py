@@ -21,10 +21,10 @@ would carry when the machine is busy with other work, and the CPU shares
 of this process and the simulator's. ``dropped`` adds up every loss on
 the way, in the ingest and latency runs: the feed queue's, the bus
 subscription's and the broadcast client queue's. The client's queue is
-``--client-queue`` frames (default 4,096): the broadcast default of 1,000
-is less than the 1,024 messages the broadcast dispatches at once, so at
-this rate even a client that keeps up loses some (``--client-queue 1000``
-shows it). Peer: the same pipeline with trio-websocket's client (0.12,
+``--client-queue`` frames (default 4,096, below the broadcast's own default
+of 32,768, so that a client that falls behind shows as losses here): a
+queue under the 1,024 messages the broadcast dispatches at once loses some
+even for a client that keeps up (``--client-queue 1000`` shows it). Peer: the same pipeline with trio-websocket's client (0.12,
 ``open_websocket_url`` with its defaults, ``get_message`` per message) as
 the feed's socket reader, everything else identical
 (``ingest_trio_websocket_msgs_s``).
@@ -92,10 +92,10 @@ sys.path.insert(0, str(ROOT))
 import fanout  # noqa: E402  # benchmarks/fanout.py, beside this file
 
 import engine  # noqa: E402  # after the path set-up above
+from engine.broadcast import BroadcastConfig, serve_broadcast  # noqa: E402  # idem
 from engine.bus import MemoryBus  # noqa: E402  # idem
 from services.market._events import MalformedMessage, decode, normalise  # noqa: E402  # idem
 from services.market._service import DEFAULT_SYMBOLS  # noqa: E402  # idem
-from services.market.broadcast import BroadcastConfig, serve_broadcast  # noqa: E402  # idem
 from services.market.feed import Feed, FeedConfig  # noqa: E402  # idem
 
 TOPICS = "trades,aggtrades,book,depth,klines"

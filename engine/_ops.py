@@ -39,6 +39,7 @@ from ._metrics import EngineCollector, HasStatistics
 from ._ops_stalled import StallAnswerer
 from ._opsapp import ENDPOINTS, ASGIApp, OpsApp
 from ._probes import loop_stalled, verdict_body
+from ._refusal import refuse
 from ._validation import check_count, check_duration, check_name
 
 if TYPE_CHECKING:
@@ -58,11 +59,6 @@ _BUSY = (
     b"cache-control: no-store\r\n"
     b"connection: close\r\n\r\n" + _BUSY_BODY
 )
-# After the 503, a refused client's request is read and dropped for this long
-# and up to this many bytes: closing a socket with unread data resets the
-# connection, and a reset can reach the client before it has read the answer.
-_REFUSAL_LINGER = 1.0
-_REFUSAL_DRAIN = 65_536
 # Refusals in progress at once; past that, an excess connection is closed unanswered.
 _MAX_REFUSING = 64
 
@@ -313,7 +309,7 @@ class ConnectionLimit:
             if self.refusing < _MAX_REFUSING:
                 self.refusing += 1
                 try:
-                    await _refuse(stream)
+                    await refuse(stream, _BUSY)
                 finally:
                     self.refusing -= 1
             return  # trio.serve_listeners closes the stream
@@ -322,22 +318,6 @@ class ConnectionLimit:
             await handler(stream)
         finally:
             self.open -= 1
-
-
-async def _refuse(stream: trio.SocketStream) -> None:
-    """Answer 503 and read what the client sends for a moment, so the answer is not reset."""
-    with trio.move_on_after(_REFUSAL_LINGER):
-        try:
-            await stream.send_all(_BUSY)
-            await stream.send_eof()
-            dropped = 0
-            while dropped < _REFUSAL_DRAIN:
-                data = await stream.receive_some(_REFUSAL_DRAIN)
-                if not data:
-                    return
-                dropped += len(data)
-        except trio.BrokenResourceError:
-            return
 
 
 @asynccontextmanager

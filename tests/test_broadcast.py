@@ -28,8 +28,7 @@ from wsproto.events import (
     Request,
 )
 
-from engine.bus import MemoryBus
-from services.market.broadcast import (
+from engine.broadcast import (
     CLOSE_GOING_AWAY,
     CLOSE_PING_TIMEOUT,
     CLOSE_TOO_BIG,
@@ -38,8 +37,9 @@ from services.market.broadcast import (
     BroadcastServer,
     serve_broadcast,
 )
-from services.market.broadcast._client import Client
-from services.market.broadcast._topics import expand, parse_pattern, parse_request
+from engine.broadcast._client import Client
+from engine.broadcast._topics import expand, parse_pattern, parse_request
+from engine.bus import MemoryBus
 
 ROOT = Path(__file__).resolve().parent.parent
 GUARD = 10  # seconds: an absolute bound on every real-socket test
@@ -218,7 +218,7 @@ async def test_query_string_selects_topics(query: str, expected: list[str]) -> N
 
 
 def _query_lists(query: str) -> tuple[list[str], list[str]]:
-    from services.market.broadcast._topics import parse_target
+    from engine.broadcast._topics import parse_target
 
     target = parse_target("/ws" + query)
     return list(target.topics), list(target.symbols)
@@ -348,6 +348,76 @@ async def test_slow_client_is_closed_while_a_fast_one_gets_every_message() -> No
             assert stats.dropped == 11 + stats.dropped_by_reason["closed"]
             assert stats.offered == stats.sent + stats.dropped + stats.queued
             assert stats.aborted == 0
+
+
+async def test_a_reader_at_its_own_pace_gets_a_whole_burst_with_the_defaults() -> None:
+    burst = 20_000
+    received: list[str | bytes] = []
+    with trio.fail_after(GUARD * 3):
+        async with (
+            serving(ping_interval=BroadcastConfig().ping_interval) as (server, bus),
+            ws_client(server, "?topics=trades") as ws,
+            trio.open_nursery() as nursery,
+        ):
+            assert server.config == BroadcastConfig(port=0)  # the defaults
+
+            done = trio.Event()
+
+            async def read() -> None:
+                while len(received) <= burst:  # the burst, then the reply
+                    received.append(await ws.get_message())
+                    if len(received) % 10 == 0:  # far slower than the publisher
+                        await trio.sleep(0.001)
+                done.set()
+
+            nursery.start_soon(read)
+            for i in range(burst):
+                await bus.publish("trades.BTCUSDT", b'{"trade": %d, "price": "64000.10"}' % i)
+            await ws.send_message('{"op": "subscribe", "topics": ["book"]}')  # still open
+            await done.wait()
+            stats = server.statistics()
+    messages = [json.loads(m) for m in received]
+    # A reply overtakes the frames still queued: it is somewhere in the stream.
+    assert [m["op"] for m in messages if "op" in m] == ["subscribed"]
+    assert [m["trade"] for m in messages if "trade" in m] == list(range(burst))
+    assert (stats.clients, stats.disconnected) == (1, {})
+    assert (stats.slow_disconnects, stats.dropped_by_reason["overflow"]) == (0, 0)
+
+
+async def test_a_client_that_stops_reading_is_closed_once_max_lag_behind(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    payload = b"x" * 4000
+    options = {"close_timeout": 60}  # max_lag keeps its default
+    with trio.fail_after(VIRTUAL_GUARD):
+        async with (
+            serving(**options) as (server, bus),
+            raw_client(server.port, receive_buffer=4096) as slow,
+        ):
+            max_lag = server.config.max_lag
+            assert max_lag == 10.0
+            assert isinstance(await slow.upgrade("/ws?topics=trades"), AcceptConnection)
+            # Until its writer is stuck on a full socket, with frames queued.
+            published = 0
+            while server.statistics().connections[0].queued < 10:
+                await bus.publish("trades.BTCUSDT", b"%06d" % published + payload)
+                published += 1
+            await trio.sleep(max_lag - 0.5)
+            assert server.statistics().slow_disconnects == 0
+            await trio.sleep(1.6)  # checked at least once a second
+            assert server.statistics().slow_disconnects == 1
+            assert server.statistics().connections[0].queued > 0  # its write is still stuck
+
+            events = await slow.events(until=(CloseConnection,))
+            close = events[-1]
+            assert isinstance(close, CloseConnection)
+            assert (close.code, close.reason) == (CLOSE_TOO_SLOW, "too slow: more than 10 s behind")
+            got = texts(events)
+            assert got == [f"{i:06d}" + payload.decode() for i in range(len(got))]
+            assert 0 < len(got) < published
+            stats = server.statistics()
+            assert stats.disconnected == {"too_slow": 1}
+            assert stats.dropped_by_reason["overflow"] == 0
 
 
 def texts(events: list[Event]) -> list[str]:
@@ -609,6 +679,45 @@ async def test_close_waits_for_answers_and_abort_ends_the_wait(
             stats = server.statistics()
             assert (stats.clients, stats.aborted) == (0, 1)
             assert stats.disconnected == {"shutdown": 2}
+
+
+async def test_serve_broadcast_returns_once_close_has_closed_every_client() -> None:
+    bus = MemoryBus()
+    returned_at: list[float] = []
+
+    async def run(task_status: trio.TaskStatus[BroadcastServer]) -> None:
+        await serve_broadcast(bus, BroadcastConfig(), task_status=task_status)
+        returned_at.append(trio.current_time())
+
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            server: BroadcastServer = await nursery.start(run)
+            async with ws_client(server, "?topics=trades") as ws:
+                await bus.publish("trades.BTCUSDT", b"hello")
+                assert await ws.get_message() == "hello"
+                server.close()
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.get_message()
+                assert close_of(closed.value) == (CLOSE_GOING_AWAY, "server shutting down")
+            await server.wait_closed()
+        # The nursery exited without a cancel: serve_broadcast returned by itself.
+        assert len(returned_at) == 1
+        assert server.statistics().disconnected == {"shutdown": 1}
+
+
+async def test_serve_broadcast_returns_at_once_after_abort(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    bus = MemoryBus()
+    with trio.fail_after(VIRTUAL_GUARD):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve_broadcast, bus, BroadcastConfig(close_timeout=30))
+            async with raw_client(server.port) as mute:
+                assert isinstance(await mute.upgrade("/ws?topics=>"), AcceptConnection)
+                started = trio.current_time()
+                server.abort()
+        assert trio.current_time() == started  # not close_timeout later
+        assert server.statistics().clients == 0
 
 
 async def test_the_bus_closing_ends_the_server() -> None:

@@ -10,7 +10,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, ClassVar, NoReturn, cast
 
 import attrs
@@ -26,19 +26,18 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
 
 from engine._metrics import EngineCollector
-from engine.bus import BusMessage, tokens_match
-from services.market.broadcast import (
+from engine._refusal import REFUSAL_LINGER
+from engine.broadcast import (
     CLOSE_POLICY,
     BroadcastConfig,
     BroadcastStatistics,
     ClientStatistics,
 )
-from services.market.broadcast._client import WRITE_BATCH, Client
-from services.market.broadcast._fanout import Fanout
-from services.market.broadcast._handshake import REFUSAL_LINGER
-from services.market.broadcast._ratelimit import TokenBucket, Verdict
-from services.market.broadcast._server import MAX_REFUSING
-from services.market.broadcast._topics import (
+from engine.broadcast._client import WRITE_BATCH, Client
+from engine.broadcast._fanout import Fanout
+from engine.broadcast._ratelimit import TokenBucket, Verdict
+from engine.broadcast._server import MAX_REFUSING
+from engine.broadcast._topics import (
     MAX_LISTED,
     Tokens,
     TooManyTopics,
@@ -48,6 +47,7 @@ from services.market.broadcast._topics import (
     overlap,
     split,
 )
+from engine.bus import BusMessage, tokens_match
 from tests.test_broadcast import (
     GUARD,
     VIRTUAL_GUARD,
@@ -748,37 +748,82 @@ def frame_ids(data: bytes | None) -> list[int]:
     return [int(n) for n in re.findall(rb"<(\d+)>", data or b"")]
 
 
-async def test_frames_queued_at_a_close_are_dropped_as_closed() -> None:
-    stream = _Socket()
-    config = BroadcastConfig(ping_interval=math.inf, queue_size=10, max_lost=2)
+@contextlib.asynccontextmanager
+async def running_client(
+    stream: _Socket, guard: float, **options: Any
+) -> AsyncIterator[tuple[Client, trio.Nursery]]:
+    """A :class:`Client` on ``stream``, open and running, with nothing offered yet."""
+    config = BroadcastConfig(ping_interval=math.inf, **options)
     client = Client(cast(trio.SocketStream, stream), config, 1, lambda _: None)
     client.open(("trades.>",))
-    with trio.fail_after(GUARD):
+    with trio.fail_after(guard):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.run)
             await trio.testing.wait_all_tasks_blocked()
-            client.offer(b"<0>")
-            await trio.testing.wait_all_tasks_blocked()  # in the write under way
-            for i in range(1, 14):  # ten fit; three push out the oldest: too slow
-                client.offer(b"<%d>" % i)
-            stats = client.statistics()
-            assert (stats.offered, stats.queued, stats.dropped_by_reason) == (
-                14,
-                11,
-                {"overflow": 3, "closed": 0},
-            )
-            assert client.cause == "too_slow"
-            client.offer(b"<99>")  # after the close started: not offered at all
-            assert client.statistics().offered == 14
-            stream.finish_write()  # the write under way ends; the rest never goes
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.cancel_scope.cancel()
+            yield client, nursery
+
+
+async def test_frames_queued_at_a_close_are_dropped_as_closed() -> None:
+    stream = _Socket()
+    async with running_client(stream, GUARD, queue_size=10, max_lost=2) as (client, nursery):
+        client.offer(b"<0>")
+        await trio.testing.wait_all_tasks_blocked()  # in the write under way
+        for i in range(1, 14):  # ten fit; three push out the oldest: too slow
+            client.offer(b"<%d>" % i)
+        stats = client.statistics()
+        assert (stats.offered, stats.queued, stats.dropped_by_reason) == (
+            14,
+            11,
+            {"overflow": 3, "closed": 0},
+        )
+        assert client.cause == "too_slow"
+        client.offer(b"<99>")  # after the close started: not offered at all
+        assert client.statistics().offered == 14
+        stream.finish_write()  # the write under way ends; the rest never goes
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
     client.discard()  # as the server does once the connection is gone
     stats = client.statistics()
     assert frame_ids(b"".join(stream.finished)) == [0]
     assert (stats.sent, stats.queued, stats.dropped) == (1, 0, 13)
     assert stats.dropped_by_reason == {"overflow": 3, "closed": 10}
     assert holds(stats)
+
+
+async def test_lag_is_the_age_of_the_oldest_frame_not_written(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stream = _Socket()
+    async with running_client(stream, VIRTUAL_GUARD) as (client, nursery):
+        assert client.lag(trio.current_time()) == 0.0  # nothing waits
+        client.offer(b"<0>")  # at 0; the write under way until 2
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(1)
+        for i in range(1, 2049):  # at 1: two writes' worth
+            client.offer(b"<%d>" % i)
+        assert client.lag(trio.current_time()) == 1.0
+        await trio.sleep(1)
+        stream.finish_write()  # at 2: the first 1,024 of them go out
+        await trio.testing.wait_all_tasks_blocked()
+        assert client.lag(trio.current_time()) == 2.0  # arrived during a write begun at 0
+        await trio.sleep(1)
+        for i in range(2049, 2059):  # at 3, during the second write
+            client.offer(b"<%d>" % i)
+        await trio.sleep(1)
+        stream.finish_write()  # at 4: the second 1,024 go out
+        await trio.testing.wait_all_tasks_blocked()
+        assert client.lag(trio.current_time()) == 4.0  # offered at 1, aged from 0
+        stream.finish_write()
+        await trio.testing.wait_all_tasks_blocked()
+        # Only the ten offered at 3 wait, in the write begun at 4: aged from
+        # 2, not from 0, though the client was never idle meanwhile.
+        assert client.statistics().queued == 10
+        assert client.lag(trio.current_time()) == 2.0
+        await trio.sleep(9)
+        client.check_lag(trio.current_time())  # 11 s behind: more than max_lag
+        assert client.cause == "too_slow"
+        nursery.cancel_scope.cancel()
+    assert frame_ids(b"".join(stream.finished)) == list(range(2049))
 
 
 async def test_the_server_counts_what_a_closed_client_never_got(

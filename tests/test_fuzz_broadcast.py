@@ -23,10 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
-from services.market.broadcast import BroadcastConfig
-from services.market.broadcast._client import MAX_REPLIES, Client
-from services.market.broadcast._handshake import Rejection, admit
-from services.market.broadcast._topics import (
+from engine.broadcast import BroadcastConfig
+from engine.broadcast._client import MAX_REPLIES, Client
+from engine.broadcast._handshake import Rejection, admit
+from engine.broadcast._topics import (
     MAX_PATTERN_LENGTH,
     OPS,
     BadRequest,

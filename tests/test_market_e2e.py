@@ -30,8 +30,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto.events import AcceptConnection, CloseConnection
 
 import engine
+from engine.broadcast import CLOSE_GOING_AWAY, CLOSE_TOO_SLOW, ClientStatistics
 from services.market._service import MarketConfig, MarketService, serve_market
-from services.market.broadcast import CLOSE_GOING_AWAY, CLOSE_TOO_SLOW, ClientStatistics
 from services.market.simulator import Simulator, SimulatorConfig, open_simulator
 from tests.test_broadcast import raw_client
 from tests.test_market_service import service_process
@@ -319,7 +319,9 @@ async def test_a_client_that_never_reads_is_closed_while_a_reader_gets_every_tra
     with trio.fail_after(GUARD):
         async with (
             stalled_simulator(config) as simulator,
-            running(feed_url=simulator.address.ws_url, symbols=SYMBOLS) as service,
+            running(
+                feed_url=simulator.address.ws_url, symbols=SYMBOLS, client_max_lag=2.0
+            ) as service,
             ws_client(f"{service.ws_url}?topics=trades") as ws,
             # A small receive window, so the server's writes block soon.
             raw_client(urlsplit(service.ws_url).port or 0, receive_buffer=4096) as slow,
@@ -340,7 +342,7 @@ async def test_a_client_that_never_reads_is_closed_while_a_reader_gets_every_tra
             events = await slow.events(until=(CloseConnection,))
             close = events[-1]
             assert isinstance(close, CloseConnection)
-            assert (close.code, close.reason) == (CLOSE_TOO_SLOW, "too slow: lost 1001 messages")
+            assert (close.code, close.reason) == (CLOSE_TOO_SLOW, "too slow: more than 2 s behind")
             await slow.stream.send_all(slow.ws.send(close.response()))
             assert await slow.events() == []  # the server closed TCP
             await until(lambda: service.broadcast.statistics().clients == 1)
@@ -353,7 +355,9 @@ async def test_a_client_that_never_reads_is_closed_while_a_reader_gets_every_tra
             bus = service.bus.statistics()
             nursery.cancel_scope.cancel()
     assert broadcast.disconnected == {"too_slow": 1}
-    assert broadcast.dropped_by_reason["overflow"] == 1001  # the slow client's, oldest first
+    # What the slow client never got (its queue overflowing, or still queued
+    # when it was closed) is counted.
+    assert broadcast.dropped > 0
     assert broadcast.offered == broadcast.sent + broadcast.dropped + broadcast.queued
     assert reader_stats.dropped == 0
     assert all(s.dropped == 0 for s in bus.subscriptions)

@@ -35,8 +35,8 @@ from trio_websocket import wrap_client_stream
 
 import engine
 from engine._metrics import EngineCollector
+from engine.broadcast import BroadcastConfig, serve_broadcast
 from engine.bus import BusMessage, MemoryBus
-from services.market.broadcast import BroadcastConfig, serve_broadcast
 from services.market.orders import (
     Order,
     OrderLog,

@@ -12,13 +12,13 @@ import attrs
 import trio
 
 import engine
+from engine.broadcast import BroadcastConfig, BroadcastServer, serve_broadcast
 from engine.bus import MemoryBus
 
 from ._events import KINDS
 from ._settings import DEFAULT_SYMBOLS as DEFAULT_SYMBOLS
 from ._settings import DEFAULTS, PORT, SECONDS
 from .api import build_api
-from .broadcast import BroadcastConfig, BroadcastServer, serve_broadcast
 from .cycles import Watchlist, WatchlistConfig, WhaleFlowConfig, WhaleFlows
 from .feed import Feed, FeedConfig
 from .orders import ORDER_KIND, OrderLog, OrderLogConfig
@@ -79,6 +79,9 @@ class MarketConfig:
         max_clients_per_ip: connections from one address at most, open or
             still in the upgrade (more get 503 at once); ``None``: no limit
             below ``max_clients``.
+        client_max_lag: seconds the oldest message not yet written to a
+            WebSocket client may wait before the client is closed as too
+            slow (4000).
     """
 
     host: str = DEFAULTS["host"]
@@ -103,6 +106,7 @@ class MarketConfig:
     allowed_origins: tuple[str, ...] | None = DEFAULTS["allowed_origins"]
     max_clients: int = DEFAULTS["max_clients"]
     max_clients_per_ip: int | None = DEFAULTS["max_clients_per_ip"]
+    client_max_lag: float = DEFAULTS["client_max_lag"]
 
     def __attrs_post_init__(self) -> None:
         # Every part checks its own settings: building them all now refuses a
@@ -168,6 +172,7 @@ def _plan(
             allowed_origins=config.allowed_origins,
             max_clients=config.max_clients,
             max_clients_per_ip=config.max_clients_per_ip,
+            max_lag=config.client_max_lag,
         ),
     )
 

@@ -361,6 +361,13 @@ SETTINGS: tuple[Setting, ...] = (
         "WebSocket clients from one address at most",
         unset="no limit below --max-clients",
     ),
+    Setting(
+        "client_max_lag",
+        _INTERVAL,
+        "10",
+        "MARKET_CLIENT_MAX_LAG",
+        "seconds a WebSocket client may fall behind before it is closed as too slow",
+    ),
     Setting("log_json", None, None, "MARKET_LOG_JSON", "log JSON lines, or not", switch=True),
 )
 """Every setting of ``python -m services.market``, in the order ``--help`` lists them."""

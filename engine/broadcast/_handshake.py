@@ -12,14 +12,11 @@ from wsproto import WSConnection
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from .._refusal import refuse
 from ._config import BroadcastConfig
 from ._topics import TooManyTopics, UnknownTopic, parse_target
 
 RECEIVE_SIZE = 65536
-REFUSAL_LINGER = 1.0
-"""Seconds a connection refused at accept is read from after its answer, at most."""
-REFUSAL_DRAIN = 65536
-"""Bytes read and dropped from a connection refused at accept, at most."""
 
 Headers = tuple[tuple[bytes, bytes], ...]
 
@@ -158,22 +155,5 @@ def early_bytes(rejection: Rejection) -> bytes:
 
 
 async def refuse_at_once(stream: trio.abc.HalfCloseableStream, rejection: Rejection) -> None:
-    """Answer ``rejection`` without reading the request, then drop what the client sends.
-
-    Closing a socket with unread data resets the connection, and the reset can
-    reach the client before it has read the answer: so the request is read and
-    dropped, for up to ``REFUSAL_LINGER`` seconds and ``REFUSAL_DRAIN`` bytes,
-    or until the client closes.
-    """
-    with trio.move_on_after(REFUSAL_LINGER):
-        try:
-            await stream.send_all(early_bytes(rejection))
-            await stream.send_eof()
-            dropped = 0
-            while dropped < REFUSAL_DRAIN:
-                data = await stream.receive_some(RECEIVE_SIZE)
-                if not data:
-                    return
-                dropped += len(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
+    """Answer ``rejection`` without reading the request, then drop what the client sends."""
+    await refuse(stream, early_bytes(rejection))

@@ -10,8 +10,7 @@ from typing import Any
 
 import attrs
 
-from engine.lowlevel import check_choice, check_count, check_duration, check_name
-
+from .._validation import check_choice, check_count, check_duration, check_name
 from ._topics import TopicRules, parse_pattern
 
 CLOSE_GOING_AWAY = 1001
@@ -23,7 +22,7 @@ CLOSE_TOO_BIG = 1009
 CLOSE_PING_TIMEOUT = 1011
 """Sent when a client did not answer a keepalive ping within ``ping_timeout``."""
 CLOSE_TOO_SLOW = 4000
-"""Sent when a client lost more than ``max_lost`` messages: it cannot keep up."""
+"""Sent when a client is more than ``max_lag`` seconds behind (or lost more than ``max_lost``)."""
 
 
 class FrameType(enum.StrEnum):
@@ -163,10 +162,18 @@ class BroadcastConfig:
             before its request is read (counted as ``busy``). Each may take
             up to ``handshake_timeout``, so this bounds what connections
             that never finish their upgrade can hold.
-        queue_size: each client's queue of frames not yet written.
-        max_lost: a client whose queue overflowed, losing its oldest frames,
-            more than this many times in total is disconnected with
-            ``CLOSE_TOO_SLOW``. 0 disconnects at the first loss.
+        queue_size: each client's queue of frames not yet written; when it
+            is full, the oldest frame is dropped (and counted) for each new one.
+        max_lag: seconds the oldest frame not yet written to a client may
+            wait; a client further behind is disconnected with
+            ``CLOSE_TOO_SLOW``. Checked every ``min(1, max_lag / 4)``
+            seconds; ``math.inf`` disables it. A client that keeps up on
+            average catches up within it after a burst, however many
+            messages the burst holds.
+        max_lost: if set, a client whose queue overflowed, losing its
+            oldest frames, more than this many times in total is also
+            disconnected with ``CLOSE_TOO_SLOW``; 0 disconnects at the first
+            loss. ``None`` (the default): losses alone close no client.
         max_topics: topic patterns one client may hold. A request is refused
             (HTTP 400, or an error reply) if it would produce more, counted
             before any is built.
@@ -212,10 +219,12 @@ class BroadcastConfig:
     bus_queue_size: int = attrs.field(default=10_000, validator=_count(1))
     max_clients: int = attrs.field(default=1000, validator=_count(1))
     max_handshaking: int = attrs.field(default=128, validator=_count(1))
-    # Above the dispatcher's batch (MAX_DISPATCH, 1,024): with less, a client
-    # that keeps up at full rate loses messages, and is then closed.
-    queue_size: int = attrs.field(default=4096, validator=_count(1))
-    max_lost: int = attrs.field(default=1000, validator=_count(0))
+    # Well above the dispatcher's batch (MAX_DISPATCH, 1,024), and above a
+    # burst of 20,000 messages, so that a client keeping up on average loses
+    # nothing to one: time behind (max_lag) is what closes a slow client.
+    queue_size: int = attrs.field(default=32_768, validator=_count(1))
+    max_lag: float = attrs.field(default=10.0, validator=_duration())
+    max_lost: int | None = attrs.field(default=None, validator=_optional_count(0))
     max_topics: int = attrs.field(default=64, validator=_count(1))
     known_kinds: tuple[str, ...] | None = attrs.field(
         default=None, converter=_kinds_tuple, validator=_kinds

@@ -1,10 +1,10 @@
-"""Broadcast: bus messages to WebSocket clients; a slow one hurts only itself.
+"""Broadcast: messages of any :class:`engine.bus.Bus` to WebSocket clients.
 
-The bus is read by a task that never blocks the loop, each message is
-framed once and offered to every client's own bounded queue, and each
-client has its own writer: a client that cannot keep up loses its oldest
-messages and is then closed with a code and a reason, while the others
-carry on at full rate.
+A service mounts it on its bus with :func:`serve_broadcast`. The bus is
+read by a task that never blocks the loop, each message is framed once and
+offered to every client's own bounded queue, and each client has its own
+writer: a client that falls too far behind is closed with a code and a
+reason, while the others carry on at full rate.
 
 See ``docs/broadcast.md``.
 """

@@ -6,6 +6,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
 from collections.abc import Awaitable
 from typing import Protocol, runtime_checkable
 
@@ -13,10 +14,9 @@ import attrs
 import trio
 from wsproto.events import Request
 
-import engine
-from engine import ReceiveChannel, SendChannel
-from engine.bus import Bus, BusMessage, Subscription
-
+from .._channels import ReceiveChannel, SendChannel, open_channel
+from .._counters import counter_metric, gauge_metric
+from ..bus import Bus, BusMessage, Subscription
 from ._client import DROP_REASONS, Client, ClientStatistics
 from ._config import CLOSE_GOING_AWAY, BroadcastConfig, FrameType
 from ._fanout import Fanout
@@ -29,7 +29,7 @@ from ._handshake import (
     reject_bytes,
 )
 
-logger = logging.getLogger("market.broadcast")
+logger = logging.getLogger("engine.broadcast")
 
 
 INBOX_SIZE = 4096
@@ -41,6 +41,11 @@ LINGER = 0.0005
 MAX_REFUSING = 64
 """Connections refused at accept being answered at once; past that, closed unanswered."""
 RETRY_AFTER = ((b"retry-after", b"5"),)
+
+
+def lag_check_period(max_lag: float) -> float:
+    """Seconds between two checks of the clients' lag: a quarter of ``max_lag``, at most 1."""
+    return min(1.0, max_lag / 4)
 
 
 async def _forward(inbox: SendChannel[BusMessage], message: BusMessage) -> None:
@@ -98,7 +103,8 @@ class BroadcastStatistics:
             ``policy``, ``rate_limited``, ``shutdown``, ``connection_lost``),
             counted when the close starts; the client stays in ``clients``
             until it is gone.
-        slow_disconnects: clients closed for losing more than ``max_lost``.
+        slow_disconnects: clients closed for falling more than ``max_lag``
+            behind (or losing more than ``max_lost``).
         aborted: closes whose handshake did not finish within
             ``close_timeout`` (the TCP connection was dropped).
         received: bus messages the server took.
@@ -119,36 +125,34 @@ class BroadcastStatistics:
 
     name: str
     url: str
-    clients: int = attrs.field(metadata=engine.gauge_metric("Clients connected now"))
-    peak_clients: int = attrs.field(metadata=engine.gauge_metric("Most clients at once"))
-    handshaking: int = attrs.field(metadata=engine.gauge_metric("Connections in the upgrade"))
-    accepted: int = attrs.field(metadata=engine.counter_metric("Upgrades accepted"))
+    clients: int = attrs.field(metadata=gauge_metric("Clients connected now"))
+    peak_clients: int = attrs.field(metadata=gauge_metric("Most clients at once"))
+    handshaking: int = attrs.field(metadata=gauge_metric("Connections in the upgrade"))
+    accepted: int = attrs.field(metadata=counter_metric("Upgrades accepted"))
     rejected: dict[str, int] = attrs.field(
-        metadata=engine.counter_metric("Connections refused, by reason", label="reason")
+        metadata=counter_metric("Connections refused, by reason", label="reason")
     )
     disconnected: dict[str, int] = attrs.field(
-        metadata=engine.counter_metric("Clients closed, by cause", label="cause")
+        metadata=counter_metric("Clients closed, by cause", label="cause")
     )
     slow_disconnects: int = attrs.field(
-        metadata=engine.counter_metric("Clients closed for falling behind")
+        metadata=counter_metric("Clients closed for falling behind")
     )
     aborted: int = attrs.field(
-        metadata=engine.counter_metric("Closes whose handshake did not finish in time")
+        metadata=counter_metric("Closes whose handshake did not finish in time")
     )
-    received: int = attrs.field(metadata=engine.counter_metric("Bus messages taken"))
-    unrouted: int = attrs.field(metadata=engine.counter_metric("Bus messages no client wanted"))
-    invalid: int = attrs.field(metadata=engine.counter_metric("Payloads that could not be framed"))
-    offered: int = attrs.field(metadata=engine.counter_metric("Frames offered to clients"))
-    queued: int = attrs.field(metadata=engine.gauge_metric("Frames offered and not written yet"))
-    sent: int = attrs.field(metadata=engine.counter_metric("Frames written to clients"))
+    received: int = attrs.field(metadata=counter_metric("Bus messages taken"))
+    unrouted: int = attrs.field(metadata=counter_metric("Bus messages no client wanted"))
+    invalid: int = attrs.field(metadata=counter_metric("Payloads that could not be framed"))
+    offered: int = attrs.field(metadata=counter_metric("Frames offered to clients"))
+    queued: int = attrs.field(metadata=gauge_metric("Frames offered and not written yet"))
+    sent: int = attrs.field(metadata=counter_metric("Frames written to clients"))
     dropped_by_reason: dict[str, int] = attrs.field(
-        metadata=engine.counter_metric(
-            "Frames never sent, by reason", label="reason", name="dropped"
-        )
+        metadata=counter_metric("Frames never sent, by reason", label="reason", name="dropped")
     )
-    writes: int = attrs.field(metadata=engine.counter_metric("Socket writes to clients"))
+    writes: int = attrs.field(metadata=counter_metric("Socket writes to clients"))
     bytes_sent: int = attrs.field(
-        metadata=engine.counter_metric("Bytes written to clients", name="sent_bytes")
+        metadata=counter_metric("Bytes written to clients", name="sent_bytes")
     )
     connections: tuple[ClientStatistics, ...]
 
@@ -187,6 +191,9 @@ class BroadcastServer:
     _per_ip: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     # Counters of clients already gone, so totals survive them.
     _gone: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
+
+    # Cancelled by close() and abort(): the bus intake and the accept loop stop.
+    _serving: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._fanout = Fanout(text=self.config.frame == FrameType.TEXT)
@@ -248,9 +255,11 @@ class BroadcastServer:
 
         What is queued for a client goes out first; each connection then
         gets ``close_timeout`` to finish its close handshake. New connections
-        are refused meanwhile. :meth:`wait_closed` waits for the last one.
+        are refused meanwhile. :meth:`wait_closed` waits for the last one,
+        and :func:`serve_broadcast` returns then.
         """
         self._shut_down()
+        self._serving.cancel()
 
     async def wait_closed(self) -> None:
         """Wait until :meth:`close` (or a cancel) has ended every connection."""
@@ -259,6 +268,7 @@ class BroadcastServer:
     def abort(self) -> None:
         """Drop every connection now, without a close handshake: for a forced stop."""
         self._closing = True
+        self._serving.cancel()
         for client in list(self._connections):
             client.scope.cancel()
         self._check_all_gone()
@@ -283,16 +293,21 @@ class BroadcastServer:
                     await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
 
             nursery.start_soon(accept)
+            watching = trio.CancelScope()
+            if math.isfinite(self.config.max_lag):
+                nursery.start_soon(self._watch_lag, watching)
             try:
-                inbox, outbox = engine.open_channel[BusMessage](INBOX_SIZE)
-                async with trio.open_nursery() as pumps, inbox:
-                    for subscription in subscriptions:
-                        pumps.start_soon(self._intake, subscription, inbox.clone())
-                    pumps.start_soon(self._dispatch, outbox)
-                    task_status.started(self)
-                logger.info("%s: the bus closed; closing every client", self.name)
+                inbox, outbox = open_channel[BusMessage](INBOX_SIZE)
+                with self._serving:
+                    async with trio.open_nursery() as pumps, inbox:
+                        for subscription in subscriptions:
+                            pumps.start_soon(self._intake, subscription, inbox.clone())
+                        pumps.start_soon(self._dispatch, outbox)
+                        task_status.started(self)
+                    logger.info("%s: the bus closed; closing every client", self.name)
             finally:
                 accepting.cancel()
+                watching.cancel()
                 self._shut_down()
 
     def _shut_down(self) -> None:
@@ -306,6 +321,16 @@ class BroadcastServer:
                 )
             else:
                 client.scope.cancel()
+
+    async def _watch_lag(self, scope: trio.CancelScope) -> None:
+        """Close each client whose oldest unwritten frame is older than ``max_lag``."""
+        max_lag = self.config.max_lag
+        with scope:
+            while True:
+                await trio.sleep(lag_check_period(max_lag))
+                now = trio.current_time()
+                for client in self._fanout.clients:
+                    client.check_lag(now)
 
     async def _intake(self, subscription: Subscription, inbox: SendChannel[BusMessage]) -> None:
         async with inbox:
@@ -466,14 +491,16 @@ async def serve_broadcast(
     ``/ws?topics=book&symbols=BTCUSDT``) or with subscribe messages
     (``{"op": "subscribe", "topics": ["trades.ETHUSDT"]}``).
 
-    Each client has its own bounded queue; a client that falls behind loses
-    its oldest messages and, past ``max_lost``, is closed with
-    ``CLOSE_TOO_SLOW``. Publishing on the bus never waits for a client.
+    Each client has its own bounded queue; a client whose oldest unwritten
+    message is more than ``max_lag`` seconds old is closed with
+    ``CLOSE_TOO_SLOW``, and a full queue drops its oldest messages.
+    Publishing on the bus never waits for a client.
 
     Cancellation:
-        Cancelling it (or the bus closing) closes every client with 1001
-        "going away"; it returns once they have answered, or
-        ``close_timeout`` has passed.
+        Cancelling it, the bus closing, or ``server.close()`` closes every
+        client with 1001 "going away"; it returns once they have answered,
+        or ``close_timeout`` has passed. After ``server.abort()`` it
+        returns at once.
 
     Args:
         bus: where the messages come from (``engine.bus.MemoryBus`` or an adapter).

@@ -5,10 +5,21 @@ client that wants it (server frames are unmasked, so they are identical on
 every connection). A client's queue holds those frames; its writer takes
 everything queued and writes it with one ``send_all``, so a client that
 keeps up costs one system call per batch, not one per message. A client
-that does not keep up fills only its own queue: the oldest frames are
-dropped and counted, and past ``max_lost`` it is closed with
-``CLOSE_TOO_SLOW``. Nothing here ever makes the publisher or another
-client wait.
+that does not keep up fills only its own queue: past ``queue_size`` the
+oldest frames are dropped and counted, and a client whose oldest unwritten
+frame is older than ``max_lag`` seconds (or, if set, that lost more than
+``max_lost`` frames) is closed with ``CLOSE_TOO_SLOW``. Nothing here ever
+makes the publisher or another client wait.
+
+How far behind a client is comes from marks, not from a time per frame
+(which would cost a clock read per frame per client): frames leave the queue
+oldest first, whether written or dropped, so each has a place in the order
+frames were queued, and a mark ``(place, time)`` says that the frames from
+that place on arrived no earlier than that time. A mark is made when a frame
+wakes the idle writer, and when a write begins with frames queued since the
+last mark. The oldest frame not written yet has waited at most ``now`` minus
+the time of the last mark at or before its place: never less than its real
+age, and more by at most the length of the write under way when it arrived.
 
 Every frame offered is accounted for at every moment:
 ``offered == sent + dropped + queued``, where ``dropped`` is by reason:
@@ -66,7 +77,7 @@ from ._handshake import RECEIVE_SIZE
 from ._ratelimit import TokenBucket, Verdict
 from ._topics import BadRequest, Tokens, parse_request, split
 
-logger = logging.getLogger("market.broadcast")
+logger = logging.getLogger("engine.broadcast")
 
 WRITE_BATCH = 1024
 """Frames joined into one socket write at most (a backlog goes out in a few writes)."""
@@ -156,6 +167,11 @@ class Client:
         self._offered = 0
         self._peak = 0
         self._in_hand = 0  # frames taken by the writer, not written yet
+        # How far behind it is (see the module's docstring): marks, the place
+        # of the oldest frame in hand, frames taken by the writer in total.
+        self._marks: collections.deque[tuple[int, float]] = collections.deque()
+        self._first_in_hand = 0
+        self._taken = 0
         self._sent = 0
         self._overflow = 0
         self._discarded = 0  # frames that never went out because the connection ended
@@ -195,7 +211,8 @@ class Client:
         if len(queue) == self._maxsize:
             self._overflow += 1
             queue.append(frame)  # the deque's bound pushes out the oldest
-            if self._overflow > self.config.max_lost:
+            max_lost = self.config.max_lost
+            if max_lost is not None and self._overflow > max_lost:
                 reason = f"too slow: lost {self._overflow} messages"
                 self.request_close(CLOSE_TOO_SLOW, reason, "too_slow")
             return
@@ -203,7 +220,45 @@ class Client:
         if len(queue) > self._peak:
             self._peak = len(queue)
         if self._waiting:
+            self._mark(trio.current_time())
             self._wake_writer()
+
+    def _mark(self, now: float) -> None:
+        """Note that the frames queued from now on arrive no earlier than ``now``."""
+        place = self._offered - 1 if self._waiting else self._offered
+        marks = self._marks
+        if marks and marks[-1][0] == place:  # no frame since: the later time is the closer
+            marks[-1] = (place, now)
+        else:
+            marks.append((place, now))
+
+    def lag(self, now: float) -> float:
+        """How long the oldest frame not written yet has waited, at most; 0 if none.
+
+        Never less than the real age; more by at most the length of the
+        write under way when that frame arrived.
+        """
+        if not (self._in_hand or self._queue):
+            return 0.0
+        self._forget_marks()
+        return now - self._marks[0][1] if self._marks else 0.0
+
+    def _forget_marks(self) -> None:
+        """Drop the marks that no frame still waiting needs: all of them if none waits."""
+        marks = self._marks
+        if not (self._in_hand or self._queue):
+            marks.clear()
+            return
+        oldest = self._first_in_hand if self._in_hand else self._taken + self._overflow
+        while len(marks) > 1 and marks[1][0] <= oldest:
+            marks.popleft()
+
+    def check_lag(self, now: float) -> None:
+        """Close the client with ``CLOSE_TOO_SLOW`` if it is more than ``max_lag`` behind."""
+        max_lag = self.config.max_lag
+        if self.lag(now) > max_lag:
+            reason = f"too slow: more than {max_lag:g} s behind"
+            self.request_close(CLOSE_TOO_SLOW, reason, "too_slow")
 
     def discard(self) -> None:
         """Count every frame not written as dropped (``closed``) and let them go.
@@ -284,11 +339,14 @@ class Client:
                 await self._wait_for_work()
                 continue
             # Everything queued (up to a batch) in one write, replies first.
+            self._mark(trio.current_time())  # what is queued from now on arrives later
+            self._first_in_hand = self._taken + self._overflow
             if len(queue) <= WRITE_BATCH:
                 batch = list(queue)
                 queue.clear()
             else:
                 batch = [queue.popleft() for _ in range(WRITE_BATCH)]
+            self._taken += len(batch)
             self._in_hand = len(batch)
             frames = self._take_control()
             frames += batch
@@ -297,6 +355,7 @@ class Client:
                 return
             self._sent += len(batch)
             self._in_hand = 0
+            self._forget_marks()
         await self._finish_close()
 
     async def _wait_for_work(self) -> None:

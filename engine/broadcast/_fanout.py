@@ -19,8 +19,7 @@ from typing import Generic, Protocol, TypeVar
 
 from wsproto.frame_protocol import FrameProtocol
 
-from engine.bus import BusMessage, tokens_match
-
+from ..bus import BusMessage, tokens_match
 from ._topics import Tokens, split
 
 # Distinct topics whose client lists are remembered; past this the memo
