@@ -24,7 +24,8 @@ subscription's and the broadcast client queue's. The client's queue is
 ``--client-queue`` frames (default 4,096, below the broadcast's own default
 of 32,768, so that a client that falls behind shows as losses here): a
 queue under the 1,024 messages the broadcast dispatches at once loses some
-even for a client that keeps up (``--client-queue 1000`` shows it). Peer: the same pipeline with trio-websocket's client (0.12,
+even for a client that keeps up (``--client-queue 1000`` shows it).
+Peer: the same pipeline with trio-websocket's client (0.12,
 ``open_websocket_url`` with its defaults, ``get_message`` per message) as
 the feed's socket reader, everything else identical
 (``ingest_trio_websocket_msgs_s``).
