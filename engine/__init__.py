@@ -31,6 +31,8 @@ from ._counters import Tally as Tally
 from ._counters import counter_metric as counter_metric
 from ._counters import gauge_metric as gauge_metric
 from ._counters import metric_source as metric_source
+from ._drain import ChildShutdown as ChildShutdown
+from ._drain import ShutdownReport as ShutdownReport
 from ._exceptions import ChildStalled as ChildStalled
 from ._exceptions import ChildStartError as ChildStartError
 from ._exceptions import EngineError as EngineError
@@ -79,6 +81,7 @@ from ._runtime import run as run
 from ._statistics import ChildState as ChildState
 from ._statistics import ChildStatistics as ChildStatistics
 from ._statistics import SupervisorStatistics as SupervisorStatistics
+from ._stopping import current_stop as current_stop
 from ._supervisor import Supervisor as Supervisor
 from ._supervisor import open_supervisor as open_supervisor
 from ._threads import ThreadIterator as ThreadIterator
@@ -95,6 +98,7 @@ __all__ = [
     "BridgeName",
     "BridgeStatistics",
     "ChannelStatistics",
+    "ChildShutdown",
     "ChildStalled",
     "ChildStartError",
     "ChildState",
@@ -131,6 +135,7 @@ __all__ = [
     "SendChannel",
     "SerializationError",
     "Shutdown",
+    "ShutdownReport",
     "Status",
     "Strategy",
     "StrategyName",
@@ -150,6 +155,7 @@ __all__ = [
     "consume",
     "counter_metric",
     "current_shutdown",
+    "current_stop",
     "every",
     "gauge_metric",
     "heartbeat",

@@ -29,6 +29,9 @@ logger = logging.getLogger("engine.supervisor")
 ChildFunction = Callable[..., Awaitable[object]]
 
 
+# Seconds a child that drains gets to stop before it is cancelled (OTP's 5000 ms).
+DEFAULT_SHUTDOWN = 5.0
+
 CancelReason = Literal["stall", "stop", "restart"]
 """Why the supervisor itself cancelled a run."""
 
@@ -44,6 +47,8 @@ class ChildSpec:
     backoff: Backoff
     stall_after: float
     wants_ready: bool
+    shutdown: float = DEFAULT_SHUTDOWN
+    holds: Callable[[], int] | None = None
 
     @classmethod
     def checked(
@@ -56,12 +61,16 @@ class ChildSpec:
         stall_after: float,
         *,
         wants_ready: bool,
+        shutdown: float = DEFAULT_SHUTDOWN,
+        holds: Callable[[], int] | None = None,
     ) -> ChildSpec:
         """The spec of a ``start`` or ``start_soon`` call, every argument checked."""
         if not callable(fn):
             raise TypeError(f"fn must be an async callable, got {fn!r}")
         if backoff is not None and not isinstance(backoff, Backoff):
             raise TypeError(f"backoff must be an engine.Backoff, got {backoff!r}")
+        if holds is not None and not callable(holds):
+            raise TypeError(f"holds must be a callable returning an int, got {holds!r}")
         return cls(
             name=check_name("name", name),
             fn=fn,
@@ -70,6 +79,8 @@ class ChildSpec:
             backoff=backoff if backoff is not None else Backoff(),
             stall_after=check_duration("stall_after", stall_after),
             wants_ready=wants_ready,
+            shutdown=check_duration("shutdown", shutdown, allow_zero=True),
+            holds=holds,
         )
 
 

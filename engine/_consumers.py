@@ -17,6 +17,8 @@ import trio
 
 from ._counters import Tally, counter_metric, gauge_metric, metric_source
 from ._names import callable_name, describe_error
+from ._runtime import Shutdown
+from ._stopping import child_stop
 from ._validation import check_choice, check_count, check_name
 from ._watchdog import attach_statistics, heartbeat
 
@@ -138,6 +140,16 @@ class Consumers(Generic[T]):
     ) -> None:
         """Handle messages from ``channel`` until it ends; then close it.
 
+        Draining:
+            In a supervised child, once the supervisor's
+            :meth:`~engine.Supervisor.shutdown` asks the child to stop
+            (:func:`engine.current_stop`), the workers stop waiting for new
+            messages, handle every message already queued, and return. The
+            queue is emptied with ``channel.receive_nowait()``; a channel
+            without that method is not emptied (the workers finish the
+            messages in hand and return). Outside a supervised child the
+            group runs until the channel ends, as before.
+
         Cancellation:
             Cancelling the caller cancels every worker; a message being
             handled is cut off mid-handler and counted neither way.
@@ -146,16 +158,30 @@ class Consumers(Generic[T]):
             BaseException: with ``on_error="raise"``, the handler's error,
                 in the exception group of the workers' nursery.
         """
+        stop = child_stop()
         with attach_statistics(self):
             async with channel, trio.open_nursery() as nursery:
+                waits = _Waits(watched=stop is not None, workers=self.workers)
+                if stop is not None:
+                    nursery.start_soon(waits.cancel_on, stop, name=f"{self.name} stop")
                 for index in range(self.workers):
-                    nursery.start_soon(self._work, channel, name=f"{self.name}[{index}]")
+                    nursery.start_soon(self._work, channel, waits, name=f"{self.name}[{index}]")
                 task_status.started()
 
-    async def _work(self, channel: trio.abc.ReceiveChannel[T]) -> None:
+    async def _work(self, channel: trio.abc.ReceiveChannel[T], waits: _Waits) -> None:
+        try:
+            await self._handle_all(channel, waits)
+        finally:
+            waits.worker_done()
+
+    async def _handle_all(self, channel: trio.abc.ReceiveChannel[T], waits: _Waits) -> None:
         tally = self._tally
         handler = self.handler
-        async for message in channel:
+        while True:
+            try:
+                message = await waits.receive(channel)
+            except (trio.EndOfChannel, trio.WouldBlock):
+                return  # the channel ended, or it is empty and we are draining
             started = trio.current_time()
             tally.busy += 1
             try:
@@ -187,6 +213,50 @@ class Consumers(Generic[T]):
             tally.last_error,
             exc_info=exc if self.on_error is OnError.CONTINUE else None,
         )
+
+
+class _Waits:
+    """The workers' waits for a message, which a stop request cuts short (private).
+
+    Once stopping, a worker takes only what is already queued: a receive
+    that would wait raises ``trio.WouldBlock`` instead, and a cancelled wait
+    gives up nothing, as trio's channels guarantee.
+    """
+
+    def __init__(self, *, watched: bool, workers: int) -> None:
+        self.stopping = False
+        self._watched = watched  # False: nothing will cut a wait short
+        self._scopes: set[trio.CancelScope] = set()
+        self._workers = workers
+        self._watch = trio.CancelScope()
+
+    async def cancel_on(self, stop: Shutdown) -> None:
+        """Cut every wait short once ``stop`` is requested; ends with the last worker."""
+        with self._watch:
+            await stop.wait()
+            self.stopping = True
+            for scope in self._scopes:
+                scope.cancel()
+
+    def worker_done(self) -> None:
+        self._workers -= 1
+        if not self._workers:
+            self._watch.cancel()
+
+    async def receive(self, channel: trio.abc.ReceiveChannel[T]) -> T:
+        if not self._watched:
+            return await channel.receive()
+        while not self.stopping:
+            with trio.CancelScope() as scope:
+                self._scopes.add(scope)
+                try:
+                    return await channel.receive()
+                finally:
+                    self._scopes.discard(scope)
+        receive_nowait: Callable[[], T] | None = getattr(channel, "receive_nowait", None)
+        if receive_nowait is None:
+            raise trio.WouldBlock
+        return receive_nowait()
 
 
 async def consume(

@@ -201,6 +201,20 @@ class Subscription(Generic[T]):
             self._raise_if_disconnected()
             raise
 
+    def receive_batch_nowait(self, max_items: int) -> list[tuple[str, T]]:
+        """Every queued ``(topic, message)``, up to ``max_items``, without waiting.
+
+        Raises:
+            trio.WouldBlock: nothing is queued.
+            trio.EndOfChannel, SubscriberDisconnected: as :meth:`receive`.
+            ValueError: ``max_items < 1``.
+        """
+        try:
+            return self._receive.receive_batch_nowait(max_items)
+        except trio.EndOfChannel:
+            self._raise_if_disconnected()
+            raise
+
     def __aiter__(self) -> AsyncIterator[tuple[str, T]]:
         return self
 

@@ -12,13 +12,22 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import trio
 
 from ._backoff import Backoff
-from ._children import Child, ChildFunction, Children, ChildSpec, Run, run_child
+from ._children import (
+    DEFAULT_SHUTDOWN,
+    Child,
+    ChildFunction,
+    Children,
+    ChildSpec,
+    Run,
+    run_child,
+)
+from ._drain import CANCELLED, FAILED, NOT_RUNNING, RETURNED, ChildShutdown, ShutdownReport
 from ._exceptions import ChildStartError, FailureRecord, RestartIntensityExceeded
 from ._names import describe_error
 from ._restarts import (
@@ -30,7 +39,9 @@ from ._restarts import (
     restart_group,
     wants_restart,
 )
+from ._runtime import Shutdown
 from ._statistics import ChildState, SupervisorStatistics
+from ._stopping import child_stop
 from ._validation import check_choice, check_count, check_duration, check_name
 from ._watchdog import attach_statistics
 
@@ -54,6 +65,10 @@ class Supervisor:
         self._closed = False
         self._children = Children(name)
         self._failure: RestartIntensityExceeded | None = None
+        # Set by shutdown(): no starts or restarts from then on.
+        self._stopping: trio.Event | None = None
+        self._report: ShutdownReport | None = None
+        self._restarting: set[trio.CancelScope] = set()
 
     @property
     def name(self) -> str:
@@ -79,6 +94,8 @@ class Supervisor:
         backoff: Backoff | None = None,
         stall_after: float = math.inf,
         reports_ready: bool = False,
+        shutdown: float = DEFAULT_SHUTDOWN,
+        holds: Callable[[], int] | None = None,
     ) -> None:
         """Start a child without waiting for it, like ``nursery.start_soon``.
 
@@ -97,13 +114,31 @@ class Supervisor:
                 (a feed that is ready when connected). Unlike :meth:`start`,
                 a failure before that is handled by the restart policy,
                 because nobody is waiting to be told.
+            shutdown: seconds the child gets to stop on its own once
+                :meth:`shutdown` asks it to (its ``engine.current_stop()``
+                is requested), before it is cancelled; ``0`` cancels it at
+                once, ``math.inf`` waits for it. A child that never called
+                :func:`engine.current_stop` is cancelled at once whatever
+                its budget: it cannot be draining.
+            holds: ``holds()`` counts what the child still holds and would
+                lose (its queue's depth, say). Read once the child has
+                stopped; a count above zero is logged as dropped at
+                shutdown and reported in :class:`ShutdownReport`.
 
         Raises:
             ValueError: for a bad argument, or a name already in use.
             RuntimeError: if the supervisor has already closed.
         """
         spec = ChildSpec.checked(
-            fn, args, name, restart, backoff, stall_after, wants_ready=reports_ready
+            fn,
+            args,
+            name,
+            restart,
+            backoff,
+            stall_after,
+            wants_ready=reports_ready,
+            shutdown=shutdown,
+            holds=holds,
         )
         self._launch(self._add(spec), initial=False)
 
@@ -117,6 +152,8 @@ class Supervisor:
         restart: Restart | RestartName = "permanent",
         backoff: Backoff | None = None,
         stall_after: float = math.inf,
+        shutdown: float = DEFAULT_SHUTDOWN,
+        holds: Callable[[], int] | None = None,
     ) -> object:
         """Start a child and wait until it reports ready, like ``nursery.start``.
 
@@ -137,7 +174,17 @@ class Supervisor:
             ValueError: for a bad argument, or a name already in use.
             RuntimeError: if the supervisor has already closed.
         """
-        spec = ChildSpec.checked(fn, args, name, restart, backoff, stall_after, wants_ready=True)
+        spec = ChildSpec.checked(
+            fn,
+            args,
+            name,
+            restart,
+            backoff,
+            stall_after,
+            wants_ready=True,
+            shutdown=shutdown,
+            holds=holds,
+        )
         child = self._add(spec)
         run = self._launch(child, initial=True)
         try:
@@ -167,9 +214,147 @@ class Supervisor:
         self._children.remove(child)
 
     def cancel(self) -> None:
-        """Cancel every child and end the supervisor's block without an error."""
+        """Cancel everything at once, the body of the ``async with`` block included.
+
+        This is the hard stop, ``nursery.cancel_scope.cancel()``: every child
+        is cancelled where it stands (what it holds is lost, uncounted) and
+        so is the block's own code, at its next checkpoint, so nothing
+        written after ``sup.cancel()`` in the block runs past its first
+        ``await``. The block then ends without an error.
+
+        For a graceful stop that drains and leaves the block running, use
+        :meth:`shutdown`.
+        """
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+    async def shutdown(self, reason: str = "supervisor shutting down") -> ShutdownReport:
+        """Stop every child gracefully, one at a time, the last started first.
+
+        Nothing is started or restarted any more (pending restarts are
+        dropped). Each child that is running has its stop request
+        (:func:`engine.current_stop`) requested and gets its ``shutdown``
+        budget to return: a source stops reading, a consumer empties its
+        queue into its sink; only then is the next child asked. A child past
+        its budget, or one that never asked for its stop request, is
+        cancelled. What a child still holds (its ``holds`` count) is logged
+        as dropped at shutdown.
+
+        Unlike :meth:`cancel`, the block's own code is not cancelled: it
+        goes on after ``await sup.shutdown()``, and the block ends once it
+        does. Under :func:`engine.run`, the grace period bounds the whole
+        shutdown: when it expires the shutdown is cancelled with ``main``.
+
+        A second call waits for the first and returns the same report.
+
+        Args:
+            reason: given to every child's stop request, for the logs.
+
+        Returns:
+            What happened to each child, in the order they were stopped.
+
+        Raises:
+            ValueError: ``reason`` is not a non-empty string.
+        """
+        check_name("reason", reason)
+        if self._stopping is not None:
+            await self._stopping.wait()
+            assert self._report is not None
+            return self._report
+        self._stopping = trio.Event()
+        started = trio.current_time()
+        logger.info(
+            "shutting down %d children, last started first: %s",
+            len(self._children.names),
+            reason,
+            extra={"supervisor": self._name},
+        )
+        for scope in self._restarting:
+            scope.cancel()
+        stopped: list[ChildShutdown] = []
+        try:
+            for child in sorted(self._children, key=lambda c: c.order, reverse=True):
+                stopped.append(await self._stop_child(child, reason))
+        finally:
+            self._report = ShutdownReport(
+                supervisor=self._name,
+                reason=reason,
+                children=tuple(stopped),
+                seconds=trio.current_time() - started,
+            )
+            self._stopping.set()
+        return self._report
+
+    async def _stop_child(self, child: Child, reason: str) -> ChildShutdown:
+        """Ask ``child`` to stop, wait out its budget, cancel it if need be; count what it held."""
+        spec = child.spec
+        child.restart_token = None
+        run = child.run
+        started = trio.current_time()
+        outcome = NOT_RUNNING
+        error: str | None = None
+        if run is not None and not run.done.is_set():
+            budget = spec.shutdown if run.context.stop_watched else 0.0
+            run.context.stop.request(reason)
+            with trio.move_on_after(budget):
+                await run.done.wait()
+            if not run.done.is_set():
+                why = (
+                    f"shutdown budget of {budget:g} s expired"
+                    if run.context.stop_watched
+                    else "it does not watch engine.current_stop()"
+                )
+                run.context.stop.force(why)
+                await child.cancel_run("stop")
+                outcome = CANCELLED
+                level = logging.WARNING if run.context.stop_watched else logging.INFO
+                logger.log(
+                    level,
+                    "child %r cancelled at shutdown: %s",
+                    spec.name,
+                    why,
+                    extra={"supervisor": self._name, "child": spec.name},
+                )
+            elif run.error is not None:
+                outcome, error = FAILED, describe_error(run.error)
+            else:
+                outcome = RETURNED
+        if child.live:
+            child.state = ChildState.STOPPED
+        child.run = None
+        report = ChildShutdown(
+            name=spec.name,
+            outcome=outcome,
+            seconds=trio.current_time() - started,
+            budget=spec.shutdown,
+            dropped=self._held(child),
+            error=error,
+        )
+        if report.dropped:
+            logger.warning(
+                "child %r dropped %d held at shutdown (%s)",
+                spec.name,
+                report.dropped,
+                outcome,
+                extra={"supervisor": self._name, "child": spec.name, "dropped": report.dropped},
+            )
+        return report
+
+    def _held(self, child: Child) -> int | None:
+        holds = child.spec.holds
+        if holds is None:
+            return None
+        try:
+            return int(holds())
+        except Exception as exc:  # a broken count must not stop the shutdown
+            logger.error(
+                "child %r: its holds() count failed: %s",
+                child.spec.name,
+                describe_error(exc),
+                exc_info=exc,
+                extra={"supervisor": self._name, "child": child.spec.name},
+            )
+            return None
 
     def statistics(self) -> SupervisorStatistics:
         """A frozen snapshot of this supervisor and everything below it."""
@@ -190,6 +375,8 @@ class Supervisor:
     def _add(self, spec: ChildSpec) -> Child:
         if self._closed or self._nursery is None:
             raise RuntimeError(f"supervisor {self._name!r} is closed")
+        if self._stopping is not None:
+            raise RuntimeError(f"supervisor {self._name!r} is shutting down")
         return self._children.add(spec)
 
     def _launch(self, child: Child, *, initial: bool) -> Run:
@@ -210,6 +397,11 @@ class Supervisor:
         error = run.failure
         if error is not None:
             self._record_failure(child, run, error, now)
+        if self._stopping is not None:
+            # Ended while the supervisor shuts down: by request, or by itself
+            # meanwhile. Either way nothing restarts it.
+            child.state = ChildState.FAILED if error is not None else ChildState.STOPPED
+            return
         if run.initial and not run.ready:
             child.state = ChildState.FAILED  # start() raises; nothing restarts it
             return
@@ -272,6 +464,21 @@ class Supervisor:
     async def _restart(
         self, group: list[Child], stop_only: list[Child], token: object, delay: float
     ) -> None:
+        # shutdown() cancels it: a child backing off is then simply not started.
+        with trio.CancelScope() as scope:
+            self._restarting.add(scope)
+            try:
+                await self._restart_group(group, stop_only, token, delay)
+            finally:
+                self._restarting.discard(scope)
+        if scope.cancelled_caught:
+            for member in group:
+                if member.restart_token is token and member.run is None:
+                    member.state = ChildState.STOPPED
+
+    async def _restart_group(
+        self, group: list[Child], stop_only: list[Child], token: object, delay: float
+    ) -> None:
         # Stop the others in reverse start order: later children may depend
         # on earlier ones, never the other way round.
         for member in sorted(group + stop_only, key=lambda c: c.order, reverse=True):
@@ -329,12 +536,29 @@ def open_supervisor(
 
 @asynccontextmanager
 async def _open(supervisor: Supervisor) -> AsyncIterator[Supervisor]:
+    stop = child_stop()  # opened inside a supervised child: it drains with its children
     with attach_statistics(supervisor):
         try:
             async with trio.open_nursery() as nursery:
                 supervisor._nursery = nursery
-                yield supervisor
+                waiting = trio.CancelScope()
+                if stop is not None:
+                    nursery.start_soon(_shut_down_on_stop, supervisor, stop, waiting)
+                try:
+                    yield supervisor
+                finally:
+                    waiting.cancel()  # a shutdown already under way goes on
         finally:
             supervisor._closed = True
     if supervisor._failure is not None:
         raise supervisor._failure
+
+
+async def _shut_down_on_stop(
+    supervisor: Supervisor, stop: Shutdown, waiting: trio.CancelScope
+) -> None:
+    """Shut ``supervisor`` down once the child it was opened in is asked to stop."""
+    with waiting:
+        await stop.wait()
+    if not waiting.cancelled_caught:
+        await supervisor.shutdown(stop.reason or "the enclosing child was asked to stop")

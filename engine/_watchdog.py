@@ -17,6 +17,8 @@ from typing import Protocol
 import attrs
 import trio
 
+from ._runtime import Shutdown
+
 
 class StatisticsSource(Protocol):
     """Something that can be listed under a child in the supervision tree."""
@@ -40,6 +42,11 @@ class RunContext:
     last_beat: float
     # Supervisors and cycles opened inside this run, so statistics form a tree.
     attached: list[StatisticsSource] = attrs.Factory(list)
+    # Requested by the supervisor's shutdown(); see engine.current_stop().
+    stop: Shutdown = attrs.Factory(Shutdown)
+    # Whether the run's code asked for its stop request: one that never did
+    # cannot act on it, so its supervisor cancels it at once.
+    stop_watched: bool = False
 
     def beat(self) -> None:
         # The clock, not trio.current_time(), so that threads may beat too.

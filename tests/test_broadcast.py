@@ -28,6 +28,7 @@ from wsproto.events import (
     Request,
 )
 
+import engine
 from engine.broadcast import (
     CLOSE_GOING_AWAY,
     CLOSE_PING_TIMEOUT,
@@ -706,6 +707,52 @@ async def test_serve_broadcast_returns_once_close_has_closed_every_client() -> N
         # The nursery exited without a cancel: serve_broadcast returned by itself.
         assert len(returned_at) == 1
         assert server.statistics().disconnected == {"shutdown": 1}
+
+
+async def read_until_closed(ws: WebSocketConnection) -> tuple[list[str], ConnectionClosed]:
+    """Every message until the connection closes, and how it closed."""
+    got: list[str] = []
+    while True:
+        try:
+            got.append(cast(str, await ws.get_message()))
+        except ConnectionClosed as closed:
+            return got, closed
+
+
+async def test_close_hands_on_what_the_bus_held_before_the_close_frame() -> None:
+    with trio.fail_after(GUARD):
+        async with serving() as (server, bus), ws_client(server, "?topics=trades") as ws:
+            await bus.publish("trades.BTCUSDT", b"first")
+            assert await ws.get_message() == "first"
+            # Published without a checkpoint: all still in the bus subscription's queue.
+            for i in range(500):
+                bus.publish_nowait("trades.BTCUSDT", b"%d" % i)
+            server.close()
+            got, closed = await read_until_closed(ws)
+            assert close_of(closed) == (CLOSE_GOING_AWAY, "server shutting down")
+            assert got == [str(i) for i in range(500)]
+            stats = server.statistics()
+            assert (stats.received, stats.sent, stats.dropped) == (501, 501, 0)
+
+
+async def test_a_supervised_broadcast_drains_when_its_child_is_asked_to_stop() -> None:
+    bus = MemoryBus()
+    with trio.fail_after(GUARD):
+        async with engine.open_supervisor() as sup:
+            server = await sup.start(serve_broadcast, bus, BroadcastConfig(), name="broadcast")
+            assert isinstance(server, BroadcastServer)
+            async with ws_client(server, "?topics=trades") as ws:
+                await bus.publish("trades.BTCUSDT", b"hello")
+                assert await ws.get_message() == "hello"
+                for i in range(100):
+                    bus.publish_nowait("trades.BTCUSDT", b"%d" % i)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(sup.shutdown)
+                    got, closed = await read_until_closed(ws)
+            assert close_of(closed) == (CLOSE_GOING_AWAY, "server shutting down")
+            assert got == [str(i) for i in range(100)]
+            report = await sup.shutdown()
+        assert [(c.name, c.outcome) for c in report.children] == [("broadcast", "returned")]
 
 
 async def test_serve_broadcast_returns_at_once_after_abort(

@@ -100,3 +100,18 @@ def test_extending_example_prints_what_its_page_shows() -> None:
     result = _run_example("extending_component.py")
     assert result.returncode == 0, result.stderr
     assert result.stdout == shown
+
+
+@pytest.mark.subprocess
+def test_graceful_drain_example_prints_what_the_supervision_page_shows() -> None:
+    source = (EXAMPLES / "graceful_drain.py").read_text()
+    body = source[
+        source.index("received: list[int] = []") : source.index('if __name__ == "__main__":')
+    ]
+    page = (ROOT / "docs" / "supervision.md").read_text()
+    assert body.strip() in page
+    result = _run_example("graceful_drain.py")
+    assert result.returncode == 0, result.stderr
+    section = page[page.index("## Graceful shutdown") :]
+    shown = section.split("```text\n", 1)[1].split("```", 1)[0]
+    assert result.stdout == shown

@@ -445,6 +445,46 @@ async def test_a_stop_request_closes_clients_with_1001_and_the_service_returns()
     assert set(children.values()) == {"stopped"}
 
 
+async def test_a_stop_under_load_publishes_everything_received_and_flushes_clients() -> None:
+    """The feed stops reading, the processors drain its queue, the broadcast flushes."""
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            service: MarketService = await nursery.start(
+                serve_market, MarketConfig(port=0, ws_port=0, rate=20_000, processors=1)
+            )
+            async with ws_client(f"{service.ws_url}?topics=trades") as ws:
+                for _ in range(1000):  # a client that keeps up, under load
+                    await ws.get_message()
+                engine.current_shutdown().request("test: stop")
+                got = 1000 + await count_until_closed(ws)
+        # The nursery exited without a cancel from here: serve_market returned.
+    feed = service.feed.statistics()
+    assert feed.received > 4000
+    assert service.feed.in_flight() == 0
+    assert feed.received == feed.published + feed.malformed  # the queue blocks: no drops
+    stats = service.broadcast.statistics()
+    assert (stats.dropped, stats.queued) == (0, 0), stats.dropped_by_reason
+    assert stats.sent == got
+    states = {c.name: c.state.value for c in service.supervisor.statistics().children}
+    assert set(states.values()) == {"stopped"}
+
+
+async def count_until_closed(ws: WebSocketConnection) -> int:
+    """How many messages arrive until the connection closes with 1001."""
+    count = 0
+    ended: list[ConnectionClosed] = []
+    while not ended:
+        try:
+            await ws.get_message()
+        except ConnectionClosed as closed:
+            ended.append(closed)
+        else:
+            count += 1
+    assert ended[0].reason is not None
+    assert ended[0].reason.code == CLOSE_GOING_AWAY
+    return count
+
+
 @pytest.mark.subprocess
 def test_sigterm_with_a_client_connected_closes_it_with_1001_and_exits_0() -> None:
     async def client(process: subprocess.Popen[str], ws_url: str) -> ConnectionClosed:
@@ -460,4 +500,11 @@ def test_sigterm_with_a_client_connected_closes_it_with_1001_and_exits_0() -> No
         assert closed.reason is not None
         assert (closed.reason.code, closed.reason.reason) == (1001, "server shutting down")
         # 0, not 128 + SIGTERM: it finished before the 5 s grace period ran out.
-        assert process.wait(timeout=GUARD) == 0
+        _, stderr = process.communicate(timeout=GUARD)
+        assert process.returncode == 0, stderr
+    # Its last word is the feed's account: everything received was published.
+    [line] = [line for line in stderr.splitlines() if "market stopped: " in line]
+    counts = json.loads(line.split("market stopped: ", 1)[1])
+    assert counts["received"] > 0
+    assert counts["received"] == counts["published"] + counts["malformed"]
+    assert (counts["dropped"], counts["left_in_queue"]) == (0, 0)

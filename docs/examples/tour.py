@@ -40,7 +40,7 @@ async def main() -> str:
         os.kill(os.getpid(), signal.SIGTERM)  # as Kubernetes would
         await shutdown.wait()  # the first signal asks; nothing is cancelled yet
         stats = sup.statistics()
-        sup.cancel()  # this service has no in-flight work to finish
+        await sup.shutdown()  # children stop last started first; the body goes on
     for path, child in stats.walk():
         print(f"{path}: {child.state}, restarts={child.restarts}, stalls={child.stalls}")
     cycle = watchlist.statistics()

@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
 import attrs
@@ -16,6 +16,8 @@ from wsproto.events import Request
 
 from .._channels import ReceiveChannel, SendChannel, open_channel
 from .._counters import counter_metric, gauge_metric
+from .._runtime import Shutdown
+from .._stopping import child_stop
 from ..bus import Bus, BusMessage, Subscription
 from ._client import DROP_REASONS, Client, ClientStatistics
 from ._config import CLOSE_GOING_AWAY, BroadcastConfig, FrameType
@@ -48,11 +50,29 @@ def lag_check_period(max_lag: float) -> float:
     return min(1.0, max_lag / 4)
 
 
-async def _forward(inbox: SendChannel[BusMessage], message: BusMessage) -> None:
-    try:
-        inbox.send_nowait(message)
-    except trio.WouldBlock:
-        await inbox.send(message)
+async def _forward_all(inbox: SendChannel[BusMessage], batch: list[BusMessage]) -> None:
+    for message in batch:
+        try:
+            inbox.send_nowait(message)  # no coroutine per message
+        except trio.WouldBlock:
+            await inbox.send(message)
+
+
+def _batch_receiver(subscription: Subscription) -> Callable[[], Awaitable[list[BusMessage]]]:
+    """A call that waits for the next messages of ``subscription``, in batches when it can."""
+    if isinstance(subscription, _Batched):
+        batched = subscription
+
+        async def receive_batch() -> list[BusMessage]:
+            return await batched.receive_batch(INBOX_SIZE)
+
+        return receive_batch
+    iterator = aiter(subscription)
+
+    async def receive_one() -> list[BusMessage]:
+        return [await anext(iterator)]
+
+    return receive_one
 
 
 async def _linger(inbox: ReceiveChannel[BusMessage], batch: list[BusMessage], limit: int) -> None:
@@ -192,8 +212,12 @@ class BroadcastServer:
     # Counters of clients already gone, so totals survive them.
     _gone: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
 
-    # Cancelled by close() and abort(): the bus intake and the accept loop stop.
+    # Cancelled by abort(): the bus intake and the accept loop stop at once.
     _serving: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    # close() cancels the intake's waits: it hands on what the subscriptions
+    # already hold, then ends, and the clients are closed after it.
+    _draining: bool = attrs.field(default=False, init=False)
+    _intake_waits: set[trio.CancelScope] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._fanout = Fanout(text=self.config.frame == FrameType.TEXT)
@@ -251,15 +275,20 @@ class BroadcastServer:
         )
 
     def close(self) -> None:
-        """Close every client with 1001 "going away", as cancelling the server does.
+        """Close every client with 1001 "going away", after what it is owed.
 
-        What is queued for a client goes out first; each connection then
-        gets ``close_timeout`` to finish its close handshake. New connections
+        The server stops reading the bus: what its subscriptions already
+        hold is handed to the clients' queues, and what is queued for a
+        client goes out before its close frame. Each connection gets
+        ``close_timeout`` for that and its close handshake. New connections
         are refused meanwhile. :meth:`wait_closed` waits for the last one,
-        and :func:`serve_broadcast` returns then.
+        and :func:`serve_broadcast` returns then. (Cancelling the server
+        closes the clients the same way but drops what the bus still held.)
         """
-        self._shut_down()
-        self._serving.cancel()
+        self._closing = True
+        self._draining = True
+        for scope in self._intake_waits:
+            scope.cancel()
 
     async def wait_closed(self) -> None:
         """Wait until :meth:`close` (or a cancel) has ended every connection."""
@@ -296,6 +325,10 @@ class BroadcastServer:
             watching = trio.CancelScope()
             if math.isfinite(self.config.max_lag):
                 nursery.start_soon(self._watch_lag, watching)
+            stop = child_stop()  # a supervised child drains when asked to stop
+            stopping = trio.CancelScope()
+            if stop is not None:
+                nursery.start_soon(self._close_on, stop, stopping)
             try:
                 inbox, outbox = open_channel[BusMessage](INBOX_SIZE)
                 with self._serving:
@@ -304,10 +337,12 @@ class BroadcastServer:
                             pumps.start_soon(self._intake, subscription, inbox.clone())
                         pumps.start_soon(self._dispatch, outbox)
                         task_status.started(self)
-                    logger.info("%s: the bus closed; closing every client", self.name)
+                    if not self._draining:
+                        logger.info("%s: the bus closed; closing every client", self.name)
             finally:
                 accepting.cancel()
                 watching.cancel()
+                stopping.cancel()
                 self._shut_down()
 
     def _shut_down(self) -> None:
@@ -322,6 +357,12 @@ class BroadcastServer:
             else:
                 client.scope.cancel()
 
+    async def _close_on(self, stop: Shutdown, scope: trio.CancelScope) -> None:
+        with scope:
+            await stop.wait()
+            logger.info("%s: asked to stop (%s); closing every client", self.name, stop.reason)
+            self.close()
+
     async def _watch_lag(self, scope: trio.CancelScope) -> None:
         """Close each client whose oldest unwritten frame is older than ``max_lag``."""
         max_lag = self.config.max_lag
@@ -333,21 +374,29 @@ class BroadcastServer:
                     client.check_lag(now)
 
     async def _intake(self, subscription: Subscription, inbox: SendChannel[BusMessage]) -> None:
+        """Forward the subscription's messages until it ends or :meth:`close` drains it."""
         async with inbox:
-            if not isinstance(subscription, _Batched):
-                async for message in subscription:
-                    await _forward(inbox, message)
-                return
-            while True:
-                try:
-                    batch = await subscription.receive_batch(INBOX_SIZE)
-                except trio.EndOfChannel:
-                    return
-                for message in batch:
+            receive = _batch_receiver(subscription)
+            while not self._draining:
+                with trio.CancelScope() as wait:
+                    self._intake_waits.add(wait)
                     try:
-                        inbox.send_nowait(message)  # no coroutine per message
-                    except trio.WouldBlock:
-                        await inbox.send(message)
+                        batch = await receive()
+                    except (trio.EndOfChannel, StopAsyncIteration):
+                        return
+                    finally:
+                        self._intake_waits.discard(wait)
+                if wait.cancelled_caught:
+                    break  # close(): nothing was taken by the cancelled wait
+                await _forward_all(inbox, batch)
+            # Draining: hand on what the subscription already holds.
+            take_nowait = getattr(subscription, "receive_batch_nowait", None)
+            while take_nowait is not None:
+                try:
+                    batch = take_nowait(INBOX_SIZE)
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    return
+                await _forward_all(inbox, batch)
 
     async def _dispatch(self, inbox: ReceiveChannel[BusMessage]) -> None:
         dispatch = self._fanout.dispatch

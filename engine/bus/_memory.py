@@ -30,6 +30,10 @@ class MemorySubscription:
         """Every queued message, up to ``max_items``; waits for at least one."""
         return [message for _, message in await self._inner.receive_batch(max_items)]
 
+    def receive_batch_nowait(self, max_items: int) -> list[BusMessage]:
+        """Every queued message, up to ``max_items``; ``trio.WouldBlock`` if none."""
+        return [message for _, message in self._inner.receive_batch_nowait(max_items)]
+
 
 class MemoryBus:
     """A :class:`~engine.bus.Bus` inside one process: at most once, no copies.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import tempfile
@@ -31,6 +32,10 @@ BINANCE_REST = "https://api.binance.com"
 # The simulator's trades are worth up to about 1,600 in quote currency; this
 # makes a few percent of them whales, so the whale flow has something to show.
 SIMULATED_WHALE_USD = 1_500.0
+# Seconds the feed gets to stop reading (its close handshake is bounded by
+# the socket client), and the processors to publish what is queued.
+FEED_SHUTDOWN = 3.0
+PROCESSORS_SHUTDOWN = 5.0
 
 
 @attrs.frozen
@@ -271,7 +276,12 @@ async def _serve_market(
         async with engine.open_supervisor(name="market", max_restarts=20, period=60) as sup:
             # Whale flows first, so they see the feed's first trade.
             await sup.start(whales.run, name="whale_flows")
-            await sup.start(feed.process, name="processors")
+            # Stopped after the feed (children stop last started first): they
+            # publish everything queued, then return; what they could not is
+            # counted (feed.in_flight) and logged.
+            await sup.start(
+                feed.process, name="processors", shutdown=PROCESSORS_SHUTDOWN, holds=feed.in_flight
+            )
             # Children that wait on something outside (a socket, a file): ready
             # once connected, retried with backoff, cancelled if they go quiet.
             outside = functools.partial(
@@ -280,7 +290,7 @@ async def _serve_market(
                 backoff=engine.Backoff(initial=0.5, maximum=30),
                 stall_after=30,
             )
-            outside(feed.connect, name="feed")
+            outside(feed.connect, name="feed", shutdown=FEED_SHUTDOWN)
             orders: OrderLog | None = None
             if plan.orders is not None:
                 orders = OrderLog(plan.orders, bus)
@@ -330,15 +340,32 @@ async def _serve_market(
                     scans=scans,
                 )
             )
-            await engine.current_shutdown().wait()
-            logger.info("stopping: %s", engine.current_shutdown().reason)
-            sup.cancel()
-        # Clients get "going away" (1001) and what was queued for them, as long
-        # as the grace period lasts; a forced stop (a cancel) drops them at once.
+            stop = engine.current_shutdown()
+            await stop.wait()
+            logger.info("stopping: %s", stop.reason)
+            # The feed stops reading, the processors drain the queue to the
+            # bus, then the rest stop; the grace period bounds it all.
+            await sup.shutdown(stop.reason or "stopping")
+        # Clients get what the bus still held and what was queued for them,
+        # then "going away" (1001), as long as the grace period lasts; a
+        # forced stop (a cancel) drops them at once.
         broadcast.close()
         try:
             await broadcast.wait_closed()
         except BaseException:
             broadcast.abort()
             raise
+        logger.info("market stopped: %s", json.dumps(_final_counts(feed)))
         nursery.cancel_scope.cancel()
+
+
+def _final_counts(feed: Feed) -> dict[str, int]:
+    """The feed's account at exit: ``received`` is the sum of the other four."""
+    stats = feed.statistics()
+    return {
+        "received": stats.received,
+        "published": stats.published,
+        "malformed": stats.malformed,
+        "dropped": feed.queue.statistics().dropped,
+        "left_in_queue": feed.in_flight(),
+    }

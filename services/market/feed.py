@@ -87,8 +87,37 @@ class _Batches(trio.abc.ReceiveChannel[list[Event]]):
                     batch += self._channel.receive_batch_nowait(PROCESS_BATCH - len(batch))
         return batch
 
+    def receive_nowait(self) -> list[Event]:
+        """Everything queued (up to a batch) without waiting: how a stopping processor drains.
+
+        Raises:
+            trio.WouldBlock: nothing is queued.
+        """
+        return self._channel.receive_batch_nowait(PROCESS_BATCH)
+
     async def aclose(self) -> None:
         await self._channel.aclose()
+
+
+class _Reading:
+    """The reader's wait for the next socket read, which a stop request cuts short (private)."""
+
+    def __init__(self) -> None:
+        self._scope: trio.CancelScope | None = None
+        self._stopped = False
+
+    def wait(self) -> trio.CancelScope:
+        scope = trio.CancelScope()
+        if self._stopped:
+            scope.cancel()
+        self._scope = scope
+        return scope
+
+    async def stop_on(self, stop: engine.Shutdown) -> None:
+        await stop.wait()
+        self._stopped = True
+        if self._scope is not None:
+            self._scope.cancel()
 
 
 class FeedDisconnected(Exception):
@@ -240,6 +269,15 @@ class Feed:
         """The queue's send end, whose ``statistics()`` show depth and drops."""
         return self._send
 
+    def in_flight(self) -> int:
+        """Frames received but not yet published, counted malformed, or dropped by the queue.
+
+        What stopping now would lose: zero once the processors have drained.
+        """
+        counters = self._counters
+        dropped = self._send.statistics().dropped
+        return int(counters.received - counters.published - counters.malformed - dropped)
+
     def statistics(self) -> FeedStatistics:
         """A frozen snapshot of the feed's counters."""
         return self._counters.snapshot(
@@ -273,21 +311,33 @@ class Feed:
             counters.connected = False
 
     async def _run(self, ws: WebSocketClient) -> None:
-        """Read until the connection ends, with the keepalive beside; raise why it ended."""
+        """Read until the connection ends, with the keepalive beside; raise why it ended.
+
+        Asked to stop (``engine.current_stop()``), it stops reading, but
+        first queues every frame of the read in hand, and returns.
+        """
         # The reader's error is raised after the nursery, not through it,
         # so that it arrives as itself rather than in an exception group.
         ended: ConnectionClosed | None = None
+        stop = engine.current_stop()
+        reading = _Reading()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keepalive, ws)
+            nursery.start_soon(reading.stop_on, stop)
             try:
-                while True:
-                    frames = await ws.receive_messages()
+                while not stop.requested:
+                    with reading.wait() as wait:
+                        frames = await ws.receive_messages()
+                    if wait.cancelled_caught:
+                        break  # asked to stop while waiting: nothing was taken
                     engine.heartbeat()
                     await self._ingest(frames)
             except ConnectionClosed as exc:
                 ended = exc
             nursery.cancel_scope.cancel()
-        assert ended is not None  # the loop ends only by raising
+        if ended is None:
+            logger.info("stopped reading the feed (%s)", stop.reason)
+            return
         raise ended
 
     async def _keepalive(self, ws: WebSocketClient) -> None:

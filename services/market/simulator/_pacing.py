@@ -48,13 +48,23 @@ class Pacer:
             return self.max_burst
         batch = max(1, math.ceil(self.rate * MIN_INTERVAL))
         await trio.sleep_until(self._start + (self._sent + batch) / self.rate)
+        return min(max(self.due(), batch), self.max_burst)
+
+    def due(self) -> int:
+        """How many messages are due now and not yet sent, without waiting.
+
+        A backlog beyond :data:`MAX_LAG` is skipped here. With no rate limit
+        nothing is ever owed: 0.
+        """
+        if math.isinf(self.rate):
+            return 0
         due = math.floor((trio.current_time() - self._start) * self.rate) - self._sent
         backlog = max(self.max_burst, math.ceil(self.rate * MAX_LAG))
         if due > backlog:
             self.skipped += due - backlog
             self._sent += due - backlog
             due = backlog
-        return min(max(due, batch), self.max_burst)
+        return max(due, 0)
 
     def sent(self, count: int) -> None:
         """Record that ``count`` messages went out."""

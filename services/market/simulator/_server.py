@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
-from engine.lowlevel import attach_statistics, check_duration
+from engine.lowlevel import attach_statistics, check_count, check_duration
 
 from ._config import SimulatorConfig
 from ._http import handle_connection
@@ -95,6 +95,34 @@ class Simulator:
         sessions = list(self._state.sessions)
         for session in sessions:
             session.corrupt_next()
+        return len(sessions)
+
+    def burst(self, count: int) -> int:
+        """Send ``count`` stream messages beyond the pace, on every open connection.
+
+        Each connection sends them as fast as its socket takes them, in
+        writes of at most 512 messages (pings and requests are answered in
+        between), besides the messages its pace makes due meanwhile; then it
+        goes on at its pace, on the same schedule as before. They are the
+        next messages of the connection's own sequence (trade ids stay
+        consecutive), counted in ``messages_sent`` and ``burst_messages``.
+        A :meth:`stall` holds a burst too: what is left of it goes out when
+        the stall ends. Connections opened later get none; a second call
+        adds to what is still owed.
+
+        Args:
+            count: messages per connection (>= 0).
+
+        Returns:
+            How many connections will send them.
+
+        Raises:
+            TypeError, ValueError: ``count`` is not a whole number >= 0.
+        """
+        check_count("count", count)
+        sessions = list(self._state.sessions)
+        for session in sessions:
+            session.burst(count)
         return len(sessions)
 
     def stall(self, seconds: float) -> None:

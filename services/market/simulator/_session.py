@@ -60,6 +60,10 @@ class Session:
     lock: trio.StrictFIFOLock = attrs.Factory(trio.StrictFIFOLock)
     streams_changed: trio.Event = attrs.Factory(trio.Event)
     malformed_pending: int = 0
+    # Messages owed by Simulator.burst beyond the pace; cancelling
+    # ``pace_wait`` wakes a writer that sleeps until its next paced message.
+    burst_pending: int = 0
+    pace_wait: trio.CancelScope = attrs.Factory(trio.CancelScope)
     _partial: list[str] = attrs.Factory(list)
     _partial_size: int = 0
 
@@ -76,6 +80,11 @@ class Session:
     def corrupt_next(self) -> None:
         """Send a truncated, unparseable frame before the next message."""
         self.malformed_pending += 1
+
+    def burst(self, count: int) -> None:
+        """Send ``count`` messages beyond the pace, as fast as the socket takes them."""
+        self.burst_pending += count
+        self.pace_wait.cancel()
 
     async def run(self) -> None:
         """Serve the connection until the client leaves, a drop, or cancellation."""
@@ -106,7 +115,9 @@ class Session:
                 await self.streams_changed.wait()
                 self.pacer.restart()
                 continue
-            count = await self.pacer.next_burst()
+            count = await self._next_count()
+            if not count:
+                continue  # a burst() woke the wait: count again
             async with self.lock:
                 # Checked once the lock is ours (taking it is a checkpoint): a
                 # stall, drop or stream change that came while this task
@@ -117,10 +128,37 @@ class Session:
                 if self.state.stalled() or not self.tape.specs:
                     continue
                 payload = self._burst(count)
-                self.pacer.sent(count)
+                self._count_sent(count)
                 counters.messages_sent += count
                 counters.bytes_sent += len(payload)
                 await self.stream.send_all(payload)
+
+    async def _next_count(self) -> int:
+        """How many messages to write next: the paced ones due, then any burst owed.
+
+        Returns 0 when :meth:`burst` interrupted the wait for the pace.
+        """
+        if self.burst_pending:
+            # No waiting for the pace, but a checkpoint: one write at a time,
+            # and the reader (pings, requests) takes the lock in between.
+            await trio.lowlevel.checkpoint()
+            return min(self.pacer.due() + self.burst_pending, MAX_BURST)
+        # A scope is entered once only: a fresh one for each wait.
+        self.pace_wait = trio.CancelScope()
+        with self.pace_wait:
+            return await self.pacer.next_burst()
+        return 0
+
+    def _count_sent(self, count: int) -> None:
+        """Book ``count`` messages: first against the pace, the rest against a burst."""
+        if not self.burst_pending:
+            self.pacer.sent(count)
+            return
+        # The paced messages go first, so a burst never delays the pace.
+        extra = min(max(count - self.pacer.due(), 0), self.burst_pending)
+        self.pacer.sent(count - extra)
+        self.burst_pending -= extra
+        self.state.counters.burst_messages += extra
 
     def _burst(self, count: int) -> bytes:
         texts = self.tape.texts(count)

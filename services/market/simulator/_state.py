@@ -24,6 +24,8 @@ class SessionHandle(Protocol):
 
     def corrupt_next(self) -> None: ...
 
+    def burst(self, count: int) -> None: ...
+
     @property
     def skipped(self) -> int: ...
 
@@ -43,6 +45,8 @@ class SimulatorStatistics:
             has more (a dropped connection may cut the last burst short).
         messages_skipped: messages never sent because a connection fell
             more than a quarter second behind its schedule (a slow client).
+        burst_messages: stream messages sent beyond the pace by
+            :meth:`Simulator.burst` (also counted in ``messages_sent``).
         malformed_sent: deliberately broken frames sent.
         bytes_sent: WebSocket bytes of stream messages and broken frames.
         rest_requests: REST requests answered.
@@ -69,6 +73,9 @@ class SimulatorStatistics:
     )
     messages_skipped: int = attrs.field(
         default=0, metadata=engine.counter_metric("Messages skipped for a slow client")
+    )
+    burst_messages: int = attrs.field(
+        default=0, metadata=engine.counter_metric("Stream messages sent beyond the pace on purpose")
     )
     malformed_sent: int = attrs.field(
         default=0, metadata=engine.counter_metric("Broken frames sent on purpose")
