@@ -131,6 +131,8 @@ class Child:
     # Set by the restart that will start this child next; a newer restart
     # that includes the child replaces it, and stop() clears it.
     restart_token: object | None = None
+    # Set once the supervisor stops it for good (stop() or shutdown()).
+    stopping: bool = False
 
     @property
     def live(self) -> bool:

@@ -200,18 +200,24 @@ class Supervisor:
         reason = describe_error(cause) if cause else "returned before calling task_status.started()"
         raise ChildStartError(name, reason) from cause
 
-    async def stop(self, name: str) -> None:
+    async def stop(self, name: str) -> ChildShutdown:
         """Stop a child for good and forget it; waits until its task has ended.
 
-        A child backing off is simply not started again.
+        As in :meth:`shutdown`: its stop request is set and it gets its
+        ``shutdown`` budget to return (at once cancelled if it never asked
+        for its stop request), then it is cancelled. A child backing off is
+        simply not started again.
+
+        Returns:
+            How it stopped.
 
         Raises:
             KeyError: there is no child of that name.
         """
         child = self._children[name]
-        child.restart_token = None
-        await child.cancel_run("stop")
+        report = await self._stop_child(child, f"stop({name!r}) was called")
         self._children.remove(child)
+        return report
 
     def cancel(self) -> None:
         """Cancel everything at once, the body of the ``async with`` block included.
@@ -289,6 +295,7 @@ class Supervisor:
         """Ask ``child`` to stop, wait out its budget, cancel it if need be; count what it held."""
         spec = child.spec
         child.restart_token = None
+        child.stopping = True  # however its run ends now, it is not restarted
         run = child.run
         started = trio.current_time()
         outcome = NOT_RUNNING
@@ -397,9 +404,9 @@ class Supervisor:
         error = run.failure
         if error is not None:
             self._record_failure(child, run, error, now)
-        if self._stopping is not None:
-            # Ended while the supervisor shuts down: by request, or by itself
-            # meanwhile. Either way nothing restarts it.
+        if self._stopping is not None or child.stopping:
+            # Ended while being stopped: by request, or by itself meanwhile.
+            # Either way nothing restarts it.
             child.state = ChildState.FAILED if error is not None else ChildState.STOPPED
             return
         if run.initial and not run.ready:
@@ -487,7 +494,7 @@ class Supervisor:
                 member.state = ChildState.STOPPED
         await trio.sleep(delay)
         for member in group:
-            if member.restart_token is not token:
+            if member.restart_token is not token or member.stopping:
                 continue  # stopped, or taken over by a newer restart
             member.restart_token = None
             member.restarts += 1

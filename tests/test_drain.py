@@ -331,3 +331,20 @@ def test_engine_run_grace_period_bounds_the_whole_drain() -> None:
     assert isinstance(error, engine.ForcedShutdown)
     assert "grace period of 0.3 s expired" in str(error)
     assert stopped == [None]  # cancelled with main, before its own (infinite) budget
+
+
+async def test_stop_one_child_drains_it_like_shutdown(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log: list[str] = []
+    async with engine.open_supervisor() as sup:
+        sup.start_soon(drains_on_stop, "a", log, name="a")
+        sup.start_soon(trio.sleep_forever, name="b")
+        await trio.sleep(1)
+        a = await sup.stop("a")
+        b = await sup.stop("b")
+        await trio.sleep(10)  # neither is restarted, though both are permanent
+        assert sup.children == ()
+    assert log == ["a stopping (stop('a') was called)", "a stopped"]
+    assert (a.outcome, a.seconds) == ("returned", pytest.approx(0.1))
+    assert (b.outcome, b.seconds) == ("cancelled", 0.0)
