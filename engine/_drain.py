@@ -1,8 +1,21 @@
-"""What a supervisor's graceful shutdown did, child by child (see ``Supervisor.shutdown``)."""
+"""Stopping one child gracefully, and what a supervisor's shutdown did, child by child.
+
+:meth:`Supervisor.shutdown` and :meth:`Supervisor.stop` stop each child with
+:func:`stop_child`: its stop request, its ``shutdown`` budget, then a cancel.
+"""
 
 from __future__ import annotations
 
+import logging
+
 import attrs
+import trio
+
+from ._children import Child
+from ._names import describe_error
+from ._statistics import ChildState
+
+logger = logging.getLogger("engine.supervisor")
 
 RETURNED = "returned"
 FAILED = "failed"
@@ -63,3 +76,77 @@ class ShutdownReport:
         return self.dropped == 0 and all(
             c.outcome in (RETURNED, NOT_RUNNING) for c in self.children
         )
+
+
+async def stop_child(child: Child, reason: str, supervisor: str) -> ChildShutdown:
+    """Ask ``child`` to stop, wait out its budget, cancel it if need be; count what it held."""
+    spec = child.spec
+    child.restart_token = None
+    child.stopping = True  # however its run ends now, it is not restarted
+    run = child.run
+    started = trio.current_time()
+    outcome = NOT_RUNNING
+    error: str | None = None
+    if run is not None and not run.done.is_set():
+        budget = spec.shutdown if run.context.stop_watched else 0.0
+        run.context.stop.request(reason)
+        with trio.move_on_after(budget):
+            await run.done.wait()
+        if not run.done.is_set():
+            why = (
+                f"shutdown budget of {budget:g} s expired"
+                if run.context.stop_watched
+                else "it does not watch engine.current_stop()"
+            )
+            run.context.stop.force(why)
+            await child.cancel_run("stop")
+            outcome = CANCELLED
+            level = logging.WARNING if run.context.stop_watched else logging.INFO
+            logger.log(
+                level,
+                "child %r cancelled at shutdown: %s",
+                spec.name,
+                why,
+                extra={"supervisor": supervisor, "child": spec.name},
+            )
+        elif run.error is not None:
+            outcome, error = FAILED, describe_error(run.error)
+        else:
+            outcome = RETURNED
+    if child.live:
+        child.state = ChildState.STOPPED
+    child.run = None
+    report = ChildShutdown(
+        name=spec.name,
+        outcome=outcome,
+        seconds=trio.current_time() - started,
+        budget=spec.shutdown,
+        dropped=_held(child, supervisor),
+        error=error,
+    )
+    if report.dropped:
+        logger.warning(
+            "child %r dropped %d held at shutdown (%s)",
+            spec.name,
+            report.dropped,
+            outcome,
+            extra={"supervisor": supervisor, "child": spec.name, "dropped": report.dropped},
+        )
+    return report
+
+
+def _held(child: Child, supervisor: str) -> int | None:
+    holds = child.spec.holds
+    if holds is None:
+        return None
+    try:
+        return int(holds())
+    except Exception as exc:  # a broken count must not stop the shutdown
+        logger.error(
+            "child %r: its holds() count failed: %s",
+            child.spec.name,
+            describe_error(exc),
+            exc_info=exc,
+            extra={"supervisor": supervisor, "child": child.spec.name},
+        )
+        return None

@@ -27,7 +27,7 @@ from ._children import (
     Run,
     run_child,
 )
-from ._drain import CANCELLED, FAILED, NOT_RUNNING, RETURNED, ChildShutdown, ShutdownReport
+from ._drain import ChildShutdown, ShutdownReport, stop_child
 from ._exceptions import ChildStartError, FailureRecord, RestartIntensityExceeded
 from ._names import describe_error
 from ._restarts import (
@@ -215,7 +215,7 @@ class Supervisor:
             KeyError: there is no child of that name.
         """
         child = self._children[name]
-        report = await self._stop_child(child, f"stop({name!r}) was called")
+        report = await stop_child(child, f"stop({name!r}) was called", self._name)
         self._children.remove(child)
         return report
 
@@ -280,7 +280,7 @@ class Supervisor:
         stopped: list[ChildShutdown] = []
         try:
             for child in sorted(self._children, key=lambda c: c.order, reverse=True):
-                stopped.append(await self._stop_child(child, reason))
+                stopped.append(await stop_child(child, reason, self._name))
         finally:
             self._report = ShutdownReport(
                 supervisor=self._name,
@@ -290,78 +290,6 @@ class Supervisor:
             )
             self._stopping.set()
         return self._report
-
-    async def _stop_child(self, child: Child, reason: str) -> ChildShutdown:
-        """Ask ``child`` to stop, wait out its budget, cancel it if need be; count what it held."""
-        spec = child.spec
-        child.restart_token = None
-        child.stopping = True  # however its run ends now, it is not restarted
-        run = child.run
-        started = trio.current_time()
-        outcome = NOT_RUNNING
-        error: str | None = None
-        if run is not None and not run.done.is_set():
-            budget = spec.shutdown if run.context.stop_watched else 0.0
-            run.context.stop.request(reason)
-            with trio.move_on_after(budget):
-                await run.done.wait()
-            if not run.done.is_set():
-                why = (
-                    f"shutdown budget of {budget:g} s expired"
-                    if run.context.stop_watched
-                    else "it does not watch engine.current_stop()"
-                )
-                run.context.stop.force(why)
-                await child.cancel_run("stop")
-                outcome = CANCELLED
-                level = logging.WARNING if run.context.stop_watched else logging.INFO
-                logger.log(
-                    level,
-                    "child %r cancelled at shutdown: %s",
-                    spec.name,
-                    why,
-                    extra={"supervisor": self._name, "child": spec.name},
-                )
-            elif run.error is not None:
-                outcome, error = FAILED, describe_error(run.error)
-            else:
-                outcome = RETURNED
-        if child.live:
-            child.state = ChildState.STOPPED
-        child.run = None
-        report = ChildShutdown(
-            name=spec.name,
-            outcome=outcome,
-            seconds=trio.current_time() - started,
-            budget=spec.shutdown,
-            dropped=self._held(child),
-            error=error,
-        )
-        if report.dropped:
-            logger.warning(
-                "child %r dropped %d held at shutdown (%s)",
-                spec.name,
-                report.dropped,
-                outcome,
-                extra={"supervisor": self._name, "child": spec.name, "dropped": report.dropped},
-            )
-        return report
-
-    def _held(self, child: Child) -> int | None:
-        holds = child.spec.holds
-        if holds is None:
-            return None
-        try:
-            return int(holds())
-        except Exception as exc:  # a broken count must not stop the shutdown
-            logger.error(
-                "child %r: its holds() count failed: %s",
-                child.spec.name,
-                describe_error(exc),
-                exc_info=exc,
-                extra={"supervisor": self._name, "child": child.spec.name},
-            )
-            return None
 
     def statistics(self) -> SupervisorStatistics:
         """A frozen snapshot of this supervisor and everything below it."""
