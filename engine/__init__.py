@@ -43,6 +43,8 @@ from ._exceptions import SerializationError as SerializationError
 from ._exceptions import SubscriberDisconnected as SubscriberDisconnected
 from ._exceptions import SupervisorError as SupervisorError
 from ._exceptions import WorkerCrashed as WorkerCrashed
+from ._health import HasHealth as HasHealth
+from ._health import SourceHealth as SourceHealth
 from ._hub import Hub as Hub
 from ._hub import HubOverflow as HubOverflow
 from ._hub import HubOverflowName as HubOverflowName
@@ -110,6 +112,7 @@ __all__ = [
     "EngineError",
     "FailureRecord",
     "ForcedShutdown",
+    "HasHealth",
     "HasStatistics",
     "Hub",
     "HubOverflow",
@@ -136,6 +139,7 @@ __all__ = [
     "SerializationError",
     "Shutdown",
     "ShutdownReport",
+    "SourceHealth",
     "Status",
     "Strategy",
     "StrategyName",

@@ -406,6 +406,11 @@ class Hub(Generic[T]):
                 subscription._offer_nowait(item)
         return len(routes)
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._closed
+
     def close(self) -> None:
         """Close the hub: publishing fails; subscribers drain their queues, then end."""
         self._closed = True

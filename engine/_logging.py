@@ -35,6 +35,21 @@ def redact(text: str) -> str:
     return _URL_CREDENTIALS.sub(rf"\g<head>:{_MASK}@", text)
 
 
+def redact_url(url: str) -> str:
+    """``url`` with all of its user information masked: a password, or a bare token.
+
+    ``nats://token@host`` and ``redis://user:password@host`` both become
+    ``scheme://***@host``. The last ``@`` ends the user information, since a
+    password may hold ``/`` or ``@`` that a parser would misread.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return _MASK if "@" in url else url
+    if "@" not in rest:
+        return url
+    return f"{scheme}://{_MASK}@{rest.rpartition('@')[2]}"
+
+
 def context_of(record: logging.LogRecord) -> dict[str, object]:
     """The ``extra`` fields of ``record``, with secrets masked."""
     found: dict[str, object] = {}

@@ -19,6 +19,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from ._bridgestats import bridge_statistics
+from ._health import HasHealth, SourceHealth
 from ._loopwatch import LoopWatch
 from ._metrics import HasStatistics
 from ._probes import (
@@ -26,6 +27,7 @@ from ._probes import (
     dumps,
     liveness,
     readiness,
+    sources_not_ready,
     to_jsonable,
     verdict_body,
     warnings,
@@ -106,13 +108,23 @@ class OpsApp:
         loop = self.watch.statistics() if self.watch is not None else None
         if path == "/health":
             notes = [to_jsonable(w) for w in warnings(tree)]
-            return _verdict(liveness(tree), loop, warnings=notes)
+            states = {name: _shown(h) for name, h in self._health().items()}
+            return _verdict(liveness(tree), loop, warnings=notes, sources=states)
         if path == "/ready":
             stopping = self.shutdown.reason if self.shutdown.requested else None
-            return _verdict(readiness(tree, stopping=stopping), loop)
+            problems = readiness(tree, stopping=stopping)
+            problems += sources_not_ready(self._health())
+            return _verdict(problems, loop)
         if path == "/metrics":
             return 200, CONTENT_TYPE_LATEST.encode(), generate_latest(self.registry)
         return 200, _JSON, self._status(tree, loop)
+
+    def _health(self) -> dict[str, SourceHealth]:
+        return {
+            name: source.health()
+            for name, source in self.sources.items()
+            if isinstance(source, HasHealth)
+        }
 
     def _tree(self) -> SupervisorStatistics | None:
         if self.supervisor is None:
@@ -302,6 +314,10 @@ def _declares_body(scope: Scope) -> bool:
         return True
     length = _header(scope, b"content-length")
     return length is not None and length.strip() != b"0"
+
+
+def _shown(health: SourceHealth) -> dict[str, object]:
+    return {"state": health.state, "ready": health.ready, **health.detail}
 
 
 def _verdict(problems: list[Problem], loop: object, **extra: object) -> tuple[int, bytes, bytes]:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import enum
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import attrs
 
+from ._health import SourceHealth
 from ._loopwatch import LoopStall
 from ._periodic import CycleStatistics
 from ._statistics import ChildState, ChildStatistics, SupervisorStatistics
@@ -131,6 +132,15 @@ def readiness(tree: SupervisorStatistics | None, *, stopping: str | None) -> lis
             continue
         problems.append(Problem(Kind.NOT_READY, message, subject=path, error=child.last_error))
     return problems
+
+
+def sources_not_ready(health: Mapping[str, SourceHealth]) -> list[Problem]:
+    """A problem for each source that says it is not ready (a bus without its broker)."""
+    return [
+        Problem(Kind.NOT_READY, f"source {name!r} is not ready: {h.state}", subject=name)
+        for name, h in health.items()
+        if not h.ready
+    ]
 
 
 def loop_stalled(stall: LoopStall) -> Problem:

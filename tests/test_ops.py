@@ -470,3 +470,39 @@ def test_ops_example_runs() -> None:
     assert float(stalls.split()[1]) >= 1  # a noisy machine may add stalls of its own
     # /status: the watchlist was restarted once and runs again.
     assert json.loads(lines[-1]) == {"feed": ["running", 0], "watchlist": ["running", 1]}
+
+
+class _Broker:
+    """A source that says whether its connection is up, as a bus adapter does."""
+
+    def __init__(self) -> None:
+        self.up = True
+
+    def statistics(self) -> dict[str, int]:
+        return {}
+
+    def health(self) -> engine.SourceHealth:
+        if self.up:
+            return engine.SourceHealth("connected", detail={"connections": 2})
+        return engine.SourceHealth("reconnecting", ready=False)
+
+
+async def test_a_source_that_is_not_ready_makes_ready_503_and_health_lists_it() -> None:
+    broker = _Broker()
+    with trio.fail_after(5):
+        async with serving(sources={"bus": broker}) as (_, client):
+            health = (await client.get("/health")).json()
+            assert health["sources"] == {
+                "bus": {"state": "connected", "ready": True, "connections": 2}
+            }
+            assert (await client.get("/ready")).status_code == 200
+            broker.up = False
+            ready = await client.get("/ready")
+            assert ready.status_code == 503
+            assert ready.json()["reasons"] == ["source 'bus' is not ready: reconnecting"]
+            # Alive all the same: a broker outage is no reason to restart the process.
+            health_down = await client.get("/health")
+            assert health_down.status_code == 200
+            assert health_down.json()["sources"]["bus"]["state"] == "reconnecting"
+            broker.up = True
+            assert (await client.get("/ready")).status_code == 200

@@ -16,6 +16,7 @@ from wsproto.events import Request
 
 from .._channels import ReceiveChannel, SendChannel, open_channel
 from .._counters import counter_metric, gauge_metric
+from .._health import SourceHealth
 from .._runtime import Shutdown
 from .._stopping import child_stop
 from ..bus import Bus, BusMessage, Subscription
@@ -273,6 +274,11 @@ class BroadcastServer:
             bytes_sent=total("bytes_sent"),
             connections=connections,
         )
+
+    def health(self) -> SourceHealth:
+        """``serving``, or ``closing`` once closed; with the open connections."""
+        state = "closing" if self._closing else "serving"
+        return SourceHealth(state, detail={"connections": len(self._fanout.clients)})
 
     def close(self) -> None:
         """Close every client with 1001 "going away", after what it is owed.

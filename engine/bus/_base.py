@@ -69,3 +69,7 @@ class Bus(Protocol):
     async def aclose(self) -> None:
         """Close the bus: subscriptions end, publishing fails."""
         ...
+
+    def statistics(self) -> object:
+        """A frozen snapshot of the bus's counters (an attrs class exports on /metrics)."""
+        ...

@@ -8,6 +8,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import trio
 
 from .._asyncwith import async_with_only
+from .._health import SourceHealth
 from .._hub import Hub, HubOverflow, HubOverflowName, HubStatistics
 from .._hub import Subscription as HubSubscription
 from ._base import BusMessage
@@ -91,3 +92,8 @@ class MemoryBus:
     def statistics(self) -> HubStatistics:
         """The underlying hub's statistics (per subscription: offered, dropped, lost, depth)."""
         return self._hub.statistics()
+
+    def health(self) -> SourceHealth:
+        """``open`` (ready) until :meth:`aclose`, then ``closed`` (not ready)."""
+        closed = self._hub.closed
+        return SourceHealth("closed" if closed else "open", ready=not closed)
