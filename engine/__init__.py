@@ -14,6 +14,11 @@ from ._batch import Bridge as Bridge
 from ._batch import BridgeName as BridgeName
 from ._batch import map_batch as map_batch
 from ._batch import run_batch as run_batch
+from ._breaker import BreakerStatistics as BreakerStatistics
+from ._breaker import CircuitBreaker as CircuitBreaker
+from ._breaker import CircuitOpen as CircuitOpen
+from ._breaker import Permit as Permit
+from ._breaker_circuit import CircuitState as CircuitState
 from ._bridgestats import BridgeStatistics as BridgeStatistics
 from ._bridgestats import bridge_statistics as bridge_statistics
 from ._channels import ChannelStatistics as ChannelStatistics
@@ -76,6 +81,10 @@ from ._restarts import Restart as Restart
 from ._restarts import RestartName as RestartName
 from ._restarts import Strategy as Strategy
 from ._restarts import StrategyName as StrategyName
+from ._retry import Retrying as Retrying
+from ._retry import RetryStatistics as RetryStatistics
+from ._retry import retry as retry
+from ._retry_http import transient_http_error as transient_http_error
 from ._runner import BatchRunner as BatchRunner
 from ._runtime import Shutdown as Shutdown
 from ._runtime import current_shutdown as current_shutdown
@@ -96,6 +105,7 @@ __all__ = [
     "Batch",
     "BatchRunner",
     "BatchStatistics",
+    "BreakerStatistics",
     "Bridge",
     "BridgeName",
     "BridgeStatistics",
@@ -105,6 +115,9 @@ __all__ = [
     "ChildStartError",
     "ChildState",
     "ChildStatistics",
+    "CircuitBreaker",
+    "CircuitOpen",
+    "CircuitState",
     "ConsumerStatistics",
     "Consumers",
     "Cycle",
@@ -129,12 +142,15 @@ __all__ = [
     "OverflowName",
     "OverrunPolicy",
     "OverrunPolicyName",
+    "Permit",
     "ProcessPool",
     "ProcessPoolStatistics",
     "ReceiveChannel",
     "Restart",
     "RestartIntensityExceeded",
     "RestartName",
+    "RetryStatistics",
+    "Retrying",
     "SendChannel",
     "SerializationError",
     "Shutdown",
@@ -170,9 +186,11 @@ __all__ = [
     "open_loop_watch",
     "open_process_pool",
     "open_supervisor",
+    "retry",
     "run",
     "run_batch",
     "serve_ops",
     "to_process",
     "to_thread",
+    "transient_http_error",
 ]

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import attrs
 
+from ._breaker import BreakerStatistics
 from ._health import SourceHealth
 from ._loopwatch import LoopStall
 from ._periodic import CycleStatistics
@@ -29,6 +30,7 @@ class Kind(enum.StrEnum):
     NOT_READY = "not_ready"
     STOPPING = "stopping"
     CYCLE_FAILING = "cycle_failing"
+    CIRCUIT_OPEN = "circuit_open"
 
 
 @attrs.frozen
@@ -81,19 +83,24 @@ def liveness(tree: SupervisorStatistics | None) -> list[Problem]:
 
 
 def warnings(tree: SupervisorStatistics | None) -> list[Problem]:
-    """What /health reports without failing: cycles whose latest run failed.
+    """What /health reports without failing: failing cycles and open circuits.
 
     A cycle cut by its deadline, or whose run raised, is retried on its
     next tick; the process is alive and should not be restarted for it, but
     an operator should see it: a cycle that keeps failing is otherwise
     invisible while the process looks healthy. It clears once a later run of
-    the cycle succeeds.
+    the cycle succeeds. Likewise each open circuit of a breaker listed under
+    a child (``where`` is its key, ``seconds`` the time until its next try),
+    until a probe closes it.
     """
     if tree is None:
         return []
-    found = []
+    found: list[Problem] = []
     for path, child in tree.walk():
         for inner in child.attached:
+            if isinstance(inner, BreakerStatistics):
+                found.extend(_circuits_open(path, inner))
+                continue
             if not isinstance(inner, CycleStatistics) or inner.last_failure_at is None:
                 continue
             if inner.last_success_at is not None and inner.last_success_at > inner.last_failure_at:
@@ -108,6 +115,19 @@ def warnings(tree: SupervisorStatistics | None) -> list[Problem]:
                 )
             )
     return found
+
+
+def _circuits_open(path: str, breaker: BreakerStatistics) -> Iterator[Problem]:
+    for key, retry_at in breaker.open_keys().items():
+        wait = max(0.0, retry_at - breaker.taken_at)
+        yield Problem(
+            Kind.CIRCUIT_OPEN,
+            f"breaker {breaker.name!r} of child {path!r}: circuit {key!r} is open; "
+            f"next try in {wait:.1f} s",
+            subject=path,
+            seconds=wait,
+            where=key,
+        )
 
 
 def readiness(tree: SupervisorStatistics | None, *, stopping: str | None) -> list[Problem]:

@@ -29,6 +29,10 @@ def _finite_duration(instance: object, attribute: attrs.Attribute[float], value:
         raise ValueError(f"{attribute.name} must be finite, got {value!r}")
 
 
+def _duration(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    check_duration(attribute.name, value)
+
+
 def _count(minimum: int) -> Validator:
     def check(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
         check_count(attribute.name, value, minimum=minimum)
@@ -75,6 +79,20 @@ class WatchlistConfig:
         request_deadline: seconds each HTTP request may take, answer body
             included; defaults to 0.5 * ``batch_deadline``.
         concurrency: batches in flight at once, >= 1.
+        retry_attempts: attempts per request, >= 1 (1: no retry). Transient
+            errors (a connection error, HTTP 429 or 5xx) are tried again,
+            after a wait from ``retry_backoff`` or the answer's
+            ``Retry-After``, within the batch deadline.
+        retry_backoff: the caps of the waits between attempts (full jitter
+            draws each wait below its cap).
+        breaker_threshold: failures of a symbol within ``breaker_window``
+            that open its circuit, >= 1: the symbol is then left out of the
+            requests until ``breaker_cooldown`` has passed.
+        breaker_window: seconds a symbol's failure is remembered; defaults to
+            ``breaker_threshold * interval``, so that many failing cycles in
+            a row open the circuit.
+        breaker_cooldown: seconds an open circuit leaves its symbol out
+            before it is tried again, alone (the probe); finite, > 0.
         name: the cycle's name in logs, statistics and the supervision tree.
 
     Raises:
@@ -101,6 +119,19 @@ class WatchlistConfig:
         validator=_finite_duration,
     )
     concurrency: int = attrs.field(default=4, kw_only=True, validator=_count(1))
+    retry_attempts: int = attrs.field(default=2, kw_only=True, validator=_count(1))
+    retry_backoff: engine.Backoff = attrs.field(
+        default=engine.Backoff(initial=0.25, maximum=2.0, jitter=0.0),
+        kw_only=True,
+        validator=attrs.validators.instance_of(engine.Backoff),
+    )
+    breaker_threshold: int = attrs.field(default=3, kw_only=True, validator=_count(1))
+    breaker_window: float = attrs.field(
+        default=attrs.Factory(lambda self: self.breaker_threshold * self.interval, takes_self=True),
+        kw_only=True,
+        validator=_duration,
+    )
+    breaker_cooldown: float = attrs.field(default=60.0, kw_only=True, validator=_finite_duration)
     name: str = attrs.field(default="watchlist", kw_only=True, validator=_name)
 
     def __attrs_post_init__(self) -> None:

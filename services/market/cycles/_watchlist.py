@@ -13,6 +13,12 @@ A cut request or batch fails only its own symbols; the others, in flight or
 queued, carry on. Quotes are stored as each answer arrives, so a cycle that
 is cut still keeps what it got, and ``last_update`` advances for exactly the
 symbols that answered.
+
+Transient request errors are tried again (:class:`engine.Retrying`) within
+the batch deadline. Each symbol has a circuit (:class:`engine.CircuitBreaker`
+keyed by symbol): a symbol that keeps failing on its own account is left out
+of the requests while its circuit is open, then tried alone once per
+cooldown, so it stops costing a request per cycle.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import httpx
 import trio
 
 import engine
-from engine.lowlevel import describe_error
+from engine.lowlevel import attach_statistics, describe_error
 
 from ._config import WatchlistConfig
 from ._quotes import (
@@ -46,9 +52,18 @@ logger = logging.getLogger("market.cycles.watchlist")
 ClientFactory = Callable[[], httpx.AsyncClient]
 """Makes the HTTP client a run of the watchlist uses (and closes)."""
 
+# Answers that say "too many requests": the exchange throttles the caller, not
+# a symbol, so they neither split a batch nor count against a symbol.
+_RATE_LIMITED = frozenset({418, 429})
+
 # Closing the client's connections is bounded, and shielded so a
 # cancelled run still closes its sockets instead of leaking them.
 _CLOSE_GRACE = 1.0
+
+
+def _utc(seconds: float) -> str:
+    """Wall-clock seconds since the epoch as ``2023-11-14T22:13:20Z``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def default_client() -> httpx.AsyncClient:
@@ -110,7 +125,17 @@ class WatchlistStatistics:
         rejected_symbols: symbol fetches the exchange answered with
             "Invalid symbol" (code -1121).
         split_batches: batches fetched again one symbol at a time because
-            the exchange rejected a symbol in them.
+            the exchange refused them (a rejected symbol, an HTTP error
+            other than a rate limit).
+        retries: requests tried again after a transient error.
+        skipped_symbols: symbol fetches left out because the symbol's
+            circuit was open.
+        circuits: symbols by the state of their circuit: ``closed``,
+            ``open`` (left out of the requests), ``half_open`` (to be tried
+            alone by the next cycle, or being tried).
+        circuit_states: each symbol's circuit state.
+        next_tries: each symbol whose circuit is open, and when (wall-clock
+            seconds since the epoch) it will be tried again.
         symbols_ok: symbols that answered in the latest finished cycle.
         symbols_failed: symbols that did not.
         last_update: wall-clock seconds since the epoch of the latest quote.
@@ -146,6 +171,9 @@ class WatchlistStatistics:
     split_batches: int = attrs.field(
         default=0, metadata=engine.counter_metric("Batches fetched again symbol by symbol")
     )
+    skipped_symbols: int = attrs.field(
+        default=0, metadata=engine.counter_metric("Symbol fetches left out: circuit open")
+    )
     symbols_ok: int = attrs.field(
         default=0, metadata=engine.gauge_metric("Symbols that answered in the latest cycle")
     )
@@ -159,6 +187,14 @@ class WatchlistStatistics:
         )
     )
     last_error: str | None = None
+    retries: int = attrs.field(
+        metadata=engine.counter_metric("Requests tried again after a transient error")
+    )
+    circuits: dict[str, int] = attrs.field(
+        metadata=engine.gauge_metric("Symbols by the state of their circuit", label="state")
+    )
+    circuit_states: dict[str, str]
+    next_tries: dict[str, float]
 
 
 class _Counters(engine.Tally[WatchlistStatistics]):
@@ -173,6 +209,10 @@ class _Attempt:
     deadline: float
     ok: set[str] = attrs.Factory(set)
     failed: dict[str, str] = attrs.Factory(dict)
+    # Each symbol's leave from its circuit, and the failures that were the
+    # symbol's own (not a cut, a rate limit or a dead connection).
+    permits: dict[str, engine.Permit] = attrs.Factory(dict)
+    blamed: set[str] = attrs.Factory(set)
 
     def decided(self, symbol: str) -> bool:
         return symbol in self.ok or symbol in self.failed
@@ -190,11 +230,18 @@ class Watchlist:
 
     Each cycle splits the watchlist into batches of ``batch_size`` and
     fetches each batch with one ``GET /api/v3/ticker/24hr?symbols=[...]``,
-    ``concurrency`` batches at a time. If the exchange rejects a batch
-    because one of its symbols is unknown (HTTP 400, code -1121), the batch
-    asks for each of its symbols alone, so only the bad one fails. Whatever
-    happens to a symbol is recorded for it (:meth:`failures`); nothing is
-    fatal to the cycle, and the next cycle tries every symbol again.
+    ``concurrency`` batches at a time. If the exchange refuses a batch (one
+    of its symbols is unknown: HTTP 400, code -1121; or another HTTP error
+    that is not a rate limit), the batch asks for each of its symbols alone,
+    so only the bad one fails. Transient errors are tried again first.
+    Whatever happens to a symbol is recorded for it (:meth:`failures`);
+    nothing is fatal to the cycle.
+
+    A symbol that fails on its own account ``breaker_threshold`` times
+    within ``breaker_window`` has its circuit opened: it is left out of the
+    requests for ``breaker_cooldown``, then asked alone (one probe); an
+    answer closes the circuit, a failure opens it again. :meth:`statistics`
+    shows each symbol's circuit and when open ones are tried next.
 
     Args:
         config: the settings.
@@ -227,6 +274,24 @@ class Watchlist:
         self._quotes: dict[str, Quote] = {}
         self._failures: dict[str, str] = {}
         self._counters = _Counters()
+        self._breaker = engine.CircuitBreaker(
+            threshold=config.breaker_threshold,
+            window=config.breaker_window,
+            cooldown=config.breaker_cooldown,
+            max_keys=len(config.symbols),
+            name=config.name,
+        )
+        self._retrying = engine.Retrying(
+            attempts=config.retry_attempts,
+            backoff=config.retry_backoff,
+            retry_on=engine.transient_http_error,
+            max_retry_after=config.batch_deadline,
+            name=config.name,
+            wall_clock=wall_clock,
+        )
+        # Each symbol's latest failure of its own, for the reason an open
+        # circuit gives.
+        self._blame: dict[str, str] = {}
         self._report: CycleReport | None = None
         self._cycle_end = trio.Event()
 
@@ -261,13 +326,53 @@ class Watchlist:
         """The report of the latest finished cycle, ``None`` before the first."""
         return self._report
 
+    def circuits(self) -> engine.BreakerStatistics:
+        """The per-symbol circuits: each symbol's state, and when open ones half-open.
+
+        Times are on the trio clock, as in every engine statistics snapshot;
+        :meth:`statistics` has the wall-clock ``next_tries``.
+        """
+        return self._breaker.statistics()
+
+    def retries(self) -> engine.RetryStatistics:
+        """The statistics of the requests' retry policy."""
+        return self._retrying.statistics()
+
+    def health(self) -> engine.SourceHealth:
+        """What /health lists for the watchlist as a source: its open circuits.
+
+        The state is ``circuits_open`` while some symbol is left out of the
+        requests, else ``fetching`` (``stopped`` when not running). The
+        detail has ``circuits_open`` and, for each open symbol, when it is
+        tried next (``"next try at 2023-11-14T22:14:20Z"``, UTC). Always
+        ready: a symbol left out is no reason to stop serving the others.
+        """
+        next_tries = self.statistics().next_tries
+        if next_tries:
+            state = "circuits_open"
+        else:
+            state = "fetching" if self._client is not None else "stopped"
+        detail: dict[str, object] = {"circuits_open": len(next_tries)}
+        for symbol, when in next_tries.items():
+            detail[symbol] = f"next try at {_utc(when)}"
+        return engine.SourceHealth(state, ready=True, detail=detail)
+
     def statistics(self) -> WatchlistStatistics:
         """A frozen snapshot of the counters."""
+        circuits = self._breaker.statistics()
+        now = self._wall_clock()
         return self._counters.snapshot(
             name=self.config.name,
             symbols=len(self.config.symbols),
             running=self._client is not None,
             last_update=self.last_update()["watchlist"].updated_at,
+            retries=self._retrying.statistics().retries,
+            circuits=circuits.keys,
+            circuit_states=circuits.states,
+            next_tries={
+                symbol: now + (retry_at - circuits.taken_at)
+                for symbol, retry_at in circuits.open_keys().items()
+            },
         )
 
     async def wait_cycle(self) -> CycleReport:
@@ -307,7 +412,8 @@ class Watchlist:
         client.timeout = httpx.Timeout(None)
         self._client = client
         try:
-            await self._cycle.run(task_status=task_status)
+            with attach_statistics(self._breaker):
+                await self._cycle.run(task_status=task_status)
         finally:
             self._client = None
             with trio.move_on_after(_CLOSE_GRACE, shield=True):
@@ -325,8 +431,7 @@ class Watchlist:
             started = trio.current_time()
         attempt = _Attempt(started=started, deadline=started + self.config.cycle_deadline)
         symbols = self.config.symbols
-        size = self.config.batch_size
-        batches = [list(symbols[i : i + size]) for i in range(0, len(symbols), size)]
+        batches = self._batches(attempt)
         pending = iter(batches)
         try:
             async with trio.open_nursery() as nursery:
@@ -341,6 +446,20 @@ class Watchlist:
             # counts it as a failure and /health warns until one succeeds.
             first = next(iter(attempt.failed.values()), "no answer")
             raise NothingFetched(f"no symbol of {len(symbols)} answered ({first})")
+
+    def _batches(self, attempt: _Attempt) -> list[list[str]]:
+        """This cycle's batches: symbols whose circuit is open are left out, probes go alone."""
+        for symbol in self.config.symbols:
+            try:
+                attempt.permits[symbol] = self._breaker.admit(symbol)
+            except engine.CircuitOpen:
+                self._counters.skipped_symbols += 1
+                latest = self._blame.get(symbol, "no answer")
+                attempt.failed[symbol] = f"left out, circuit open (latest failure: {latest})"
+        regular = [s for s, permit in attempt.permits.items() if not permit.probe]
+        probes = [[s] for s, permit in attempt.permits.items() if permit.probe]
+        size = self.config.batch_size
+        return [regular[i : i + size] for i in range(0, len(regular), size)] + probes
 
     async def _work(
         self, client: httpx.AsyncClient, pending: Iterator[list[str]], attempt: _Attempt
@@ -364,63 +483,93 @@ class Watchlist:
     async def _request(
         self, client: httpx.AsyncClient, symbols: list[str], attempt: _Attempt, *, split: bool
     ) -> None:
-        deadline = self.config.request_deadline
-        url = self.config.base_url + TICKER_PATH
-        response: httpx.Response | None = None
-        with trio.move_on_after(deadline):
-            try:
-                response = await client.get(url, params={"symbols": symbols_param(symbols)})
-            except httpx.HTTPError as exc:
-                self._counters.request_errors += 1
-                self._fail(attempt, symbols, f"request failed: {describe_error(exc)}")
-                return
-        if response is None:
+        alone = len(symbols) == 1
+        try:
+            response = await self._retrying.call(self._get, client, symbols)
+        except trio.TooSlowError:
             self._counters.request_timeouts += 1
-            self._fail(attempt, symbols, f"request deadline of {deadline:g} s expired")
+            reason = f"request deadline of {self.config.request_deadline:g} s expired"
+            self._fail(attempt, symbols, reason, blame=alone)
+            return
+        except httpx.HTTPStatusError as exc:  # refused, or still failing after the retries
+            response = exc.response
+        except httpx.HTTPError as exc:
+            self._counters.request_errors += 1
+            self._fail(attempt, symbols, f"request failed: {describe_error(exc)}")
             return
         if response.status_code == 200:
             self._store(response.content, symbols, attempt)
             return
+        if split and not alone and response.status_code not in _RATE_LIMITED:
+            # One bad symbol spoils the whole request (Binance rejects it with
+            # 400 -1121): ask for each alone, one after the other, within the
+            # batch deadline, so the failure lands on the symbol that causes it.
+            self._counters.split_batches += 1
+            for symbol in symbols:
+                await self._request(client, [symbol], attempt, split=False)
+            return
         code, message = decode_error(response.content)
         if response.status_code == 400 and code == INVALID_SYMBOL:
-            if split and len(symbols) > 1:
-                # One unlisted symbol spoils the whole request: ask for each
-                # alone (one after the other, within the batch deadline) so
-                # only the bad one fails.
-                self._counters.split_batches += 1
-                for symbol in symbols:
-                    await self._request(client, [symbol], attempt, split=False)
-                return
             self._counters.rejected_symbols += len(symbols)
-            self._fail(attempt, symbols, f"rejected by the exchange: {message} (code {code})")
+            reason = f"rejected by the exchange: {message} (code {code})"
+            self._fail(attempt, symbols, reason, blame=alone)
             return
         self._counters.request_errors += 1
         detail = message if code is None else f"{message} (code {code})"
-        self._fail(attempt, symbols, f"HTTP {response.status_code}: {detail}")
+        blame = alone and response.status_code not in _RATE_LIMITED
+        self._fail(attempt, symbols, f"HTTP {response.status_code}: {detail}", blame=blame)
+
+    async def _get(self, client: httpx.AsyncClient, symbols: list[str]) -> httpx.Response:
+        """One attempt: the request under its deadline; an HTTP error status raises.
+
+        ``transient_http_error`` then says whether it is worth another attempt
+        (429, 5xx); :meth:`_request` reads the answer of one that is not.
+        """
+        url = self.config.base_url + TICKER_PATH
+        with trio.fail_after(self.config.request_deadline):
+            response = await client.get(url, params={"symbols": symbols_param(symbols)})
+        return response.raise_for_status()
 
     def _store(self, body: bytes, symbols: list[str], attempt: _Attempt) -> None:
         try:
             quotes = decode_quotes(body, self._wall_clock())
         except MalformedResponse as exc:
             self._counters.malformed_responses += 1
-            self._fail(attempt, symbols, f"malformed response: {exc}")
+            self._fail(attempt, symbols, f"malformed response: {exc}", blame=len(symbols) == 1)
             return
         for symbol in symbols:
             quote = quotes.get(symbol)
             if quote is None:
-                self._fail(attempt, [symbol], "missing from the exchange's answer")
+                self._fail(attempt, [symbol], "missing from the exchange's answer", blame=True)
             elif not attempt.decided(symbol):
                 self._quotes[symbol] = quote
                 attempt.ok.add(symbol)
 
-    def _fail(self, attempt: _Attempt, symbols: list[str], reason: str) -> None:
+    def _fail(
+        self, attempt: _Attempt, symbols: list[str], reason: str, *, blame: bool = False
+    ) -> None:
+        """Fail the symbols not decided yet; ``blame``: the failure is the symbol's own."""
         for symbol in symbols:
             if not attempt.decided(symbol):
                 attempt.failed[symbol] = reason
                 self._counters.last_error = f"{symbol}: {reason}"
+                if blame:
+                    attempt.blamed.add(symbol)
+
+    def _settle(self, attempt: _Attempt) -> None:
+        """Tell each symbol's circuit how its fetch went; cuts and cancels are no verdict."""
+        for symbol, permit in attempt.permits.items():
+            if symbol in attempt.ok:
+                permit.succeed()
+            elif symbol in attempt.blamed:
+                self._blame[symbol] = attempt.failed[symbol]
+                permit.fail()
+            else:
+                permit.release()
 
     def _finish(self, attempt: _Attempt, exc: BaseException | None) -> None:
         """Record a cycle that ended: ran through, hit its deadline, or raised."""
+        self._settle(attempt)
         now = trio.current_time()
         counters = self._counters
         symbols = self.config.symbols
