@@ -18,7 +18,7 @@ import subprocess
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -151,7 +151,7 @@ def settled(service: MarketService, simulator: Simulator, reader: Reader) -> boo
         sent.stalled
         and feed.received == sent.messages_sent + sent.malformed_sent
         and feed.published == feed.received - feed.malformed
-        and service.bus.statistics().published == feed.published
+        and cast(engine.HubStatistics, service.bus.statistics()).published == feed.published
         and broadcast.received == feed.published
         and client.queued == 0
         and len(reader.messages) == client.sent
@@ -352,7 +352,7 @@ async def test_a_client_that_never_reads_is_closed_while_a_reader_gets_every_tra
             reader_stats = client_on(service, ("trades.>",))
             broadcast = service.broadcast.statistics()
             sent = simulator.statistics().messages_sent
-            bus = service.bus.statistics()
+            bus = cast(engine.HubStatistics, service.bus.statistics())
             nursery.cancel_scope.cancel()
     assert broadcast.disconnected == {"too_slow": 1}
     # What the slow client never got (its queue overflowing, or still queued

@@ -36,7 +36,7 @@ class BusMessage:
     async def ack(self) -> None:
         """Confirm the message was handled (at-least-once buses redeliver it otherwise).
 
-        A no-op on buses that deliver at most once (memory, Redis pub/sub).
+        A no-op on buses that deliver at most once (memory, Redis pub/sub, core NATS).
         """
         await self._ack()
 
@@ -52,12 +52,14 @@ class Bus(Protocol):
 
     Topics are dot-separated tokens; patterns use ``*`` for one token and a
     final ``>`` for the rest, as NATS subjects do. Delivery guarantees are
-    the adapter's: memory and Redis deliver at most once, NATS JetStream at
-    least once (call :meth:`BusMessage.ack`; ``msg_id`` de-duplicates).
+    the adapter's: memory, Redis pub/sub and core NATS deliver at most once;
+    Redis Streams and NATS JetStream at least once (call
+    :meth:`BusMessage.ack`; compare ``msg_id``, which JetStream also uses to
+    drop a replayed publish).
     """
 
     async def publish(self, topic: str, data: bytes, *, msg_id: str | None = None) -> None:
-        """Publish ``data`` on ``topic``."""
+        """Publish ``data`` on ``topic``; ``msg_id`` names it for de-duplication."""
         ...
 
     def subscribe(

@@ -93,6 +93,11 @@ class MemoryBus:
         """The underlying hub's statistics (per subscription: offered, dropped, lost, depth)."""
         return self._hub.statistics()
 
+    @property
+    def at_least_once(self) -> bool:
+        """False: what is published reaches the subscriptions of this moment, once."""
+        return False
+
     def health(self) -> SourceHealth:
         """``open`` (ready) until :meth:`aclose`, then ``closed`` (not ready)."""
         closed = self._hub.closed

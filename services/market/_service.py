@@ -8,13 +8,15 @@ import logging
 import os
 import tempfile
 import time
+import urllib.parse
 
 import attrs
 import trio
 
 import engine
 from engine.broadcast import BroadcastConfig, BroadcastServer, serve_broadcast
-from engine.bus import MemoryBus
+from engine.bus import Bus
+from engine.bus import connect as connect_bus
 
 from ._events import KINDS
 from ._settings import DEFAULT_SYMBOLS as DEFAULT_SYMBOLS
@@ -55,6 +57,9 @@ class MarketConfig:
             so that publishing the stream never exposes the ops endpoints.
         ws_port: the WebSocket broadcast's port (``/ws``); 0 picks a free one.
         feed_url: the exchange's stream base URL; ``None`` runs the embedded simulator.
+        bus: the bus between the processors and the broadcast, as a URL
+            for :func:`engine.bus.connect`: ``memory://`` (the default),
+            ``redis://…`` or ``nats://…``.
         symbols: the symbols to follow.
         rate: the simulator's message rate (messages/s); ignored with ``feed_url``.
         processors: consumers between the feed's queue and the bus.
@@ -94,6 +99,7 @@ class MarketConfig:
     ws_host: str = DEFAULTS["ws_host"]
     ws_port: int = attrs.field(default=DEFAULTS["ws_port"], validator=PORT.validate)
     feed_url: str | None = DEFAULTS["feed_url"]
+    bus: str = attrs.field(default=DEFAULTS["bus"], repr=False)  # its URL may hold a password
     symbols: tuple[str, ...] = DEFAULTS["symbols"]
     rate: float = DEFAULTS["rate"]
     processors: int = DEFAULTS["processors"]
@@ -116,6 +122,7 @@ class MarketConfig:
     def __attrs_post_init__(self) -> None:
         # Every part checks its own settings: building them all now refuses a
         # bad value here, before anything starts, with the part's message.
+        connect_bus(_bus_url(self.bus))  # checks the URL; connects only when entered
         _plan(
             self,
             feed_url=self.feed_url or "ws://127.0.0.1:9",
@@ -171,6 +178,9 @@ def _plan(
         broadcast=BroadcastConfig(
             # A topic of any other kind would never carry a message: refused.
             known_kinds=(*KINDS, whales.publish_prefix, ORDER_KIND),
+            # One subscription per kind, not ">": a JetStream stream holds only
+            # the subjects it was made with.
+            bus_topics=tuple(f"{kind}.>" for kind in (*KINDS, whales.publish_prefix, ORDER_KIND)),
             host=config.ws_host,
             port=config.ws_port,
             token=config.token,
@@ -207,7 +217,7 @@ class MarketService:
     ws_url: str
     feed: Feed
     supervisor: engine.Supervisor
-    bus: MemoryBus
+    bus: Bus
     broadcast: BroadcastServer
     simulator: Simulator | None = None
     orders: OrderLog | None = None
@@ -248,8 +258,7 @@ async def _serve_market(
     simulated_log: str | None,
     task_status: trio.TaskStatus[MarketService],
 ) -> None:
-    bus = MemoryBus()
-    async with trio.open_nursery() as nursery:
+    async with connect_bus(_bus_url(config.bus)) as bus, trio.open_nursery() as nursery:
         feed_url = config.feed_url
         simulator: Simulator | None = None
         if feed_url is None:
@@ -357,6 +366,23 @@ async def _serve_market(
             raise
         logger.info("market stopped: %s", json.dumps(_final_counts(feed)))
         nursery.cancel_scope.cancel()
+
+
+def _bus_url(url: str) -> str:
+    """``url``, with the service's topics as the subjects of a JetStream stream it names.
+
+    A JetStream stream stores the subjects it is created with; unless the URL
+    lists them (``subjects=``), they are the first tokens the service
+    publishes under: every kind of market event, whales and orders.
+    """
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qs(parts.query)
+    if parts.scheme not in ("nats", "tls") or "stream" not in query or "subjects" in query:
+        return url
+    kinds = (*KINDS, WhaleFlowConfig().publish_prefix, ORDER_KIND)
+    subjects = ",".join(f"{kind}.>" for kind in kinds)
+    query_text = f"{parts.query}&subjects={urllib.parse.quote(subjects, safe=',>.')}"
+    return urllib.parse.urlunsplit(parts._replace(query=query_text))
 
 
 def _final_counts(feed: Feed) -> dict[str, int]:

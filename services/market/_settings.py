@@ -78,6 +78,16 @@ def _feed_url(text: str) -> str:
     return text
 
 
+def _bus_url(text: str) -> str:
+    from engine.bus import connect
+
+    try:
+        connect(text)  # checks the URL and its options; connects only when entered
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _http_url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
         raise argparse.ArgumentTypeError(f"must start with http:// or https://, got {text!r}")
@@ -262,6 +272,14 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "symbols", _symbols, ",".join(DEFAULT_SYMBOLS), "MARKET_SYMBOLS", "comma-separated symbols"
+    ),
+    Setting(
+        "bus",
+        _bus_url,
+        "memory://",
+        "MARKET_BUS",
+        "the bus between the processors and the broadcast: memory://, "
+        "redis://host:port (?mode=streams), nats://host:port (?stream=NAME)",
     ),
     Setting("rate", _RATE, "1000", "MARKET_RATE", "simulator messages per second, or inf"),
     Setting("processors", _POSITIVE, "4", "MARKET_PROCESSORS", "feed processors"),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import logging
 from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
@@ -118,6 +119,17 @@ class _Reading:
         self._stopped = True
         if self._scope is not None:
             self._scope.cancel()
+
+
+def message_id(topic: str, data: bytes) -> str:
+    """An event's de-duplication id: its topic and a digest of its bytes.
+
+    The same event published twice (a replay after a reconnect, a restarted
+    processor) gets the same id, which JetStream drops within its duplicate
+    window and a Streams consumer can compare; two events differ in their
+    bytes (trade ids, update ids, times), so their ids differ.
+    """
+    return f"{topic}:{hashlib.blake2b(data, digest_size=12).hexdigest()}"
 
 
 class FeedDisconnected(Exception):
@@ -263,6 +275,9 @@ class Feed:
         # A bus that can publish without a checkpoint saves one scheduler
         # trip per event; awaiting is then only for a full "block" subscriber.
         self._publish_nowait = bus.publish_nowait if isinstance(bus, _PublishesNowait) else None
+        # On a bus that delivers at least once (Redis Streams, JetStream) each
+        # event carries an id made from its content, so a replay is one message.
+        self._at_least_once = bool(getattr(bus, "at_least_once", False))
 
     @property
     def queue(self) -> engine.SendChannel[Event]:
@@ -426,7 +441,9 @@ class Feed:
         for event in events:
             try:
                 topic, data = normalise(event)
-                if nowait is None:
+                if self._at_least_once:
+                    await bus.publish(topic, data, msg_id=message_id(topic, data))
+                elif nowait is None:
                     await bus.publish(topic, data)
                 else:
                     try:
