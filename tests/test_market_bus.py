@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 import trio
 
 from engine.bus import NatsBus, RedisBus
-from services.market._service import MarketConfig, MarketService, serve_market
+from services.market._service import (
+    MarketConfig,
+    MarketService,
+    RelayService,
+    serve_market,
+    serve_relay,
+)
 from tests.fixtures_nats import NatsServer
 from tests.fixtures_nats import nats_server as nats_server
 from tests.fixtures_redis import RedisServer
@@ -80,3 +87,29 @@ async def test_on_jetstream_each_event_is_stored_once_with_its_content_id(
     assert len({m.msg_id for m in batch}) == len(batch)
     assert stats.published > 0
     assert service.feed.statistics().malformed == 0  # every topic is in the stream
+
+
+async def test_a_broadcast_role_instance_relays_what_the_whole_service_publishes(
+    fresh_redis_server: RedisServer,
+) -> None:
+    whole = MarketConfig(port=0, ws_port=0, bus=fresh_redis_server.url)
+    relay_config = MarketConfig(port=0, ws_port=0, bus=fresh_redis_server.url, role="broadcast")
+    with trio.fail_after(GUARD):
+        async with httpx.AsyncClient() as http, trio.open_nursery() as nursery:
+            relay: RelayService = await nursery.start(serve_relay, relay_config)
+            service: MarketService = await nursery.start(serve_market, whole)
+            trade = await first_trade(relay.ws_url)  # published by the other instance
+            assert trade["type"] == "trade"
+            health = (await http.get(f"{relay.url}/health")).json()
+            assert set(health["sources"]) == {"bus", "broadcast"}
+            status = (await http.get(f"{relay.url}/status")).json()
+            assert [c["name"] for c in status["supervisor"]["children"]] == ["broadcast"]
+            assert service.feed.statistics().published > 0
+            nursery.cancel_scope.cancel()
+
+
+def test_the_broadcast_role_needs_a_shared_bus() -> None:
+    with pytest.raises(ValueError, match="role 'broadcast' relays from a shared bus"):
+        MarketConfig(role="broadcast")
+    with pytest.raises(ValueError, match="role must be one of all, broadcast"):
+        MarketConfig(role="ingest")

@@ -21,7 +21,7 @@ import attrs
 
 import engine
 
-from ._service import MarketConfig, MarketService, serve_market
+from ._service import MarketConfig, MarketService, RelayService, serve_market, serve_relay
 from ._settings import SETTINGS, add_settings, check_variables
 
 
@@ -66,7 +66,11 @@ async def _main(config: MarketConfig) -> None:
     import trio
 
     async with trio.open_nursery() as nursery:
-        service: MarketService = await nursery.start(serve_market, config)
+        service: MarketService | RelayService
+        if config.role == "broadcast":
+            service = await nursery.start(serve_relay, config)
+        else:
+            service = await nursery.start(serve_market, config)
         # What start-up built lives as long as the service: moving it out of the
         # collector's reach keeps full collections off the loop.
         gc.freeze()

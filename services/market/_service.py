@@ -37,6 +37,7 @@ SIMULATED_WHALE_USD = 1_500.0
 # Seconds the feed gets to stop reading (its close handshake is bounded by
 # the socket client), and the processors to publish what is queued.
 FEED_SHUTDOWN = 3.0
+ROLES = ("all", "broadcast")
 PROCESSORS_SHUTDOWN = 5.0
 
 
@@ -60,6 +61,9 @@ class MarketConfig:
         bus: the bus between the processors and the broadcast, as a URL
             for :func:`engine.bus.connect`: ``memory://`` (the default),
             ``redis://…`` or ``nats://…``.
+        role: ``all`` (the default): the whole service; ``broadcast``: only
+            the WebSocket broadcast and the ops server, relaying what the
+            ``all`` instance publishes on a shared bus (:func:`serve_relay`).
         symbols: the symbols to follow.
         rate: the simulator's message rate (messages/s); ignored with ``feed_url``.
         processors: consumers between the feed's queue and the bus.
@@ -100,6 +104,7 @@ class MarketConfig:
     ws_port: int = attrs.field(default=DEFAULTS["ws_port"], validator=PORT.validate)
     feed_url: str | None = DEFAULTS["feed_url"]
     bus: str = attrs.field(default=DEFAULTS["bus"], repr=False)  # its URL may hold a password
+    role: str = attrs.field(default=DEFAULTS["role"])
     symbols: tuple[str, ...] = DEFAULTS["symbols"]
     rate: float = DEFAULTS["rate"]
     processors: int = DEFAULTS["processors"]
@@ -123,6 +128,12 @@ class MarketConfig:
         # Every part checks its own settings: building them all now refuses a
         # bad value here, before anything starts, with the part's message.
         connect_bus(_bus_url(self.bus))  # checks the URL; connects only when entered
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if self.role == "broadcast" and self.bus.startswith("memory:"):
+            raise ValueError(
+                "role 'broadcast' relays from a shared bus: give --bus redis://… or nats://…"
+            )
         _plan(
             self,
             feed_url=self.feed_url or "ws://127.0.0.1:9",
@@ -365,6 +376,57 @@ async def _serve_market(
             broadcast.abort()
             raise
         logger.info("market stopped: %s", json.dumps(_final_counts(feed)))
+        nursery.cancel_scope.cancel()
+
+
+@attrs.frozen
+class RelayService:
+    """What :func:`serve_relay` reports once it listens.
+
+    Attributes:
+        url: the ops server, ``http://host:port`` (/health, /ready, /metrics, /status).
+        ws_url: the WebSocket broadcast, ``ws://host:port/ws``.
+        bus: the shared bus it relays from.
+        broadcast: the WebSocket broadcast server.
+    """
+
+    url: str
+    ws_url: str
+    bus: Bus
+    broadcast: BroadcastServer
+
+
+async def serve_relay(
+    config: MarketConfig, *, task_status: trio.TaskStatus[RelayService] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """The ``broadcast`` role: relay a shared bus to WebSocket clients, with the ops server.
+
+    Any number of relays may serve the messages one ``all`` instance
+    publishes. Stops like the service: on a stop request the broadcast
+    hands on what the bus held, then closes each client with 1001.
+    """
+    plan = _plan(
+        config,
+        feed_url="ws://127.0.0.1:9",
+        rest_url="http://127.0.0.1:9",
+        order_log=None,
+        simulated=False,
+    )
+    async with connect_bus(_bus_url(config.bus)) as bus, trio.open_nursery() as nursery:
+        async with engine.open_supervisor(name="relay") as sup:
+            broadcast = await sup.start(
+                serve_broadcast, bus, plan.broadcast, name="broadcast", shutdown=10
+            )
+            assert isinstance(broadcast, BroadcastServer)
+            sources: dict[str, engine.HasStatistics] = {"bus": bus, "broadcast": broadcast}
+            serve = functools.partial(
+                engine.serve_ops, sup, config.host, config.port, sources=sources
+            )
+            ops: engine.OpsServer = await nursery.start(serve)
+            task_status.started(RelayService(ops.url, broadcast.url, bus, broadcast))
+            stop = engine.current_shutdown()
+            await stop.wait()
+            await sup.shutdown(stop.reason or "stopping")
         nursery.cancel_scope.cancel()
 
 

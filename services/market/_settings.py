@@ -281,6 +281,14 @@ SETTINGS: tuple[Setting, ...] = (
         "the bus between the processors and the broadcast: memory://, "
         "redis://host:port (?mode=streams), nats://host:port (?stream=NAME)",
     ),
+    Setting(
+        "role",
+        None,
+        "all",
+        "MARKET_ROLE",
+        "all: the whole service; broadcast: only relay a shared --bus to WebSocket clients",
+        choices=("all", "broadcast"),
+    ),
     Setting("rate", _RATE, "1000", "MARKET_RATE", "simulator messages per second, or inf"),
     Setting("processors", _POSITIVE, "4", "MARKET_PROCESSORS", "feed processors"),
     Setting("queue_size", _POSITIVE, "10000", "MARKET_QUEUE_SIZE", "feed queue bound"),
