@@ -13,6 +13,7 @@ from services.market._service import (
     MarketConfig,
     MarketService,
     RelayService,
+    _bus_url,
     serve_market,
     serve_relay,
 )
@@ -113,3 +114,27 @@ def test_the_broadcast_role_needs_a_shared_bus() -> None:
         MarketConfig(role="broadcast")
     with pytest.raises(ValueError, match="role must be one of all, broadcast"):
         MarketConfig(role="ingest")
+
+
+async def test_relays_on_jetstream_each_get_every_message(nats_server: NatsServer) -> None:
+    url = f"{nats_server.url}?stream=MARKET"
+    relay_config = MarketConfig(port=0, ws_port=0, bus=url, role="broadcast")
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            first: RelayService = await nursery.start(serve_relay, relay_config)
+            second: RelayService = await nursery.start(serve_relay, relay_config)
+            await nursery.start(serve_market, MarketConfig(port=0, ws_port=0, bus=url))
+            for relay in (first, second):
+                assert not relay.bus.at_least_once  # core NATS: each gets all
+                assert (await first_trade(relay.ws_url))["type"] == "trade"
+            nursery.cancel_scope.cancel()
+
+
+def test_a_relay_never_shares_a_consumer_group_with_the_other_relays() -> None:
+    assert _bus_url("nats://h:4222?stream=M&ack_wait=2", "broadcast") == "nats://h:4222"
+    relay = _bus_url("redis://:pw@h:6379?mode=streams", "broadcast")
+    assert relay.startswith("redis://:pw@h:6379?mode=streams&group=relay-")
+    named = "redis://h:6379?mode=streams&group=mine"
+    assert _bus_url(named, "broadcast") == named
+    for unchanged in ("memory://", "redis://h:6379/1", "nats://h:4222"):
+        assert _bus_url(unchanged, "broadcast") == _bus_url(unchanged) == unchanged

@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import socket
 import tempfile
 import time
 import urllib.parse
@@ -127,7 +128,7 @@ class MarketConfig:
     def __attrs_post_init__(self) -> None:
         # Every part checks its own settings: building them all now refuses a
         # bad value here, before anything starts, with the part's message.
-        connect_bus(_bus_url(self.bus))  # checks the URL; connects only when entered
+        connect_bus(_bus_url(self.bus, self.role))  # checks it; connects only when entered
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
         if self.role == "broadcast" and self.bus.startswith("memory:"):
@@ -412,7 +413,10 @@ async def serve_relay(
         order_log=None,
         simulated=False,
     )
-    async with connect_bus(_bus_url(config.bus)) as bus, trio.open_nursery() as nursery:
+    async with (
+        connect_bus(_bus_url(config.bus, config.role)) as bus,
+        trio.open_nursery() as nursery,
+    ):
         async with engine.open_supervisor(name="relay") as sup:
             broadcast = await sup.start(
                 serve_broadcast, bus, plan.broadcast, name="broadcast", shutdown=10
@@ -430,21 +434,38 @@ async def serve_relay(
         nursery.cancel_scope.cancel()
 
 
-def _bus_url(url: str) -> str:
-    """``url``, with the service's topics as the subjects of a JetStream stream it names.
+def _bus_url(url: str, role: str = "all") -> str:
+    """The bus URL an instance of ``role`` connects with, from the one it was given.
 
-    A JetStream stream stores the subjects it is created with; unless the URL
-    lists them (``subjects=``), they are the first tokens the service
-    publishes under: every kind of market event, whales and orders.
+    - A JetStream stream stores the subjects it is created with; unless the
+      URL lists them (``subjects=``), they are the first tokens the service
+      publishes under: every kind of market event, whales and orders.
+    - A ``broadcast`` relay must get every message, not share them with
+      the other relays: on JetStream it reads the stream's subjects as core
+      NATS (every subscriber gets each message); on Redis Streams it takes a
+      consumer group of its own, unless the URL names one.
     """
     parts = urllib.parse.urlsplit(url)
-    query = urllib.parse.parse_qs(parts.query)
-    if parts.scheme not in ("nats", "tls") or "stream" not in query or "subjects" in query:
+    given = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    query = list(given)
+    names = {key for key, _ in query}
+    if parts.scheme in ("nats", "tls") and "stream" in names:
+        if role == "broadcast":
+            query = [(k, v) for k, v in query if k not in ("stream", "subjects", "ack_wait")]
+        elif "subjects" not in names:
+            kinds = (*KINDS, WhaleFlowConfig().publish_prefix, ORDER_KIND)
+            query.append(("subjects", ",".join(f"{kind}.>" for kind in kinds)))
+    elif (
+        parts.scheme in ("redis", "rediss")
+        and ("mode", "streams") in query
+        and role == "broadcast"
+        and "group" not in names
+    ):
+        query.append(("group", f"relay-{socket.gethostname()}-{os.getpid()}"))
+    if query == given:
         return url
-    kinds = (*KINDS, WhaleFlowConfig().publish_prefix, ORDER_KIND)
-    subjects = ",".join(f"{kind}.>" for kind in kinds)
-    query_text = f"{parts.query}&subjects={urllib.parse.quote(subjects, safe=',>.')}"
-    return urllib.parse.urlunsplit(parts._replace(query=query_text))
+    text = urllib.parse.urlencode(query, safe=",>.:*")
+    return urllib.parse.urlunsplit(parts._replace(query=text))
 
 
 def _final_counts(feed: Feed) -> dict[str, int]:
