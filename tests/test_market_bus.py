@@ -125,6 +125,7 @@ async def test_relays_on_jetstream_each_get_every_message(nats_server: NatsServe
             second: RelayService = await nursery.start(serve_relay, relay_config)
             await nursery.start(serve_market, MarketConfig(port=0, ws_port=0, bus=url))
             for relay in (first, second):
+                assert isinstance(relay.bus, NatsBus)
                 assert not relay.bus.at_least_once  # core NATS: each gets all
                 assert (await first_trade(relay.ws_url))["type"] == "trade"
             nursery.cancel_scope.cancel()
