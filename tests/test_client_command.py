@@ -74,7 +74,8 @@ async def test_a_refused_connection_gives_the_servers_reason() -> None:
             accepted = await client._watch(with_token, 1)
     assert refused == [
         "the server refused the upgrade with HTTP 400: unknown topic 'tardes.>': the kinds "
-        "are trades, aggtrades, book, depth, klines, whales, orders",
+        "are trades, aggtrades, book, depth, klines, tickers, minitickers, avgprices, whales, "
+        "orders",
         "the server refused the upgrade with HTTP 401: a valid bearer token is required",
     ]
     assert accepted is None

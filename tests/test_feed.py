@@ -17,6 +17,7 @@ from wsproto.events import CloseConnection, Event, Ping, TextMessage
 import engine
 from engine.bus import MemoryBus
 from services.market._events import (
+    KINDS,
     AggTrade,
     BookTicker,
     DepthUpdate,
@@ -65,7 +66,8 @@ def test_decode_every_stream_kind() -> None:
     assert isinstance(event, Kline)
     assert normalise(event) == (
         "klines.X",
-        b'{"type":"kline","symbol":"X","time":59999,"price":2.0,"qty":10.0}',
+        b'{"type":"kline","symbol":"X","time":59999,"price":2.0,"qty":10.0,"open":1.0,'
+        b'"high":3.0,"low":0.5,"trades":4,"closed":false,"interval":"1m","start":0}',
     )
 
 
@@ -164,7 +166,7 @@ async def test_feed_publishes_reconnects_and_counts_gaps_and_malformed_frames() 
         exchange.paths
         == [
             "/stream?streams=btcusdt@trade/btcusdt@aggTrade/btcusdt@bookTicker"
-            "/btcusdt@depth/btcusdt@kline_1m"
+            "/btcusdt@depth/btcusdt@kline_1m/btcusdt@ticker/btcusdt@miniTicker/btcusdt@avgPrice"
         ]
         * 2
     )
@@ -339,9 +341,8 @@ async def test_every_stream_of_the_simulator_arrives_typed_and_published() -> No
                     for message in await everything.receive_batch(2_000 - count):
                         kinds[message.topic] = kinds.get(message.topic, 0) + 1
             nursery.cancel_scope.cancel()
-    prefixes = ("trades", "aggtrades", "book", "depth", "klines")
-    assert set(kinds) == {f"{p}.{s}" for p in prefixes for s in symbols}
-    assert set(kinds.values()) == {200}  # message i goes to stream i mod 10
+    assert set(kinds) == {f"{p}.{s}" for p in KINDS for s in symbols}
+    assert set(kinds.values()) == {125}  # message i goes to stream i mod 16
     stats = feed.statistics()
     assert (stats.malformed, stats.missing_trades) == (0, 0)
     assert feed.queue.statistics().dropped == 0

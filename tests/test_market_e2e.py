@@ -361,9 +361,9 @@ async def test_a_client_that_never_reads_is_closed_while_a_reader_gets_every_tra
     assert broadcast.offered == broadcast.sent + broadcast.dropped + broadcast.queued
     assert reader_stats.dropped == 0
     assert all(s.dropped == 0 for s in bus.subscriptions)
-    # The feed's stream list is symbol-major, five kinds each, trade first:
-    # message i of the connection is a trade when i % 5 == 0.
-    assert len(reader.messages) == (sent + 4) // 5
+    # The feed's stream list is symbol-major, eight kinds each, trade first:
+    # message i of the connection is a trade when i % 8 == 0.
+    assert len(reader.messages) == (sent + 7) // 8
     ids = reader.trade_ids()
     assert sorted(ids) == sorted(SYMBOLS)
     assert all(consecutive(found) for found in ids.values())

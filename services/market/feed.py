@@ -39,12 +39,32 @@ import engine
 from engine.bus import Bus
 from engine.lowlevel import check_choice
 
-from ._events import Event, MalformedMessage, Trade, decode, normalise
+from ._events import (
+    ControlFrame,
+    Event,
+    MalformedMessage,
+    Market,
+    ServerShutdown,
+    SubscriptionReply,
+    Trade,
+    decoder_for,
+    market_of,
+    normalise,
+)
 from ._wsclient import ConnectionClosed, HandshakeError, WebSocketClient, open_websocket
 
 logger = logging.getLogger("market.feed")
 
-STREAM_KINDS = ("trade", "aggTrade", "bookTicker", "depth", "kline_1m")
+STREAM_KINDS = (
+    "trade",
+    "aggTrade",
+    "bookTicker",
+    "depth",
+    "kline_1m",
+    "ticker",
+    "miniTicker",
+    "avgPrice",
+)
 
 # Malformed frames kept for /status, and how often one is written to the log.
 _SAMPLES_KEPT = 5
@@ -170,6 +190,9 @@ class FeedConfig:
             arrive, so past this bound the least recently traded one is
             forgotten (its next trade starts its count afresh) and counted
             in ``symbols_evicted``.
+        renew_after: seconds after which a connection is replaced by a new
+            one, before the exchange's own limit (Binance ends a connection
+            at 24 hours); ``math.inf`` never.
     """
 
     url: str
@@ -180,6 +203,7 @@ class FeedConfig:
     processors: int = 4
     ping_interval: float = 20.0
     max_symbols: int = 4096
+    renew_after: float = 23 * 3600.0
 
     def __attrs_post_init__(self) -> None:
         if not self.url.startswith(("ws://", "wss://")):
@@ -194,6 +218,14 @@ class FeedConfig:
             raise TypeError(f"max_symbols must be an int, got {self.max_symbols!r}")
         if self.max_symbols < 1:
             raise ValueError(f"max_symbols must be >= 1, got {self.max_symbols!r}")
+        if not self.renew_after > 0:
+            raise ValueError(f"renew_after must be > 0, got {self.renew_after!r}")
+        market_of(self.url)  # refuses a market whose messages no decoder reads
+
+    @property
+    def market(self) -> Market:
+        """The market the URL serves, which decides the messages' shapes."""
+        return market_of(self.url)
 
     def stream_url(self) -> str:
         """The combined-stream URL for every symbol and stream kind."""
@@ -217,6 +249,10 @@ class FeedStatistics:
         missing_trades: trade ids skipped (a gap, typically across a reconnect).
         published: events published on the bus.
         last_message_at: ``trio.current_time()`` of the latest frame.
+        control: frames about the connection, not market data: replies
+            to requests and the exchange's shutdown notices.
+        renewals: connections replaced by a new one, on a shutdown notice
+            or once ``renew_after`` passed.
         malformed_samples: the latest malformed frames, shortened.
         symbols: symbols whose latest trade id is kept now (at most
             ``max_symbols``).
@@ -246,6 +282,18 @@ class FeedStatistics:
             name="last_message_monotonic_seconds",
         ),
     )
+    control: int = attrs.field(
+        default=0,
+        metadata=engine.counter_metric(
+            "Frames about the connection, not market data: replies and shutdown notices"
+        ),
+    )
+    renewals: int = attrs.field(
+        default=0,
+        metadata=engine.counter_metric(
+            "Connections replaced on a shutdown notice or at renew_after"
+        ),
+    )
     malformed_samples: tuple[str, ...]
     symbols: int = attrs.field(
         metadata=engine.gauge_metric("Symbols whose latest trade id is kept")
@@ -269,6 +317,9 @@ class Feed:
         self._receive: engine.ReceiveChannel[Event]
         self._send, self._receive = engine.open_channel(config.queue_size, overflow=config.overflow)
         self._counters = _Counters()
+        self._decode = decoder_for(config.market)
+        # Set by a shutdown notice: the connection is replaced after this read.
+        self._renew = False
         self._samples: collections.deque[str] = collections.deque(maxlen=_SAMPLES_KEPT)
         # Least recently traded first, so the one to forget is at the front.
         self._last_trade: collections.OrderedDict[str, int] = collections.OrderedDict()
@@ -291,7 +342,8 @@ class Feed:
         """
         counters = self._counters
         dropped = self._send.statistics().dropped
-        return int(counters.received - counters.published - counters.malformed - dropped)
+        done = counters.published + counters.malformed + counters.control
+        return int(counters.received - done - dropped)
 
     def statistics(self) -> FeedStatistics:
         """A frozen snapshot of the feed's counters."""
@@ -311,13 +363,21 @@ class Feed:
         """
         url = self.config.stream_url()
         counters = self._counters
+        ready = task_status
         try:
-            async with open_websocket(url) as ws:
-                counters.connected = True
-                counters.connections += 1
-                logger.info("connected to %s (%d streams)", self.config.url, url.count("@"))
-                task_status.started()
-                await self._run(ws)
+            while True:
+                async with open_websocket(url) as ws:
+                    counters.connected = True
+                    counters.connections += 1
+                    logger.info("connected to %s (%d streams)", self.config.url, url.count("@"))
+                    ready.started()
+                    ready = trio.TASK_STATUS_IGNORED
+                    renew = await self._run(ws)
+                counters.disconnects += 1
+                counters.connected = False
+                if not renew:
+                    return
+                counters.renewals += 1
         except (ConnectionClosed, HandshakeError, OSError) as exc:
             raise FeedDisconnected(f"feed connection to {self.config.url} ended: {exc}") from exc
         finally:
@@ -325,35 +385,48 @@ class Feed:
                 counters.disconnects += 1
             counters.connected = False
 
-    async def _run(self, ws: WebSocketClient) -> None:
+    async def _run(self, ws: WebSocketClient) -> bool:
         """Read until the connection ends, with the keepalive beside; raise why it ended.
 
         Asked to stop (``engine.current_stop()``), it stops reading, but
-        first queues every frame of the read in hand, and returns.
+        first queues every frame of the read in hand, and returns false.
+        Once the connection is due for renewal (a shutdown notice, or
+        ``renew_after``) it returns true, after the read in hand.
         """
         # The reader's error is raised after the nursery, not through it,
         # so that it arrives as itself rather than in an exception group.
         ended: ConnectionClosed | None = None
+        renew = self._renew = False
         stop = engine.current_stop()
         reading = _Reading()
+        renew_at = trio.current_time() + self.config.renew_after
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keepalive, ws)
             nursery.start_soon(reading.stop_on, stop)
             try:
                 while not stop.requested:
                     with reading.wait() as wait:
+                        wait.deadline = renew_at
                         frames = await ws.receive_messages()
                     if wait.cancelled_caught:
-                        break  # asked to stop while waiting: nothing was taken
+                        # Asked to stop, or due for renewal: nothing was taken.
+                        renew = not stop.requested
+                        break
                     engine.heartbeat()
                     await self._ingest(frames)
+                    if self._renew:
+                        renew = True
+                        break
             except ConnectionClosed as exc:
                 ended = exc
             nursery.cancel_scope.cancel()
-        if ended is None:
+        if ended is not None:
+            raise ended
+        if renew:
+            logger.info("renewing the connection to %s", self.config.url)
+        else:
             logger.info("stopped reading the feed (%s)", stop.reason)
-            return
-        raise ended
+        return renew
 
     async def _keepalive(self, ws: WebSocketClient) -> None:
         # The pong is read by the reader, so a reader blocked on a full queue
@@ -376,10 +449,13 @@ class Feed:
         counters = self._counters
         counters.received += len(frames)
         counters.last_message_at = trio.current_time()
-        send = self._send
+        send, decode = self._send, self._decode
         for frame in frames:
             try:
                 _, event = decode(frame)
+            except ControlFrame as control:
+                self._on_control(control)
+                continue
             except MalformedMessage as exc:
                 self._count_malformed(frame, exc)
                 continue
@@ -406,6 +482,15 @@ class Feed:
         if trade_id > last:
             last_trade[symbol] = trade_id
         last_trade.move_to_end(symbol)
+
+    def _on_control(self, control: ControlFrame) -> None:
+        """Count a frame about the connection; a shutdown notice renews it after this read."""
+        self._counters.control += 1
+        if isinstance(control, ServerShutdown):
+            logger.warning("%s: replacing the connection", control)
+            self._renew = True
+        elif isinstance(control, SubscriptionReply) and control.error is not None:
+            logger.warning("the exchange refused a request: %s", control)
 
     def _count_malformed(self, frame: object, exc: Exception) -> None:
         counters = self._counters

@@ -22,6 +22,9 @@ class Kind(enum.StrEnum):
     BOOK_TICKER = "bookTicker"
     DEPTH = "depth"
     KLINE = "kline"
+    TICKER = "ticker"
+    MINI_TICKER = "miniTicker"
+    AVG_PRICE = "avgPrice"
 
 
 @attrs.frozen
@@ -55,6 +58,9 @@ _FIXED = {
     "depth": Kind.DEPTH,
     "depth@100ms": Kind.DEPTH,
     "depth@1000ms": Kind.DEPTH,
+    "ticker": Kind.TICKER,
+    "miniTicker": Kind.MINI_TICKER,
+    "avgPrice": Kind.AVG_PRICE,
 }
 
 

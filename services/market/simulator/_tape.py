@@ -19,6 +19,11 @@ does on Binance:
   trades (one new trade if none happened since the stream's previous
   message); when the interval rolls over, the closed candle (``"x": true``)
   is sent once first.
+* ``24hrTicker``, ``24hrMiniTicker``: the last 24 hours as the connection
+  saw them: the window opens at the symbol's base price, its high and low
+  are the extremes of that and the last price, and its trades are those
+  since the connection began.
+* ``avgPrice``: the current price, as the 5-minute average.
 
 So the sequence depends only on the seed, the stream list and ``i``: never on
 pacing, bursts or timing (except for wall-clock timestamps, see
@@ -63,6 +68,7 @@ class _Book:
         "base_price",
         "decimals",
         "depth_from",
+        "first_trade",
         "klines",
         "lot",
         "maker",
@@ -92,6 +98,7 @@ class _Book:
         self.qty, self.qty_text, self.maker = self.lot, f"{self.lot:.8f}", False
         first = instrument.first_trade_id + trade_id_offset
         self.trade_id = self.agg_last = first - 1
+        self.first_trade = first
         self.agg_id = first // 3 - 1
         self.agg_qty = 0.0
         self.update_id = instrument.first_update_id - 1
@@ -298,6 +305,58 @@ def _kline(book: _Book, ts: int, kline: _Kline | None, draw: Draw) -> Message:
     return {"e": "kline", "E": ts, "s": book.symbol, "k": candle}
 
 
+_DAY_MS = 86_400_000
+
+
+def _window(book: _Book, ts: int) -> Message:
+    """The 24-hour statistics both tickers share (see the module's docstring)."""
+    open_ = round(book.base_price, book.decimals)
+    trades = book.trade_id - book.first_trade + 1
+    volume = trades * book.unit_qty
+    return {
+        "E": ts,
+        "s": book.symbol,
+        "c": book.price_text,
+        "o": f"{open_:.8f}",
+        "h": f"{max(open_, book.shown):.8f}",
+        "l": f"{min(open_, book.shown):.8f}",
+        "v": f"{volume:.8f}",
+        "q": f"{volume * book.shown:.8f}",
+    }
+
+
+def _ticker(book: _Book, ts: int, kline: _Kline | None, draw: Draw) -> Message:
+    window = _window(book, ts)
+    open_ = float(window["o"])
+    change = book.shown - open_
+    return {
+        "e": "24hrTicker",
+        **window,
+        "p": f"{change:.8f}",
+        "P": f"{100.0 * change / open_:.2f}",
+        "w": f"{(open_ + book.shown) / 2:.8f}",
+        "x": window["o"],
+        "Q": book.qty_text,
+        "b": f"{book.shown - book.tick:.8f}",
+        "B": _level_qty(book, draw()),
+        "a": f"{book.shown + book.tick:.8f}",
+        "A": _level_qty(book, draw()),
+        "O": ts - _DAY_MS,
+        "C": ts,
+        "F": book.first_trade,
+        "L": book.trade_id,
+        "n": book.trade_id - book.first_trade + 1,
+    }
+
+
+def _mini_ticker(book: _Book, ts: int, kline: _Kline | None, draw: Draw) -> Message:
+    return {"e": "24hrMiniTicker", **_window(book, ts)}
+
+
+def _avg_price(book: _Book, ts: int, kline: _Kline | None, draw: Draw) -> Message:
+    return {"e": "avgPrice", "E": ts, "s": book.symbol, "i": "5m", "w": book.price_text, "T": ts}
+
+
 _Builder = Callable[[_Book, int, "_Kline | None", Draw], Message]
 
 _BUILDERS: dict[Kind, _Builder] = {
@@ -306,6 +365,9 @@ _BUILDERS: dict[Kind, _Builder] = {
     Kind.BOOK_TICKER: _book_ticker,
     Kind.DEPTH: _depth,
     Kind.KLINE: _kline,
+    Kind.TICKER: _ticker,
+    Kind.MINI_TICKER: _mini_ticker,
+    Kind.AVG_PRICE: _avg_price,
 }
 
 
