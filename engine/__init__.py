@@ -36,6 +36,8 @@ from ._counters import Tally as Tally
 from ._counters import counter_metric as counter_metric
 from ._counters import gauge_metric as gauge_metric
 from ._counters import metric_source as metric_source
+from ._dask_runner import DaskRunner as DaskRunner
+from ._dask_runner import DaskRunnerStatistics as DaskRunnerStatistics
 from ._drain import ChildShutdown as ChildShutdown
 from ._drain import ShutdownReport as ShutdownReport
 from ._exceptions import ChildStalled as ChildStalled
@@ -122,6 +124,8 @@ __all__ = [
     "Consumers",
     "Cycle",
     "CycleStatistics",
+    "DaskRunner",
+    "DaskRunnerStatistics",
     "EngineError",
     "FailureRecord",
     "ForcedShutdown",

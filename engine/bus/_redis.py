@@ -4,9 +4,8 @@ Open one with ``async with open_redis_bus(url, mode=...) as bus:``. Every
 call to Redis runs in a worker thread through redis-py's synchronous client,
 so nothing blocks the event loop: a publish is one :func:`engine.to_thread`
 call; each subscription's reader is a thread (:func:`engine.iterate_in_thread`)
-that hands what it read to trio in batches. ``benchmarks/bus_redis_probe.py``
-compares this with redis-py's asyncio client, on asyncio and under
-trio-asyncio.
+that hands what it read to trio in batches. ``docs/bus.md`` says why this
+and not redis-py's asyncio client under trio-asyncio, and what it costs.
 
 Each subscription has its own connection, its own bounded queue with the
 hub's overflow policies (it is an :class:`engine.Hub` of one, which also
