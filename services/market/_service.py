@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -19,6 +20,7 @@ from engine.broadcast import BroadcastConfig, BroadcastServer, serve_broadcast
 from engine.bus import Bus
 from engine.bus import connect as connect_bus
 
+from ._dask import DaskCluster, check_address, open_dask_cluster
 from ._events import KINDS
 from ._settings import DEFAULT_SYMBOLS as DEFAULT_SYMBOLS
 from ._settings import DEFAULTS, PORT, SECONDS
@@ -83,6 +85,9 @@ class MarketConfig:
         whale_threshold: the notional (price x quantity, in quote currency)
             of a whale trade; ``None``: 100,000, or 1,500 on the simulator,
             whose trades are small.
+        dask: a Dask scheduler's address (``tcp://host:8786``): scans run
+            on that cluster, through :class:`engine.DaskRunner`, instead of
+            in local worker processes; ``None``: local processes.
         scan_symbols: the simulated universe that scans cover.
         scan_workers: the scans' worker processes; ``None``: one per CPU.
         token: if set, WebSocket clients must present it (``Authorization:
@@ -117,6 +122,7 @@ class MarketConfig:
     rest_url: str | None = DEFAULTS["rest_url"]
     watchlist_interval: float = DEFAULTS["watchlist_interval"]
     whale_threshold: float | None = DEFAULTS["whale_threshold"]
+    dask: str | None = DEFAULTS["dask"]
     scan_symbols: int = DEFAULTS["scan_symbols"]
     scan_workers: int | None = DEFAULTS["scan_workers"]
     token: str | None = attrs.field(default=DEFAULTS["token"], repr=False)
@@ -129,6 +135,8 @@ class MarketConfig:
         # Every part checks its own settings: building them all now refuses a
         # bad value here, before anything starts, with the part's message.
         connect_bus(_bus_url(self.bus, self.role))  # checks it; connects only when entered
+        if self.dask is not None:
+            check_address(self.dask)
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
         if self.role == "broadcast" and self.bus.startswith("memory:"):
@@ -270,7 +278,11 @@ async def _serve_market(
     simulated_log: str | None,
     task_status: trio.TaskStatus[MarketService],
 ) -> None:
-    async with connect_bus(_bus_url(config.bus)) as bus, trio.open_nursery() as nursery:
+    async with (
+        connect_bus(_bus_url(config.bus)) as bus,
+        contextlib.AsyncExitStack() as stack,
+        trio.open_nursery() as nursery,
+    ):
         feed_url = config.feed_url
         simulator: Simulator | None = None
         if feed_url is None:
@@ -293,7 +305,16 @@ async def _serve_market(
         whales = WhaleFlows(plan.whales, bus)
         watchlist = Watchlist(plan.watchlist)
         anchor = simulator.anchor_ms if simulator is not None else int(time.time() * 1000)
-        scans = Scans(plan.scans, SimulatedKlines(anchor_ms=anchor))
+        klines = SimulatedKlines(anchor_ms=anchor)
+        cluster: DaskCluster | None = None
+        if config.dask is None:
+            scans = Scans(plan.scans, klines)
+        else:
+            cluster = await stack.enter_async_context(open_dask_cluster(config.dask))
+            # A call in flight per worker thread: a scan's deadlines count
+            # from submission, so more would only queue on the cluster.
+            on_cluster = attrs.evolve(plan.scans, workers=cluster.threads)
+            scans = Scans(on_cluster, klines, bridge=cluster.runner)
         async with engine.open_supervisor(name="market", max_restarts=20, period=60) as sup:
             # Whale flows first, so they see the feed's first trade.
             await sup.start(whales.run, name="whale_flows")
@@ -320,6 +341,8 @@ async def _serve_market(
                 watchlist.run, name="watchlist", stall_after=watchlist.config.stall_after
             )
             await sup.start(scans.run, name="scans")
+            if cluster is not None:
+                await sup.start(cluster.watch, name="dask", stall_after=60)
             broadcast: BroadcastServer = await nursery.start(serve_broadcast, bus, plan.broadcast)
             info = ServiceInfo(ws_url=broadcast.url, feed_url=feed_url, symbols=config.symbols)
             sources: dict[str, engine.HasStatistics] = {
@@ -334,6 +357,8 @@ async def _serve_market(
             if orders is not None:
                 sources["orders"] = orders
             sources |= {"watchlist": watchlist, "whale_flows": whales, "scans": scans}
+            if cluster is not None:
+                sources["dask"] = cluster
             api = build_api(
                 scans=scans, watchlist=watchlist, whales=whales, orders=orders, token=config.token
             )

@@ -88,6 +88,15 @@ def _bus_url(text: str) -> str:
     return text
 
 
+def _dask_address(text: str) -> str:
+    from ._dask import check_address
+
+    try:
+        return check_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _http_url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
         raise argparse.ArgumentTypeError(f"must start with http:// or https://, got {text!r}")
@@ -353,6 +362,14 @@ SETTINGS: tuple[Setting, ...] = (
         "MARKET_SCAN_WORKERS",
         "worker processes for scans",
         unset="one per CPU",
+    ),
+    Setting(
+        "dask",
+        _dask_address,
+        None,
+        "MARKET_DASK",
+        "a Dask scheduler (tcp://host:8786) to run scans on",
+        unset="local worker processes",
     ),
     Setting(
         "grace_period",
