@@ -28,12 +28,11 @@ Dask cannot see where a running task is in its chunk, nor interrupt it:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import os
 import pickle
-import time
+import threading
 import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -352,34 +351,38 @@ class DaskRunner:
             tally.abandoned += len(workers)
             if hung and workers and self.kill_hung_workers:
                 with contextlib.suppress(Exception):
-                    await to_thread(_kill, client, workers, CLEANUP_SECONDS / 2)
+                    with trio.move_on_after(CLEANUP_SECONDS / 2):
+                        await _kill(client, workers)
                     tally.workers_killed += len(workers)
 
 
 def _exit_worker() -> None:
-    """On a worker, in its event loop (not the thread a hung task holds): end its process.
+    """On a worker (not in the thread a hung task holds): end its process.
 
-    Shortly after, so that the answer that it will leaves first.
+    Shortly after, from a timer thread, so that the answer that it will
+    leaves first.
     """
-    asyncio.get_running_loop().call_later(_EXIT_AFTER, os._exit, 1)
+    timer = threading.Timer(_EXIT_AFTER, os._exit, args=(1,))
+    timer.daemon = True
+    timer.start()
 
 
-def _kill(client: distributed.Client, workers: list[str], timeout: float) -> None:
-    """In a thread: end the processes of ``workers``, and wait for new ones.
+async def _kill(client: distributed.Client, workers: list[str]) -> None:
+    """End the processes of ``workers``, and wait for new ones.
 
     Returns once the scheduler has let them go and has as many workers as
-    before (their nannies start new ones), or after ``timeout`` seconds:
-    the next task then goes to a worker that runs it, and its deadline does
-    not pay for a process start.
+    before (their nannies start new ones): the next task then goes to a
+    worker that runs it, and its deadline does not pay for a process start.
+    The caller bounds the wait with a cancel scope.
     """
-    before = set(_scheduler_workers(client))
-    client.run(_exit_worker, workers=workers, on_error="ignore")
-    give_up = time.monotonic() + timeout
-    while time.monotonic() < give_up:
-        now = set(_scheduler_workers(client))
+    before = set(await to_thread(_scheduler_workers, client))
+    run = functools.partial(client.run, _exit_worker, workers=workers, on_error="ignore")
+    await to_thread(run)
+    while True:
+        now = set(await to_thread(_scheduler_workers, client))
         if not now.intersection(workers) and len(now) >= len(before):
             return
-        time.sleep(_POLL_SECONDS)
+        await trio.sleep(_POLL_SECONDS)
 
 
 def _scheduler_workers(client: distributed.Client) -> dict[str, Any]:
