@@ -149,8 +149,11 @@ async def test_a_hung_task_times_out_and_its_worker_is_replaced(
     assert isinstance(outcomes[3].error, trio.TooSlowError)
     stats = runner.statistics()
     # Its chunk ran out of time, then it alone: each time the worker was
-    # running it, so each time it was abandoned and the worker killed.
-    assert stats.abandoned == stats.workers_killed == 2
+    # running it, so each time it was abandoned and the worker killed. (On
+    # a loaded machine another chunk may also run past its deadline first;
+    # its items then run again alone and end ok.)
+    assert stats.workers_killed >= 2
+    assert stats.abandoned >= stats.workers_killed
     # Nothing of it runs on: the workers the scheduler counts are idle.
     assert not any(executing(dask_client).values())
 
