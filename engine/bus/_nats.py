@@ -256,7 +256,9 @@ class NatsBus:
         self._js: JetStreamContext | None = None
         self._stored: StreamPublisher | None = None
         self._outbox = Outbox(self._client, settings.outbox_size, self._count_unsent)
-        self._outbox_scope = trio.CancelScope()
+        # Shielded: an outer cancel must not stop the hand-over before aclose()
+        # has flushed it; aclose()'s caller cancels it once the bus is closed.
+        self._outbox_scope = trio.CancelScope(shield=True)
         self._tally = _Tally()
         self._state = NatsState.RECONNECTING
         self._state_changed = trio.Event()
@@ -683,12 +685,15 @@ class NatsBus:
         if self._stored is not None:
             self._stored.close()
         grace = _CLOSE_GRACE if self._connected_once else _ABORT_GRACE
-        with trio.CancelScope(shield=True), trio.move_on_after(grace):
-            if self._stored is not None:
-                await self._stored.wait_confirmed()
-            await self._outbox.wait_drained()
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(grace):
+                if self._stored is not None:
+                    await self._stored.wait_confirmed()
+                await self._outbox.wait_drained()
+            # Whether or not all went out in time: the connection is closed.
             if self._client_started:
-                await self._aio(self._client.close)()
+                with trio.move_on_after(grace):
+                    await self._aio(self._client.close)()
         self._set_state(NatsState.CLOSED)
 
 
