@@ -33,6 +33,9 @@ logger = logging.getLogger("engine.breaker")
 T = TypeVar("T")
 PosArgsT = TypeVarTuple("PosArgsT")
 
+Transition = Callable[[Hashable, CircuitState, CircuitState, float], None]
+"""Told of each change of a circuit's state: ``(key, old, new, at)``, ``at`` on the trio clock."""
+
 
 class CircuitOpen(EngineError):
     """A call was refused because its key's circuit is open.
@@ -193,6 +196,12 @@ class CircuitBreaker:
             :meth:`call` records as failures; other exceptions release the
             permit without a verdict. Defaults to every :class:`Exception`.
         name: the name in logs and statistics.
+        on_transition: called as ``on_transition(key, old, new, at)`` after
+            each change of a circuit's state is logged (``at``:
+            ``trio.current_time()``), from the call that caused it; it must
+            be quick and must not block. What it raises propagates out of
+            that call (:meth:`admit` or the permit's method), after the
+            change has taken effect.
 
     Raises:
         TypeError, ValueError: for a bad setting; the message names it.
@@ -207,8 +216,12 @@ class CircuitBreaker:
         max_keys: int = 10_000,
         failure_on: ErrorFilter = Exception,
         name: str = "breaker",
+        on_transition: Transition | None = None,
     ) -> None:
         _settings(threshold, window, cooldown, max_keys)
+        if on_transition is not None and not callable(on_transition):
+            raise TypeError(f"on_transition must be callable or None, got {on_transition!r}")
+        self._on_transition = on_transition
         self.threshold = threshold
         self.window = float(window)
         self.cooldown = float(cooldown)
@@ -361,3 +374,5 @@ class CircuitBreaker:
         else:
             tally.closed += 1
             logger.info("breaker %r: circuit %r closed: its probe succeeded", self.name, str(key))
+        if self._on_transition is not None:
+            self._on_transition(key, before, state, trio.current_time())

@@ -164,6 +164,32 @@ async def test_a_failed_probe_opens_the_circuit_for_another_cooldown(
     assert breaker.statistics().opened == 2
 
 
+async def test_on_transition_is_told_each_change_with_its_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    seen: list[tuple[object, CircuitState, CircuitState, float]] = []
+
+    def on_transition(key: object, old: CircuitState, new: CircuitState, at: float) -> None:
+        seen.append((key, old, new, at))
+
+    breaker = CircuitBreaker(threshold=2, window=10, cooldown=20, on_transition=on_transition)
+    await fail_times(breaker, "ETHUSDT", 2)  # opens at 1
+    await trio.sleep_until(21)
+    await fail_times(breaker, "ETHUSDT", 1)  # half-opens at 21, the probe fails at 21.5
+    await trio.sleep_until(42)
+    assert await breaker.call("ETHUSDT", works) == "ok"  # the probe closes it at 42.5
+    closed, open_, half = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
+    assert seen == [
+        ("ETHUSDT", closed, open_, 1.0),
+        ("ETHUSDT", open_, half, 21.0),
+        ("ETHUSDT", half, open_, 21.5),
+        ("ETHUSDT", open_, half, 42.0),
+        ("ETHUSDT", half, closed, 42.5),
+    ]
+    with pytest.raises(TypeError, match="on_transition must be callable or None"):
+        CircuitBreaker(on_transition="log")  # type: ignore[arg-type]
+
+
 async def test_a_cancelled_probe_lets_the_next_caller_probe(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

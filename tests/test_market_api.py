@@ -112,6 +112,7 @@ async def test_the_openapi_description_lists_what_is_served(
     description = (await client.get("/api/openapi.json")).json()
     assert description["openapi"].startswith("3.1")
     assert sorted(description["paths"]) == [
+        "/api/history/failures",
         "/api/last_update",
         "/api/orders",
         "/api/scans",

@@ -30,6 +30,7 @@ from .feed import Feed, FeedConfig
 from .orders import ORDER_KIND, OrderLog, OrderLogConfig
 from .scans import ScanConfig, Scans, SimulatedKlines
 from .simulator import Simulator, SimulatorConfig, serve_simulator
+from .store import open_failure_history
 
 logger = logging.getLogger("market")
 
@@ -88,6 +89,9 @@ class MarketConfig:
         dask: a Dask scheduler's address (``tcp://host:8786``): scans run
             on that cluster, through :class:`engine.DaskRunner`, instead of
             in local worker processes; ``None``: local processes.
+        history: the SQLite file that keeps the watchlist's failures and
+            circuit changes (``/api/history/failures``) across restarts;
+            ``:memory:`` (the default) keeps them for this run only.
         scan_symbols: the simulated universe that scans cover.
         scan_workers: the scans' worker processes; ``None``: one per CPU.
         token: if set, WebSocket clients must present it (``Authorization:
@@ -123,6 +127,7 @@ class MarketConfig:
     watchlist_interval: float = DEFAULTS["watchlist_interval"]
     whale_threshold: float | None = DEFAULTS["whale_threshold"]
     dask: str | None = DEFAULTS["dask"]
+    history: str = DEFAULTS["history"]
     scan_symbols: int = DEFAULTS["scan_symbols"]
     scan_workers: int | None = DEFAULTS["scan_workers"]
     token: str | None = attrs.field(default=DEFAULTS["token"], repr=False)
@@ -303,7 +308,10 @@ async def _serve_market(
         )
         feed = Feed(plan.feed, bus)
         whales = WhaleFlows(plan.whales, bus)
-        watchlist = Watchlist(plan.watchlist)
+        if config.history != ":memory:":
+            await trio.Path(config.history).parent.mkdir(parents=True, exist_ok=True)
+        history = await stack.enter_async_context(open_failure_history(config.history))
+        watchlist = Watchlist(plan.watchlist, recorder=history)
         anchor = simulator.anchor_ms if simulator is not None else int(time.time() * 1000)
         klines = SimulatedKlines(anchor_ms=anchor)
         cluster: DaskCluster | None = None
@@ -337,6 +345,8 @@ async def _serve_market(
             if plan.orders is not None:
                 orders = OrderLog(plan.orders, bus)
                 outside(orders.follow, name="orders")
+            # Before the watchlist, so that it stops after it and writes its last rows.
+            await sup.start(history.run, name="history")
             await sup.start(
                 watchlist.run, name="watchlist", stall_after=watchlist.config.stall_after
             )
@@ -356,11 +366,21 @@ async def _serve_market(
                 sources["simulator"] = simulator
             if orders is not None:
                 sources["orders"] = orders
-            sources |= {"watchlist": watchlist, "whale_flows": whales, "scans": scans}
+            sources |= {
+                "watchlist": watchlist,
+                "whale_flows": whales,
+                "scans": scans,
+                "history": history,
+            }
             if cluster is not None:
                 sources["dask"] = cluster
             api = build_api(
-                scans=scans, watchlist=watchlist, whales=whales, orders=orders, token=config.token
+                scans=scans,
+                watchlist=watchlist,
+                whales=whales,
+                orders=orders,
+                history=history,
+                token=config.token,
             )
             serve = functools.partial(
                 engine.serve_ops,

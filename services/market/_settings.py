@@ -372,6 +372,13 @@ SETTINGS: tuple[Setting, ...] = (
         unset="local worker processes",
     ),
     Setting(
+        "history",
+        _path,
+        ":memory:",
+        "MARKET_HISTORY",
+        "SQLite file that keeps the watchlist's failure history across restarts",
+    ),
+    Setting(
         "grace_period",
         SECONDS,
         "10",

@@ -15,7 +15,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..cycles import Watchlist, WhaleFlows
 from ..orders import OrderLog
 from ..scans import Scans
-from . import _cycles, _orders, _scans
+from ..store import FailureHistory
+from . import _cycles, _history, _orders, _scans
 from ._json import JSON
 from ._openapi import openapi
 from ._params import BadRequest
@@ -40,6 +41,7 @@ def build_api(
     watchlist: Watchlist | None = None,
     whales: WhaleFlows | None = None,
     orders: OrderLog | None = None,
+    history: FailureHistory | None = None,
     token: str | None = None,
 ) -> Starlette:
     """The ASGI app of ``/api``; mount it with ``serve_ops(routes={"/api": app})``.
@@ -51,6 +53,7 @@ def build_api(
         watchlist: serves ``/api/watchlist``.
         whales: serves ``/api/whale_flows``.
         orders: serves ``/api/orders``.
+        history: serves ``/api/history/failures``.
         token: when set, every request but a ``GET`` or ``HEAD`` (starting
             or cancelling a scan) must carry ``Authorization: Bearer <token>``,
             or is answered 401 with ``WWW-Authenticate: Bearer`` before its
@@ -67,6 +70,7 @@ def build_api(
         watchlist=watchlist is not None,
         whales=whales is not None,
         orders=orders is not None,
+        history=history is not None,
         token=token is not None,
     )
 
@@ -79,6 +83,8 @@ def build_api(
         routes += _scans.routes(scans)
     if orders is not None:
         routes += _orders.routes(orders)
+    if history is not None:
+        routes += _history.routes(history)
     middleware = [] if token is None else [Middleware(RequireToken, token=token)]
     return Starlette(
         routes=routes,

@@ -7,6 +7,8 @@ from typing import Any
 import msgspec
 
 from ..scans import ScanSummary
+from ..store import KINDS
+from ._history import MAX_FAILURES, FailuresBody
 from ._scans import MAX_BODY, ScanRequest
 from ._shapes import LastUpdate, Orders, Problem, ScanDetail, WatchlistBody, WhaleFlowsBody
 
@@ -23,16 +25,22 @@ def _limit(default: int, maximum: int) -> dict[str, Any]:
 
 
 def openapi(
-    *, scans: bool, watchlist: bool, whales: bool, orders: bool, token: bool = False
+    *,
+    scans: bool,
+    watchlist: bool,
+    whales: bool,
+    orders: bool,
+    history: bool = False,
+    token: bool = False,
 ) -> dict[str, Any]:
     """The description of the endpoints that are served, as a JSON-ready dict."""
     types: list[Any] = [
         Problem, LastUpdate, WatchlistBody, WhaleFlowsBody, Orders, ScanRequest, ScanSummary,
-        ScanDetail, list[ScanSummary],
+        ScanDetail, list[ScanSummary], FailuresBody,
     ]  # fmt: skip
     refs, components = msgspec.json.schema_components(types, ref_template=_REF)
     schema = dict(zip(["problem", "last_update", "watchlist", "whales", "orders", "scan_request",
-                       "scan", "scan_detail", "scans"], refs, strict=True))  # fmt: skip
+                       "scan", "scan_detail", "scans", "failures"], refs, strict=True))  # fmt: skip
 
     def refusals(*reasons: tuple[str, str]) -> dict[str, Any]:
         problem = _json(schema["problem"])
@@ -62,6 +70,14 @@ def openapi(
     if orders:
         paths["/api/orders"] = limited(
             "The latest orders from the order-status log, newest first", "orders", "orders", 1_000
+        )
+    if history:
+        paths["/api/history/failures"] = read(
+            "The watchlist's stored failures: timeouts, errors, circuit changes; newest first",
+            "the failures",
+            "failures",
+            ("400", "a bad symbol, since, kind or limit, or an unknown parameter"),
+            parameters=_history_parameters(),
         )
     # With a token, what is not a read needs it (401 without it).
     secured: dict[str, Any] = {"security": [{"bearer": []}]} if token else {}
@@ -117,6 +133,23 @@ def openapi(
         "paths": paths,
         "components": parts,
     }
+
+
+def _history_parameters() -> list[dict[str, Any]]:
+    def query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, "in": "query", "required": False, "description": description,
+                "schema": schema}  # fmt: skip
+
+    return [
+        query("symbol", "only this symbol's failures", {"type": "string"}),
+        query(
+            "since",
+            "only failures at or after: milliseconds since the epoch, or ISO 8601 with an offset",
+            {"oneOf": [{"type": "integer", "minimum": 0}, {"type": "string"}]},
+        ),
+        query("kind", "only failures of this kind", {"type": "string", "enum": list(KINDS)}),
+        _limit(1000, MAX_FAILURES),
+    ]
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:

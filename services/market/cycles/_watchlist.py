@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from typing import NoReturn
+from collections.abc import Callable, Hashable, Iterator
+from typing import TYPE_CHECKING, NoReturn
 
 import attrs
 import httpx
@@ -46,6 +46,9 @@ from ._quotes import (
     decode_quotes,
     symbols_param,
 )
+
+if TYPE_CHECKING:
+    from ..store import FailureRecorder
 
 logger = logging.getLogger("market.cycles.watchlist")
 
@@ -213,6 +216,9 @@ class _Attempt:
     # symbol's own (not a cut, a rate limit or a dead connection).
     permits: dict[str, engine.Permit] = attrs.Factory(dict)
     blamed: set[str] = attrs.Factory(set)
+    # Failures that were a deadline expiring, and symbols left out (circuit open).
+    timeouts: set[str] = attrs.Factory(set)
+    skipped: set[str] = attrs.Factory(set)
 
     def decided(self, symbol: str) -> bool:
         return symbol in self.ok or symbol in self.failed
@@ -250,6 +256,12 @@ class Watchlist:
             the deadlines govern.
         wall_clock: seconds since the epoch, for ``updated_at`` and
             ``last_update``; ``time.time`` unless a test pins it.
+        recorder: where each finished cycle's failures go, one per failing
+            symbol (kind ``"timeout"`` for an expired deadline, ``"error"``
+            otherwise; a symbol left out by its open circuit is not
+            recorded again), and each change of a symbol's circuit (kind
+            ``"breaker"``, detail ``"closed->open"``), with the cycle's
+            number; a :class:`services.market.store.FailureHistory`, say.
     """
 
     def __init__(
@@ -258,9 +270,13 @@ class Watchlist:
         *,
         client_factory: ClientFactory | None = None,
         wall_clock: Callable[[], float] = time.time,
+        recorder: FailureRecorder | None = None,
     ) -> None:
         if not isinstance(config, WatchlistConfig):
             raise TypeError(f"config must be a WatchlistConfig, got {config!r}")
+        if recorder is not None and not callable(getattr(recorder, "record", None)):
+            raise TypeError(f"recorder must have a record() method, got {recorder!r}")
+        self._recorder = recorder
         self.config = config
         self._client_factory = client_factory if client_factory is not None else default_client
         self._wall_clock = wall_clock
@@ -280,6 +296,7 @@ class Watchlist:
             cooldown=config.breaker_cooldown,
             max_keys=len(config.symbols),
             name=config.name,
+            on_transition=None if recorder is None else self._transition,
         )
         self._retrying = engine.Retrying(
             attempts=config.retry_attempts,
@@ -454,6 +471,7 @@ class Watchlist:
                 attempt.permits[symbol] = self._breaker.admit(symbol)
             except engine.CircuitOpen:
                 self._counters.skipped_symbols += 1
+                attempt.skipped.add(symbol)
                 latest = self._blame.get(symbol, "no answer")
                 attempt.failed[symbol] = f"left out, circuit open (latest failure: {latest})"
         regular = [s for s, permit in attempt.permits.items() if not permit.probe]
@@ -477,7 +495,7 @@ class Watchlist:
             await self._request(client, symbols, attempt, split=True)
         if scope.cancelled_caught:
             self._counters.batch_timeouts += 1
-            self._fail(attempt, symbols, f"batch deadline of {deadline:g} s expired")
+            self._fail(attempt, symbols, f"batch deadline of {deadline:g} s expired", timeout=True)
         engine.heartbeat()
 
     async def _request(
@@ -489,7 +507,7 @@ class Watchlist:
         except trio.TooSlowError:
             self._counters.request_timeouts += 1
             reason = f"request deadline of {self.config.request_deadline:g} s expired"
-            self._fail(attempt, symbols, reason, blame=alone)
+            self._fail(attempt, symbols, reason, blame=alone, timeout=True)
             return
         except httpx.HTTPStatusError as exc:  # refused, or still failing after the retries
             response = exc.response
@@ -546,15 +564,26 @@ class Watchlist:
                 attempt.ok.add(symbol)
 
     def _fail(
-        self, attempt: _Attempt, symbols: list[str], reason: str, *, blame: bool = False
+        self,
+        attempt: _Attempt,
+        symbols: list[str],
+        reason: str,
+        *,
+        blame: bool = False,
+        timeout: bool = False,
     ) -> None:
-        """Fail the symbols not decided yet; ``blame``: the failure is the symbol's own."""
+        """Fail the symbols not decided yet; ``blame``: the failure is the symbol's own.
+
+        ``timeout``: the failure is a deadline that expired.
+        """
         for symbol in symbols:
             if not attempt.decided(symbol):
                 attempt.failed[symbol] = reason
                 self._counters.last_error = f"{symbol}: {reason}"
                 if blame:
                     attempt.blamed.add(symbol)
+                if timeout:
+                    attempt.timeouts.add(symbol)
 
     def _settle(self, attempt: _Attempt) -> None:
         """Tell each symbol's circuit how its fetch went; cuts and cancels are no verdict."""
@@ -579,7 +608,7 @@ class Watchlist:
             outcome = "timeout"
             counters.cycle_timeouts += 1
             reason = f"cycle deadline of {self.config.cycle_deadline:g} s expired"
-            self._fail(attempt, list(symbols), reason)
+            self._fail(attempt, list(symbols), reason, timeout=True)
             counters.last_error = reason
         elif isinstance(exc, Exception):
             outcome = "error"
@@ -588,6 +617,7 @@ class Watchlist:
         else:
             return  # cancelled from outside: not a finished cycle
         counters.cycles += 1
+        self._record_failures(attempt, counters.cycles)
         counters.symbols_ok = len(attempt.ok)
         counters.symbols_failed = len(attempt.failed)
         self._log_changes(attempt.failed)
@@ -602,6 +632,24 @@ class Watchlist:
         )
         event, self._cycle_end = self._cycle_end, trio.Event()
         event.set()
+
+    def _record_failures(self, attempt: _Attempt, cycle: int) -> None:
+        """Give the recorder the finished cycle's failures, in watchlist order."""
+        if self._recorder is None:
+            return
+        for symbol in self.config.symbols:
+            reason = attempt.failed.get(symbol)
+            if reason is not None and symbol not in attempt.skipped:
+                kind = "timeout" if symbol in attempt.timeouts else "error"
+                self._recorder.record(cycle, str(symbol), kind, reason)
+
+    def _transition(
+        self, key: Hashable, old: engine.CircuitState, new: engine.CircuitState, at: float
+    ) -> None:
+        """A symbol's circuit changed: record it, in the cycle that is running."""
+        if self._recorder is not None:
+            cycle = self._counters.cycles + 1
+            self._recorder.record(cycle, str(key), "breaker", f"{old.value}->{new.value}")
 
     def _log_changes(self, failed: dict[str, str]) -> None:
         """Log symbols that started failing (or fail differently) and those that recovered.
