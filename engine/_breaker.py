@@ -261,7 +261,12 @@ class CircuitBreaker:
         before = circuit.state
         probe = circuit.admit(now)
         if circuit.state is not before:
-            self._changed(key, circuit, before)
+            try:
+                self._changed(key, circuit, before)
+            except BaseException:
+                if probe is not None:
+                    circuit.release(probe)  # nobody gets the permit: free the probe
+                raise
         if probe is None:
             self._tally.rejected += 1
             retry_at = circuit.retry_at if circuit.state is CircuitState.OPEN else None
@@ -288,10 +293,11 @@ class CircuitBreaker:
         try:
             result = await fn(*args)
         except Exception as exc:
-            if self._failure_on(exc):
-                permit.fail()
-            else:
-                permit.release()
+            try:
+                if self._failure_on(exc):
+                    permit.fail()
+            finally:
+                permit.release()  # a no-op once settled; frees a probe if failure_on raised
             raise
         except BaseException:
             permit.release()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 from collections.abc import Awaitable, Callable
 from typing import TypeVar, TypeVarTuple, cast
 
@@ -20,6 +21,7 @@ import trio
 
 from ._backoff import Backoff
 from ._counters import Tally, counter_metric, gauge_metric, metric_source
+from ._logging import redact
 from ._names import callable_name, describe_error
 from ._retry_http import retry_after_seconds
 from ._validation import check_count, check_duration, check_name
@@ -200,7 +202,7 @@ class Retrying:
             try:
                 result = await fn(*args)
             except Exception as exc:
-                tally.last_error = describe_error(exc)
+                tally.last_error = _described(exc)
                 if not self._accepts(exc):
                     tally.refused += 1
                     raise
@@ -225,7 +227,7 @@ class Retrying:
             self.name,
             attempt + 1,
             what,
-            describe_error(exc),
+            _described(exc),
             delay,
             " (Retry-After)" if asked else "",
         )
@@ -289,3 +291,18 @@ async def retry(
     """
     policy = Retrying(attempts=attempts, backoff=backoff, retry_on=retry_on, name=name)
     return await policy.call(fn, *args)
+
+
+# A URL's query string: where signed requests and some APIs carry secrets.
+_QUERY = re.compile(r"(?P<url>\b[a-z][a-z0-9+.-]*://[^\s?#'\"]+)\?[^\s#'\"]*", re.IGNORECASE)
+
+
+def _described(exc: BaseException) -> str:
+    """``describe_error(exc)`` without URLs' query strings or credentials.
+
+    An ``httpx.HTTPStatusError`` names the request's whole URL, which may
+    carry an API key or a signature; the description is logged on every
+    retry and kept as ``last_error`` for /status.
+    """
+    text = _QUERY.sub(r"\g<url>?…", describe_error(exc))
+    return redact(text)

@@ -400,6 +400,8 @@ class Supervisor:
         self, group: list[Child], stop_only: list[Child], token: object, delay: float
     ) -> None:
         # shutdown() cancels it: a child backing off is then simply not started.
+        if self._stopping is not None:
+            return  # scheduled just before shutdown() began
         with trio.CancelScope() as scope:
             self._restarting.add(scope)
             try:
@@ -422,8 +424,8 @@ class Supervisor:
                 member.state = ChildState.STOPPED
         await trio.sleep(delay)
         for member in group:
-            if member.restart_token is not token or member.stopping:
-                continue  # stopped, or taken over by a newer restart
+            if self._stopping is not None or member.restart_token is not token or member.stopping:
+                continue  # shutting down, stopped, or taken over by a newer restart
             member.restart_token = None
             member.restarts += 1
             run = self._launch(member, initial=False)

@@ -296,8 +296,9 @@ async def _ready_then(fn: object, *, task_status: trio.TaskStatus[None]) -> None
 def test_engine_run_grace_period_bounds_the_whole_drain() -> None:
     stopped: list[str | None] = []
 
-    async def never_done() -> None:
+    async def never_done(watching: trio.Event) -> None:
         stop = engine.current_stop()
+        watching.set()
         await stop.wait()
         try:
             await trio.sleep_forever()  # drains for ever
@@ -305,9 +306,10 @@ def test_engine_run_grace_period_bounds_the_whole_drain() -> None:
             stopped.append(stop.force_reason)
 
     async def main() -> None:
+        watching = trio.Event()
         async with engine.open_supervisor() as sup:
-            sup.start_soon(never_done, name="stuck", shutdown=math.inf)
-            await trio.sleep(0.05)
+            sup.start_soon(never_done, watching, name="stuck", shutdown=math.inf)
+            await watching.wait()
             engine.current_shutdown().request("test")
             await engine.current_shutdown().wait()
             await sup.shutdown()

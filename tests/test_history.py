@@ -113,7 +113,7 @@ async def test_pruning_on_write_drops_rows_older_than_max_age(tmp_path: Path) ->
 
 async def test_a_full_queue_drops_its_oldest_rows_and_counts_them(tmp_path: Path) -> None:
     with trio.fail_after(GUARD):
-        async with open_failure_history(tmp_path / "h", queue_size=2) as history:
+        async with open_failure_history(tmp_path / "h", queue_size=2, flush_rows=2) as history:
             for cycle in (1, 2, 3):
                 history.record(cycle, "BTCUSDT", "error", "down")
             await history.flush()
@@ -421,3 +421,9 @@ def test_the_store_package_exports_exactly_its_api() -> None:
     ]
     for name in store.__all__:
         assert getattr(store, name).__doc__, name
+
+
+async def test_flush_rows_past_the_queue_size_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"flush_rows \(600\) must be <= queue_size \(500\)"):
+        async with open_failure_history(tmp_path / "h", queue_size=500, flush_rows=600):
+            pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import subprocess
@@ -308,3 +309,26 @@ def test_the_resilience_example_prints_what_the_page_shows() -> None:
     assert result.returncode == 0, result.stderr
     [output] = [block for block in _quoted("text") if block.startswith("t=")]
     assert result.stdout.strip() == output
+
+
+async def test_a_retried_http_errors_query_and_password_stay_out_of_logs_and_statistics(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = "https://user:hunter2@api.example.com/v3/quotes?symbols=A&signature=s3cret"
+    request = httpx.Request("GET", url)
+
+    async def refused() -> None:
+        response = httpx.Response(503, request=request)
+        raise httpx.HTTPStatusError(
+            f"Server error '503' for url '{url}'", request=request, response=response
+        )
+
+    retrying = engine.Retrying(attempts=2, name="quotes")
+    with caplog.at_level(logging.INFO), pytest.raises(httpx.HTTPStatusError):
+        await retrying.call(refused)
+    last_error = retrying.statistics().last_error
+    assert last_error is not None
+    for text in (caplog.text, last_error):
+        assert "s3cret" not in text
+        assert "hunter2" not in text
+    assert "https://user:***@api.example.com/v3/quotes?…" in last_error

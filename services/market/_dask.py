@@ -147,7 +147,9 @@ async def open_dask_cluster(address: str) -> AsyncIterator[DaskCluster]:
     def connect() -> distributed.Client:
         return distributed.Client(address, timeout=CONNECT_TIMEOUT)  # type: ignore[no-untyped-call]
 
-    client = await engine.to_thread(connect)
+    # Not abandoned on cancel: a client connected meanwhile must still be
+    # closed; CONNECT_TIMEOUT bounds the wait.
+    client = await engine.to_thread(connect, abandon_on_cancel=False)
     try:
         cluster = await engine.to_thread(DaskCluster, address, client)
         logger.info(

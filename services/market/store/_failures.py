@@ -117,6 +117,11 @@ def _check_settings(
     check_count("queue_size", queue_size, minimum=1)
     _finite("flush_every", flush_every)
     check_count("flush_rows", flush_rows, minimum=1)
+    if flush_rows > queue_size:
+        raise ValueError(
+            f"flush_rows ({flush_rows}) must be <= queue_size ({queue_size}): "
+            "the queue would drop rows before it ever reached flush_rows"
+        )
 
 
 def _finite(name: str, value: float) -> float:
@@ -250,6 +255,11 @@ class FailureHistory:
                 oldest_ms = round((self._wall_clock() - self.max_age) * 1000)
             try:
                 pruned = await self.database.run(_write, rows, oldest_ms, self.max_rows)
+            except trio.Cancelled:
+                # The write is never abandoned once begun: cancelled, it never
+                # began. The rows go back, in order, for the next flush.
+                self._queue.extendleft(reversed(rows))
+                raise
             except BaseException:
                 self._tally.dropped += len(rows)
                 raise
