@@ -31,6 +31,19 @@ def check_duration(name: str, value: float, *, allow_zero: bool = False) -> floa
     return float(value)
 
 
+def check_finite_duration(name: str, value: float) -> float:
+    """A positive, finite number of seconds (for a setting sent to a server as a number).
+
+    Raises:
+        TypeError, ValueError: as :func:`check_duration`, and ``ValueError``
+            for ``math.inf``, naming ``name``.
+    """
+    seconds = check_duration(name, value)
+    if math.isinf(seconds):
+        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
+    return seconds
+
+
 def check_count(name: str, value: int, *, minimum: int = 0) -> int:
     """A whole number of at least ``minimum``.
 

@@ -53,3 +53,26 @@ def test_secrets_never_reach_the_error(url: str) -> None:
 def test_url_must_be_a_string() -> None:
     with pytest.raises(TypeError, match="url must be a string"):
         connect(b"memory://")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://h:6379?mode=streams&claim_idle=inf",
+        "nats://h:4222?stream=S&ack_wait=inf",
+        "nats://h:4222?stream=S&duplicate_window=inf",
+    ],
+)
+def test_a_setting_sent_to_the_server_as_a_number_must_be_finite(url: str) -> None:
+    with pytest.raises(ValueError, match="must be a finite number of seconds"):
+        connect(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://:hun/ter2@host:0/0", "rediss://host:0?password=hunter2", "redis://:hunter2@:1"]
+)
+def test_a_redis_url_refused_never_shows_its_password(url: str) -> None:
+    with pytest.raises(ValueError, match="url") as refused:
+        connect(url)
+    assert "hunter2" not in str(refused.value)
+    assert "ter2" not in str(refused.value)

@@ -445,3 +445,47 @@ async def test_runs_beside_a_callers_own_asyncio_loop(nats_server: NatsServer) -
                     await bus.publish("n.x", b"x")
                     assert (await sub.__anext__()).data == b"x"
             assert not outer.is_closed()
+
+
+async def test_a_jetstream_queue_emptied_without_waiting_is_refilled(
+    nats_server: NatsServer,
+) -> None:
+    with trio.fail_after(10):
+        async with (
+            open_fast_bus(nats_server.url, stream="NOWAIT", subjects=["n.>"]) as bus,
+            bus.subscribe("n.>", maxsize=2) as sub,
+        ):
+            for i in range(6):
+                await bus.publish(f"n.{i}", b"%d" % i, msg_id=f"n{i}")
+            got: list[bytes] = []
+            while len(got) < 6:  # the puller fetches only what fits: 2 at a time
+                try:
+                    batch = sub.receive_batch_nowait(10)
+                except trio.WouldBlock:
+                    await trio.sleep(0.01)  # nothing to wait on without taking
+                    continue
+                for message in batch:
+                    await message.ack()
+                    got.append(message.data)
+    assert got == [b"%d" % i for i in range(6)]
+
+
+async def test_a_tls_server_that_says_nothing_is_given_up_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def silent(stream: trio.SocketStream) -> None:
+        async with stream:
+            await trio.sleep_forever()
+
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, silent, listeners)
+            started = trio.current_time()
+            with pytest.raises(trio.BrokenResourceError, match="sent no INFO line within 2 s"):
+                async with open_nats_bus(f"tls://127.0.0.1:{port}"):
+                    pass
+            assert trio.current_time() - started == pytest.approx(2.0)
+            nursery.cancel_scope.cancel()

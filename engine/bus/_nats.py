@@ -44,7 +44,13 @@ from .._health import SourceHealth
 from .._hub import Hub, HubOverflow, HubOverflowName, SubscriptionStatistics, _split, tokens_match
 from .._hub import Subscription as HubSubscription
 from .._names import describe_error
-from .._validation import check_choice, check_count, check_duration, check_name
+from .._validation import (
+    check_choice,
+    check_count,
+    check_duration,
+    check_finite_duration,
+    check_name,
+)
 from ._base import BusMessage
 from ._memory import MemorySubscription
 from ._nats_jetstream import (
@@ -195,6 +201,13 @@ class NatsSubscription(MemorySubscription):
     async def receive_batch(self, max_items: int) -> list[BusMessage]:
         """Every queued message, up to ``max_items``; waits for at least one."""
         messages = await super().receive_batch(max_items)
+        if self._on_take is not None:
+            self._on_take()
+        return messages
+
+    def receive_batch_nowait(self, max_items: int) -> list[BusMessage]:
+        """Every queued message, up to ``max_items``; ``trio.WouldBlock`` if none."""
+        messages = super().receive_batch_nowait(max_items)
         if self._on_take is not None:
             self._on_take()
         return messages
@@ -793,10 +806,10 @@ def open_nats_bus(
         name=check_name("name", name),
         stream=stream,
         subjects=tuple(subjects),
-        ack_wait=check_duration("ack_wait", ack_wait),
-        duplicate_window=check_duration("duplicate_window", duplicate_window),
+        ack_wait=check_finite_duration("ack_wait", ack_wait),
+        duplicate_window=check_finite_duration("duplicate_window", duplicate_window),
         fetch_batch=check_count("fetch_batch", fetch_batch, minimum=1),
-        fetch_wait=check_duration("fetch_wait", fetch_wait),
+        fetch_wait=check_finite_duration("fetch_wait", fetch_wait),
         publish_retry_after=check_duration("publish_retry_after", publish_retry_after),
         max_unconfirmed=check_count("max_unconfirmed", max_unconfirmed),
         reconnect_wait=check_duration("reconnect_wait", reconnect_wait),

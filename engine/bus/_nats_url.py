@@ -10,6 +10,9 @@ import trio
 
 from .._logging import redact_url
 
+# Seconds a tls:// server gets to connect and send its INFO line (nats-py's connect timeout).
+INFO_TIMEOUT = 2.0
+
 _SCHEMES = ("nats", "tls", "ws", "wss")
 _DEFAULT_PORT = 4222
 
@@ -82,17 +85,24 @@ async def require_tls(url: NatsURL) -> None:
         trio.BrokenResourceError: the server cannot be reached, or does not
             require TLS.
     """
-    try:
-        stream = await trio.open_tcp_stream(url.host, url.port)
-    except OSError as exc:
-        raise trio.BrokenResourceError(f"cannot connect to NATS at {url.redacted}: {exc}") from exc
-    async with stream:
-        line = b""
-        while b"\r\n" not in line and len(line) < 65536:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                break
-            line += chunk
+    line = b""
+    with trio.move_on_after(INFO_TIMEOUT) as waited:
+        try:
+            stream = await trio.open_tcp_stream(url.host, url.port)
+        except OSError as exc:
+            raise trio.BrokenResourceError(
+                f"cannot connect to NATS at {url.redacted}: {exc}"
+            ) from exc
+        async with stream:
+            while b"\r\n" not in line and len(line) < 65536:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                line += chunk
+    if waited.cancelled_caught:
+        raise trio.BrokenResourceError(
+            f"NATS at {url.redacted} sent no INFO line within {INFO_TIMEOUT:g} s"
+        )
     head, _, body = line.partition(b" ")
     try:
         info = json.loads(body.split(b"\r\n", 1)[0]) if head == b"INFO" else {}

@@ -74,7 +74,12 @@ from .._health import SourceHealth
 from .._hub import Hub, HubOverflow, HubOverflowName, SubscriptionStatistics, _split
 from .._hub import Subscription as HubSubscription
 from .._threads import to_thread
-from .._validation import check_choice, check_count, check_duration, check_name
+from .._validation import (
+    check_choice,
+    check_count,
+    check_finite_duration,
+    check_name,
+)
 from ._base import BusMessage
 from ._redis_readers import CONNECTION_ERRORS, PubSubReader, Reader, StreamReader
 from ._redis_url import RedisAddress, parse_redis_url
@@ -399,8 +404,12 @@ class RedisBus:
     def _came_up(self, who: object) -> None:
         if who in self._down:
             self._down.discard(who)
-            self._tally.reconnects += 1
-            logger.info("redis bus %r: reconnected to %s", self.name, self.address.display)
+            if who != "publisher":  # a publish that got through again is no reconnect
+                self._tally.reconnects += 1
+                logger.info("redis bus %r: reconnected to %s", self.name, self.address.display)
+        # A reader that reached the server shows it is back for the publisher
+        # too, which may not publish again for a long time.
+        self._down.discard("publisher")
 
 
 def _check_backoff(backoff: Backoff | None) -> Backoff:
@@ -467,7 +476,7 @@ def open_redis_bus(
         "stream": check_name("stream", stream),
         "group": check_name("group", group),
         "maxlen": check_count("maxlen", maxlen, minimum=1),
-        "claim_idle": check_duration("claim_idle", claim_idle),
+        "claim_idle": check_finite_duration("claim_idle", claim_idle),
         "backoff": _check_backoff(backoff),
     }
     return _opened(address, settings)

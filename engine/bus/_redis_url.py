@@ -6,7 +6,7 @@ import urllib.parse
 
 import attrs
 
-from .._logging import redact
+from .._logging import redact_url
 
 _SCHEMES = ("redis", "rediss")
 _DEFAULT_PORT = 6379
@@ -58,7 +58,9 @@ def parse_redis_url(url: str) -> RedisAddress:
     """
     if not isinstance(url, str):
         raise TypeError(f"url must be a string, got {type(url).__name__}")
-    shown = redact(url)
+    # Shown without its user information or its query (rediss:// may carry
+    # a password there): only where it points.
+    shown = redact_url(url.split("?", 1)[0].split("#", 1)[0])
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in _SCHEMES:
         raise ValueError(f"url must start with redis:// or rediss://, got {shown!r}")
