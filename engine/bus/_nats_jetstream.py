@@ -77,7 +77,9 @@ def pattern_within(pattern: tuple[str, ...], subject: tuple[str, ...]) -> bool:
 
 def durable_name(bus: str, pattern: str) -> str:
     """The default durable consumer of a bus name and a pattern (NATS forbids ``.*>``)."""
-    digest = hashlib.blake2s(pattern.encode(), digest_size=6).hexdigest()
+    # Both in the digest: two buses whose names share their first 60
+    # characters must not share (and split) one consumer.
+    digest = hashlib.blake2s(f"{bus}\0{pattern}".encode(), digest_size=6).hexdigest()
     readable = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{bus}_{pattern}")
     return f"{readable[:60]}_{digest}"
 

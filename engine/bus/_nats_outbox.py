@@ -67,6 +67,7 @@ class Outbox:
         self._client = client
         self._maxsize = maxsize
         self._on_unsent = on_unsent
+        self._ended = False  # run() has ended: nothing is handed on any more
         self._items: collections.deque[Publish | Msg] = collections.deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._room = trio.Event()
@@ -79,10 +80,18 @@ class Outbox:
         return len(self._items) >= self._maxsize
 
     async def wait_for_room(self) -> None:
-        """Wait until the drain task took what was queued (trio side)."""
+        """Wait until the drain task took what was queued (trio side).
+
+        Raises:
+            trio.ClosedResourceError: the drain task has ended (the bus closed).
+        """
+        if self._ended:
+            raise trio.ClosedResourceError("the nats bus is closed")
         if self._room.is_set():
             self._room = trio.Event()
         await self._room.wait()
+        if self._ended:
+            raise trio.ClosedResourceError("the nats bus is closed")
 
     async def wait_drained(self) -> None:
         """Wait until every queued item went to nats-py (trio side)."""
@@ -101,7 +110,23 @@ class Outbox:
                 wakeup.set_result(None)
 
     async def run(self) -> None:
-        """Hand every queued item to nats-py, for ever (an asyncio task)."""
+        """Hand every queued item to nats-py, until cancelled (an asyncio task).
+
+        When it ends, whoever waits for room or for the drain is released, and
+        the publishes still queued count as unsent.
+        """
+        try:
+            await self._run()
+        finally:
+            self._ended = True
+            for item in self._items:
+                if isinstance(item, tuple):
+                    self._on_unsent()
+            self._items.clear()
+            self._room.set()
+            self._drained.set()
+
+    async def _run(self) -> None:
         items = self._items
         publish = self._client.publish
         while True:

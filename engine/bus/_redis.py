@@ -138,7 +138,8 @@ class RedisBusStatistics:
             the entries of other topics a group skips.
         redelivered: messages delivered again: claimed from an idle consumer,
             or re-read after a reconnect (streams).
-        dropped: messages the subscriptions' overflow policies discarded or lost.
+        dropped: messages the subscriptions' overflow policies discarded or lost,
+            and messages skipped for a topic this bus cannot have published.
         reconnects: times a reader or the publisher connected again after a failure.
     """
 

@@ -167,8 +167,19 @@ class Reader:
             taken = self.hub.publish_nowait(topic, message)
         except trio.WouldBlock:  # "block" and full: wait for the consumer
             taken = await self.hub.publish(topic, message)
-        except ValueError:
-            return 0  # not a topic this bus could have published: never ours
+        except ValueError as exc:
+            # Not a topic this bus could have published (another client wrote
+            # it): never ours, but not silently. Counted as dropped.
+            self.bus._tally.dropped += 1
+            if self.bus._tally.dropped == 1 or self.bus._tally.dropped % 1000 == 0:
+                logger.warning(
+                    "redis bus %r: skipped a message with a bad topic %r (%s); %d so far",
+                    self.bus.name,
+                    topic[:100],
+                    exc,
+                    self.bus._tally.dropped,
+                )
+            return 0
         self.bus._tally.received += taken
         return taken
 
