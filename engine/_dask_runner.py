@@ -250,8 +250,8 @@ class DaskRunner:
         """Run the call as one Dask task: see :class:`engine.BatchRunner`."""
         if call.at_most_once and len(chunk) > 1:
             # A failed task cannot say which of its items ran: one item a
-            # call from now on, the rest back in line.
-            self.chunked = False
+            # call, the rest back in line. Only for this batch's calls: the
+            # runner is the caller's, and other batches may share it.
             report = await self.run(fn, chunk[:1], deadline, stop_after, call)
             report.not_started.extend(index for index, _ in chunk[1:])
             return report
@@ -347,7 +347,7 @@ class DaskRunner:
                 workers = await to_thread(_workers_running, client, keys)
             with contextlib.suppress(Exception):
                 await to_thread(functools.partial(client.cancel, futures, reason=_REASON))
-            tally.cancelled += len(futures)
+                tally.cancelled += len(futures)  # only once the cluster took the cancel
             tally.abandoned += len(workers)
             if hung and workers and self.kill_hung_workers:
                 with contextlib.suppress(Exception):

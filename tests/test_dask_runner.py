@@ -131,9 +131,9 @@ async def test_at_most_once_sends_one_item_a_task(dask_client: distributed.Clien
         )
     assert statuses(outcomes) == {"ok": 7, "error": 1}
     assert all(o.attempts == 1 for o in outcomes)
-    assert not runner.chunked
-    # The first call carried one of its chunk's items; every later call one.
+    # Each call carried one of its chunk's items, the rest back in line.
     assert runner.statistics().tasks == 8
+    assert runner.chunked  # the runner is shared: later batches are chunked again
 
 
 async def test_a_hung_task_times_out_and_its_worker_is_replaced(
