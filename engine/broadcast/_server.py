@@ -395,13 +395,17 @@ class BroadcastServer:
                 if wait.cancelled_caught:
                     break  # close(): nothing was taken by the cancelled wait
                 await _forward_all(inbox, batch)
-            # Draining: hand on what the subscription already holds.
+            # Draining: hand on what the subscription already holds. At most a
+            # queue's worth: on a bus others still publish to (a relay), the
+            # queue refills as it is read, and the drain must end.
             take_nowait = getattr(subscription, "receive_batch_nowait", None)
-            while take_nowait is not None:
+            left = self.config.bus_queue_size
+            while take_nowait is not None and left > 0:
                 try:
-                    batch = take_nowait(INBOX_SIZE)
+                    batch = take_nowait(min(INBOX_SIZE, left))
                 except (trio.WouldBlock, trio.EndOfChannel):
                     return
+                left -= len(batch)
                 await _forward_all(inbox, batch)
 
     async def _dispatch(self, inbox: ReceiveChannel[BusMessage]) -> None:
