@@ -81,6 +81,9 @@ class DaskCluster:
         self._client = client
         self._reachable = True
         self._workers, self._threads = _count(client.scheduler_info())
+        # One look at a time: a look past its time limit keeps its thread
+        # until the scheduler answers, and the next one waits for it here.
+        self._looking = trio.CapacityLimiter(1)
 
     @property
     def threads(self) -> int:
@@ -114,7 +117,7 @@ class DaskCluster:
             info: dict[str, Any] | None = None
             with trio.move_on_after(LOOK_TIMEOUT):
                 try:
-                    info = await engine.to_thread(look)
+                    info = await engine.to_thread(look, limiter=self._looking)
                 except OSError as exc:
                     logger.warning("the Dask scheduler at %s: %s", self.address, exc)
             if info is None:

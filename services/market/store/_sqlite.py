@@ -40,6 +40,9 @@ class Database:
         self.path = path
         self._connection: sqlite3.Connection | None = connection
         self._lock = threading.Lock()
+        # One thread at a time: callers queue in trio (where a wait can be
+        # cancelled), not in threads holding the process's thread tokens.
+        self._limiter = trio.CapacityLimiter(1)
 
     async def run(self, fn: Callable[[sqlite3.Connection, *PosArgsT], T], *args: *PosArgsT) -> T:
         """``fn(connection, *args)`` in a worker thread, as one transaction.
@@ -55,7 +58,9 @@ class Database:
             trio.ClosedResourceError: the database is closed.
             sqlite3.Error: what SQLite raised.
         """
-        return await engine.to_thread(self._locked, fn, *args, abandon_on_cancel=False)
+        return await engine.to_thread(
+            self._locked, fn, *args, abandon_on_cancel=False, limiter=self._limiter
+        )
 
     def _locked(self, fn: Callable[[sqlite3.Connection, *PosArgsT], T], *args: *PosArgsT) -> T:
         with self._lock:
