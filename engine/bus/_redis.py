@@ -496,11 +496,16 @@ async def _opened(address: RedisAddress, settings: dict[str, Any]) -> AsyncItera
     bus = RedisBus(address=address, client=client, **settings)
     try:
         await to_thread(client.ping)
-    except CONNECTION_ERRORS as exc:
-        await to_thread(client.close)
-        raise trio.BrokenResourceError(
-            f"redis bus {bus.name!r}: cannot connect to {address.display}: {exc}"
-        ) from exc
+    except BaseException as exc:
+        # Whatever stopped the ping (no server, a cancel, a refused
+        # password), the client's connections are closed before it goes.
+        with trio.CancelScope(shield=True):
+            await to_thread(client.close)
+        if isinstance(exc, CONNECTION_ERRORS):
+            raise trio.BrokenResourceError(
+                f"redis bus {bus.name!r}: cannot connect to {address.display}: {exc}"
+            ) from exc
+        raise
     try:
         yield bus
     finally:

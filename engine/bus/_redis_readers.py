@@ -37,6 +37,8 @@ logger = logging.getLogger("engine.bus.redis")
 
 # Errors after which a reader connects again: the server went away, is
 # still loading its data after a restart, or lost the stream's group.
+_NOT_OPEN = object()  # a reader with no first connection in hand
+
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
@@ -98,7 +100,9 @@ class Reader:
         self.tokens = tokens
         self.scope = trio.CancelScope()
         self.limiter = trio.CapacityLimiter(1)
-        self._first: Any = None
+        # What open() connected, for run() to read first; _NOT_OPEN once used
+        # (a connection may be None: a streams reader's is its consumer group).
+        self._first: Any = _NOT_OPEN
 
     async def open(self) -> None:
         """Make the first connection, before :meth:`run` starts.
@@ -123,12 +127,12 @@ class Reader:
         with self.scope:
             while True:
                 try:
-                    if self._first is None:
+                    if self._first is _NOT_OPEN:
                         handle = await self.connect()
                         attempt = 0
                         bus._came_up(self)
                     else:
-                        handle, self._first = self._first, None
+                        handle, self._first = self._first, _NOT_OPEN
                     await self.read(handle)
                     return
                 except CONNECTION_ERRORS as exc:
@@ -216,9 +220,9 @@ class PubSubReader(Reader):
             pubsub.close()
 
     async def finish(self) -> None:
-        if self._first is not None:  # connected, never read: the reader did not start
+        if self._first is not _NOT_OPEN:  # connected, never read: the reader did not start
             self._first.close()
-            self._first = None
+            self._first = _NOT_OPEN
         await trio.lowlevel.checkpoint()
 
 
