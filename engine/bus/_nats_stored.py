@@ -176,9 +176,11 @@ class StreamPublisher:
             self._pacer.reset()
         if self._closing:
             raise trio.ClosedResourceError("the bus is closed")
+        # Sent first, then in the window: run() times each item's answer from
+        # when it was sent, so an item waiting for room must not be in it.
+        await self._put(item)
         self._window.append(item)
         self._arrived.set()
-        await self._put(item)
         await self._pacer.pace()
 
     async def run(self) -> None:
