@@ -81,6 +81,7 @@ from .._validation import (
     check_name,
 )
 from ._base import BusMessage
+from ._memory import MemorySubscription
 from ._redis_readers import CONNECTION_ERRORS, PubSubReader, Reader, StreamReader
 from ._redis_url import RedisAddress, parse_redis_url
 
@@ -165,26 +166,12 @@ class _Tally(Tally[RedisBusStatistics]):
     """The counters behind :meth:`RedisBus.statistics`."""
 
 
-class RedisSubscription:
+class RedisSubscription(MemorySubscription):
     """A subscription of a :class:`RedisBus`: an async iterator of :class:`BusMessage`.
 
     Iteration ends when the bus closes and the queue is drained; with the
     ``disconnect`` policy it ends with :class:`engine.SubscriberDisconnected`.
     """
-
-    def __init__(self, inner: HubSubscription[BusMessage]) -> None:
-        self._inner = inner
-
-    def __aiter__(self) -> AsyncIterator[BusMessage]:
-        return self
-
-    async def __anext__(self) -> BusMessage:
-        _, message = await self._inner.__anext__()
-        return message
-
-    async def receive_batch(self, max_items: int) -> list[BusMessage]:
-        """Every queued message, up to ``max_items``; waits for at least one."""
-        return [message for _, message in await self._inner.receive_batch(max_items)]
 
     def statistics(self) -> SubscriptionStatistics:
         """The local queue's counters (offered, delivered, dropped, lost, depth)."""

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -277,6 +278,8 @@ class StreamReader(Reader):
         self._claimed_at = -math.inf
         self._streaming = False
         self._token = trio.lowlevel.current_trio_token()
+        # Set once the subscription ends: a poll lingering for a burst stops at once.
+        self._ending = threading.Event()
 
     async def connect(self) -> Any:
         await to_thread(self._create_group, limiter=self.limiter)
@@ -309,7 +312,7 @@ class StreamReader(Reader):
         ``XAUTOCLAIM`` (every half ``claim_idle``) or ``XREADGROUP``.
         """
         if self._streaming:
-            time.sleep(_LINGER)  # in the thread: let a burst gather into one read
+            self._ending.wait(_LINGER)  # let a burst gather into one read
         acks = [self._acks.popleft() for _ in range(len(self._acks))]
         pipe = self.bus.client.pipeline(transaction=False)
         if acks:
@@ -394,6 +397,7 @@ class StreamReader(Reader):
         consumer with entries still pending stays in the group, so that
         another consumer can claim them.
         """
+        self._ending.set()
         acks = [self._acks.popleft() for _ in range(len(self._acks))]
         with trio.CancelScope(shield=True), trio.move_on_after(_CONFIRM_WAIT):
             try:
