@@ -282,7 +282,10 @@ async def test_acked_message_is_not_redelivered(redis_server: RedisServer) -> No
             async with bus.subscribe("j.*", maxsize=10) as sub:
                 await bus.publish("j.a", b"1", msg_id="m-1")
                 await (await sub.__anext__()).ack()
-                await trio.sleep(0.3)  # real time: claim_idle passes, the ack went first
+                await wait_for(lambda: bus.statistics().acked == 1)  # the XACK reached Redis
+                # Then past claim_idle on the server's own clock (real time): an
+                # entry left unacked would be claimed again by now.
+                await trio.sleep(0.3)
                 await bus.publish("j.a", b"2", msg_id="m-2")
                 second = await sub.__anext__()
                 await second.ack()

@@ -60,6 +60,13 @@ _PRUNE_COUNT = (
     "DELETE FROM failures WHERE id <= (SELECT id FROM failures ORDER BY id DESC LIMIT 1 OFFSET ?)"
 )
 
+# The defaults of FailureHistory and open_failure_history, stated once.
+MAX_AGE = 7 * 86_400.0  # seconds a row is kept
+MAX_ROWS = 100_000  # rows kept at most
+QUEUE_SIZE = 10_000  # rows waiting to be written at most; past it the oldest is dropped
+FLUSH_EVERY = 1.0  # seconds between writes
+FLUSH_ROWS = 500  # rows that make a write at once
+
 
 class FailureRecorder(Protocol):
     """What the watchlist records its failures into (:class:`FailureHistory` is one)."""
@@ -196,11 +203,11 @@ class FailureHistory:
         self,
         database: Database,
         *,
-        max_age: float = 7 * 86_400.0,
-        max_rows: int = 100_000,
-        queue_size: int = 10_000,
-        flush_every: float = 1.0,
-        flush_rows: int = 500,
+        max_age: float = MAX_AGE,
+        max_rows: int = MAX_ROWS,
+        queue_size: int = QUEUE_SIZE,
+        flush_every: float = FLUSH_EVERY,
+        flush_rows: int = FLUSH_ROWS,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if not isinstance(database, Database):
@@ -331,11 +338,11 @@ class FailureHistory:
 async def open_failure_history(
     path: str | os.PathLike[str],
     *,
-    max_age: float = 7 * 86_400.0,
-    max_rows: int = 100_000,
-    queue_size: int = 10_000,
-    flush_every: float = 1.0,
-    flush_rows: int = 500,
+    max_age: float = MAX_AGE,
+    max_rows: int = MAX_ROWS,
+    queue_size: int = QUEUE_SIZE,
+    flush_every: float = FLUSH_EVERY,
+    flush_rows: int = FLUSH_ROWS,
     wall_clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[FailureHistory]:
     """Open the SQLite file at ``path``, migrate the failure table, yield the history.
