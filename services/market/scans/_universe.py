@@ -9,43 +9,23 @@ return them, instead of shipping 2,500 symbols' arrays from the service.
 
 from __future__ import annotations
 
-import random
-import string
-
 import attrs
 
 from engine.lowlevel import check_count
 
-from ..simulator import DEFAULT_SYMBOLS, INTERVALS_MS, MAX_HISTORY, History, Instrument
+from ..simulator import (
+    DEFAULT_UNIVERSE,
+    INTERVALS_MS,
+    MAX_HISTORY,
+    History,
+    Instrument,
+    universe,
+)
 from ._indicators import Klines
 
-DEFAULT_UNIVERSE = 2_500
-# Far below the 475,228 names of three or four letters, so drawing stays quick.
-MAX_UNIVERSE = 100_000
+__all__ = ["DEFAULT_UNIVERSE", "SimulatedKlines", "universe"]
+
 MAX_BARS = 1_000  # as Binance's klines limit
-
-
-def universe(count: int = DEFAULT_UNIVERSE, *, seed: int = 0) -> tuple[str, ...]:
-    """``count`` distinct symbol names: the simulator's defaults, then generated ones.
-
-    Generated names are three or four upper-case letters plus ``USDT``, drawn
-    from ``seed``, so the same arguments give the same universe.
-
-    Raises:
-        ValueError: ``count`` is not an integer from 1 to 100,000.
-    """
-    check_count("count", count, minimum=1)
-    if count > MAX_UNIVERSE:
-        raise ValueError(f"count must be at most {MAX_UNIVERSE:,}, got {count!r}")
-    names = list(DEFAULT_SYMBOLS[:count])
-    taken = set(names)
-    draw = random.Random(seed)
-    while len(names) < count:
-        symbol = "".join(draw.choices(string.ascii_uppercase, k=draw.choice((3, 4)))) + "USDT"
-        if symbol not in taken:
-            taken.add(symbol)
-            names.append(symbol)
-    return tuple(names)
 
 
 def _interval(instance: object, attribute: attrs.Attribute[str], value: str) -> None:

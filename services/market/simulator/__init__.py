@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ._config import DEFAULT_SYMBOLS as DEFAULT_SYMBOLS
 from ._config import INTERVALS_MS as INTERVALS_MS
+from ._config import MAX_UNIVERSE as MAX_UNIVERSE
 from ._config import SimulatorConfig as SimulatorConfig
 from ._history import MAX_HISTORY as MAX_HISTORY
 from ._history import History as History
@@ -23,11 +24,17 @@ from ._server import SimulatorAddress as SimulatorAddress
 from ._server import open_simulator as open_simulator
 from ._server import serve_simulator as serve_simulator
 from ._state import SimulatorStatistics as SimulatorStatistics
+from ._universe import DEFAULT_UNIVERSE as DEFAULT_UNIVERSE
+from ._universe import universe as universe
+from ._weights import DEFAULT_WEIGHT_LIMIT as DEFAULT_WEIGHT_LIMIT
 
 __all__ = [
     "DEFAULT_SYMBOLS",
+    "DEFAULT_UNIVERSE",
+    "DEFAULT_WEIGHT_LIMIT",
     "INTERVALS_MS",
     "MAX_HISTORY",
+    "MAX_UNIVERSE",
     "History",
     "Instrument",
     "Simulator",
@@ -37,5 +44,6 @@ __all__ = [
     "generate_order_lines",
     "open_simulator",
     "serve_simulator",
+    "universe",
     "write_order_log",
 ]

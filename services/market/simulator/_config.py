@@ -10,8 +10,12 @@ import attrs
 from engine.lowlevel import check_count, check_name
 
 from .._symbols import check_symbols, to_symbols
+from ._weights import DEFAULT_WEIGHT_LIMIT
 
 DEFAULT_SYMBOLS = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT")
+# The most symbols a universe lists; far below the 475,228 names of three or
+# four letters, so drawing them stays quick.
+MAX_UNIVERSE = 100_000
 
 # Binance's interval names with a fixed length. "1M" (a calendar month) is
 # left out: its length varies, and nothing here needs it.
@@ -52,6 +56,16 @@ def _check_order_log_rate(
 ) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ValueError(f"order_log_rate must be > 0 lines per second, got {value!r}")
+
+
+def _check_universe(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    check_count("universe", value)
+    if value > MAX_UNIVERSE:
+        raise ValueError(f"universe must be at most {MAX_UNIVERSE:,} symbols, got {value!r}")
+
+
+def _check_weight_limit(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    check_count("weight_limit", value, minimum=1)
 
 
 def _check_seed(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -100,6 +114,13 @@ class SimulatorConfig:
             (see ``docs/orders.md``), from the same seed, symbols and clock;
             ``None`` (default) writes none.
         order_log_rate: lines per second of that log.
+        universe: how many symbols the REST API lists: ``symbols`` first,
+            then generated names (see :func:`universe`), each with its
+            klines and tickers. ``0`` (default) lists ``symbols`` only.
+            Streams serve ``symbols`` alone either way.
+        weight_limit: the REST request weight allowed per minute, as
+            Binance's (6,000): answers carry ``X-MBX-USED-WEIGHT-1M``, and a
+            request past the budget is answered 429 with ``Retry-After``.
 
     Raises:
         TypeError, ValueError: for a bad argument, named in the message.
@@ -115,3 +136,5 @@ class SimulatorConfig:
     epoch_ms: int | None = attrs.field(default=None, validator=_check_epoch)
     order_log: str | None = attrs.field(default=None, converter=_to_path)
     order_log_rate: float = attrs.field(default=100.0, validator=_check_order_log_rate)
+    universe: int = attrs.field(default=0, validator=_check_universe)
+    weight_limit: int = attrs.field(default=DEFAULT_WEIGHT_LIMIT, validator=_check_weight_limit)

@@ -112,6 +112,7 @@ async def _respond(
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(reply.body)).encode()),
+        *reply.headers,
     ]
     data = conn.send(h11.Response(status_code=reply.status, headers=headers)) or b""
     data += conn.send(h11.Data(data=b"" if head else reply.body)) or b""

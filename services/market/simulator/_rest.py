@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -21,6 +21,7 @@ from ._config import INTERVALS_MS
 from ._encode import encode
 from ._history import Candles, History
 from ._instruments import Instrument
+from ._weights import RequestWeights, ticker_weight
 
 _DAY_MS = 86_400_000
 _MINUTE_MS = 60_000
@@ -51,10 +52,11 @@ _INVALID_SYMBOL = _Invalid(-1121, "Invalid symbol.")
 
 @attrs.frozen
 class Reply:
-    """An HTTP answer (private): status and a JSON body."""
+    """An HTTP answer (private): status, a JSON body and extra headers."""
 
     status: int
     body: bytes
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 @attrs.frozen
@@ -65,11 +67,13 @@ class RestApp:
         history: the candles.
         instruments: the listed symbols.
         epoch_ms: a fixed "now" for a simulated clock, or ``None`` for the wall clock.
+        weights: the request-weight budget every answer spends from.
     """
 
     history: History
     instruments: Mapping[str, Instrument]
     epoch_ms: int | None
+    weights: RequestWeights
 
     def answer(self, method: str, target: str) -> Reply:
         """The reply to ``method target`` (``target`` is the path and query)."""
@@ -80,10 +84,20 @@ class RestApp:
         if method not in ("GET", "HEAD"):
             return _reply(405, {"code": -1, "msg": f"Method {method} is not allowed."})
         query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
+        weight = _WEIGHTS[parts.path]
+        retry_after = self.weights.take(weight if isinstance(weight, int) else weight(query))
+        if retry_after is not None:
+            return self._with_weight(
+                _reply(429, _TOO_MUCH_WEIGHT), (b"retry-after", b"%d" % retry_after)
+            )
         try:
-            return _reply(200, route(self, query))
+            return self._with_weight(_reply(200, route(self, query)))
         except _Invalid as invalid:
-            return _reply(400, {"code": invalid.code, "msg": invalid.msg})
+            return self._with_weight(_reply(400, {"code": invalid.code, "msg": invalid.msg}))
+
+    def _with_weight(self, reply: Reply, *extra: tuple[bytes, bytes]) -> Reply:
+        used = (b"x-mbx-used-weight-1m", b"%d" % self.weights.used)
+        return attrs.evolve(reply, headers=(used, *extra))
 
     def now_ms(self) -> int:
         """Milliseconds since the epoch on the simulator's clock."""
@@ -151,6 +165,20 @@ _ROUTES = {
     "/api/v3/exchangeInfo": RestApp.exchange_info,
     "/api/v3/ticker/24hr": RestApp.ticker_24hr,
     "/api/v3/klines": RestApp.klines,
+}
+
+
+# Each path's request weight, as Binance's api/v3 counts it.
+_WEIGHTS: dict[str, int | Callable[[Mapping[str, str]], int]] = {
+    "/api/v3/ping": 1,
+    "/api/v3/time": 1,
+    "/api/v3/exchangeInfo": 20,
+    "/api/v3/ticker/24hr": ticker_weight,
+    "/api/v3/klines": 2,
+}
+_TOO_MUCH_WEIGHT = {
+    "code": -1003,
+    "msg": "Too much request weight used; please use WebSocket streams for live updates.",
 }
 
 

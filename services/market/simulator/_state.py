@@ -14,7 +14,10 @@ import engine
 from ._config import SimulatorConfig
 from ._history import History
 from ._instruments import Instrument
+from ._instruments import instruments as all_instruments
 from ._rest import RestApp
+from ._universe import universe
+from ._weights import RequestWeights
 
 
 class SessionHandle(Protocol):
@@ -111,7 +114,12 @@ class SharedState:
         """The state of a simulator starting now."""
         anchor = config.epoch_ms if config.epoch_ms is not None else int(time.time() * 1000)
         history = History(config.seed, anchor)
-        return cls(config, instruments, RestApp(history, instruments, config.epoch_ms))
+        listed = dict(instruments)
+        if config.universe > len(listed):
+            names = universe(config.universe, seed=config.seed, first=config.symbols)
+            listed.update(all_instruments(names[len(listed) :], config.seed))
+        weights = RequestWeights(config.weight_limit)
+        return cls(config, instruments, RestApp(history, listed, config.epoch_ms, weights))
 
     def stalled(self) -> bool:
         """Whether sessions must hold their data messages now."""
