@@ -1,7 +1,7 @@
 """The 2,500-symbol scan through map_batch on Dask, against the engine's process pool.
 
-The work is the scan's (``benchmarks/scan.py``): ``ScanJob`` per symbol,
-250 seeded daily candles generated in the worker, the formula's
+The work is the scan's: ``ScanJob`` per symbol, over ``SimulatedCandles``
+(250 seeded daily candles generated in the worker, no store), the formula's
 indicators computed and the formula evaluated, with a 60 s per-symbol
 deadline. The same ``engine.map_batch`` runs it on:
 
@@ -57,11 +57,12 @@ import engine  # noqa: E402
 
 # The length the batch scheduler aims each call at (docs/batch.md): the model's call count.
 TARGET_CALL_SECONDS = 0.1
+from services.market.candles import TIMEFRAME_MS, DateRange  # noqa: E402
 from services.market.scans import (  # noqa: E402
     ScanConfig,
     ScanJob,
     Scans,
-    SimulatedKlines,
+    SimulatedCandles,
     parse_formula,
 )
 
@@ -104,9 +105,11 @@ def start_cluster(workers: int) -> tuple[distributed.LocalCluster, distributed.C
 async def bench(
     symbols: int, runs: int, clients: dict[str, distributed.Client]
 ) -> tuple[dict[str, list[float]], dict[str, list[tuple[float, int]]]]:
-    klines = SimulatedKlines(anchor_ms=ANCHOR_MS)
-    universe = Scans(ScanConfig(symbols=symbols, workers=2, max_running=1), klines).symbols
-    job = ScanJob(parse_formula(FORMULA), klines)
+    candles = SimulatedCandles(anchor_ms=ANCHOR_MS)
+    universe = Scans(ScanConfig(symbols=symbols, workers=2, max_running=1), candles).symbols
+    day = TIMEFRAME_MS["1d"]
+    window = DateRange.from_ms(ANCHOR_MS // day * day - 250 * day, ANCHOR_MS // day * day)
+    job = ScanJob(parse_formula(FORMULA), candles, "1d", window)
     runners = {name: engine.DaskRunner(client) for name, client in clients.items()}
     times: dict[str, list[float]] = {name: [] for name in ("process", *clients, "serial")}
     idle: dict[str, list[tuple[float, int]]] = {name: [] for name in clients}

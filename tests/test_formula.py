@@ -1,15 +1,19 @@
-"""Scan formulas: grammar, checks, errors with positions, injection, fuzzing, evaluation."""
+"""Scan formulas: grammar, checks, errors with positions, injection, fuzzing, evaluation at
+one bar and at every bar, named parameters and binding."""
 
 from __future__ import annotations
 
+import doctest
 import math
 import pickle
 import subprocess
 import sys
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -227,7 +231,7 @@ async def test_a_formula_evaluates_in_a_worker_process(pool: engine.ProcessPool)
         ("close > 1)", 9, "unmatched ')'"),
         ("close > 1 2", 10, "unexpected '2': expected an operator"),
         ("close close", 6, "unexpected 'close': expected an operator"),
-        ("close > sma(,5)", 12, "unexpected ',': expected a whole number or ')'"),
+        ("close > sma(,5)", 12, "unexpected ',': expected a whole number, a parameter name or ')'"),
         ("close = 1", 6, "unexpected character '=': compare with =="),
         ("close > 1 && close < 2", 10, "unexpected character '&': write 'and'"),
         ("close ** 2 > 1", 7, "unexpected '*': expected a number"),
@@ -539,3 +543,355 @@ def test_the_formulas_page_example_runs() -> None:
         "  rsl14 < 30 and close > sma(50)",
         "  ^",
     ]
+
+
+# -- over every bar ------------------------------------------------------------------------
+
+# Series values that exercise NaN, infinities, zeros and signs, bar by bar.
+SPECIAL = st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0, -2.5, 1e308])
+series = st.integers(0, 12).flatmap(
+    lambda bars: st.fixed_dictionaries(
+        dict.fromkeys(KEYS, st.lists(SPECIAL | st.floats(), min_size=bars, max_size=bars))
+    )
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(conditions, series)
+def test_evaluate_series_is_evaluate_at_every_bar(
+    tree: Condition, values: dict[str, list[float]]
+) -> None:
+    formula = Formula(canonical(tree), tree)
+    bars = len(values[KEYS[0]])
+    arrays = {key: np.array(column, dtype=np.float64) for key, column in values.items()}
+    result = formula.evaluate_series(arrays)
+    assert result.dtype == np.bool_
+    assert result.shape == (bars,)
+    for i in range(bars):
+        at_bar = {key: column[i] for key, column in values.items()}
+        assert bool(result[i]) is formula.evaluate(at_bar), (i, at_bar)
+
+
+def test_evaluate_series_follows_the_three_valued_table() -> None:
+    nan = math.nan
+    # Bars: close unknown, close true, close false; rsi14 is 50 throughout.
+    values = {"close": np.array([nan, 2.0, 0.0]), "rsi14": np.full(3, 50.0)}
+
+    def holds(text: str) -> list[bool]:
+        result: list[bool] = parse_formula(text).evaluate_series(values).tolist()
+        return result
+
+    assert holds("close > 1") == [False, True, False]
+    assert holds("close != 1") == [False, True, True]  # NaN != 1 is unknown, not true
+    assert holds("not close > 1") == [False, False, True]  # not unknown is unknown
+    assert holds("close > 1 and rsi14 > 90") == [False, False, False]
+    assert holds("not (close > 1 and rsi14 > 90)") == [True, True, True]  # unknown and false
+    assert holds("close > 1 or rsi14 > 10") == [True, True, True]  # unknown or true
+    assert holds("not (close > 1 or rsi14 > 90)") == [False, False, True]
+    assert holds("1 < close < rsi14") == [False, True, False]
+    assert holds("close / (rsi14 - rsi14) > 1 or not close / 0 < 1") == [False] * 3
+
+
+def test_evaluate_series_of_no_bars_and_of_constants() -> None:
+    formula = parse_formula("rsi14 < 30 and close > sma50")
+    empty: dict[str, npt.ArrayLike] = {"rsi14": [], "close": np.array([]), "sma50": ()}
+    assert formula.evaluate_series(empty).shape == (0,)
+    constant = parse_formula("1 < 2 and not 0 / 1 == 1")
+    assert constant.evaluate_series({"close": [1.0, 2.0]}).tolist() == [True, True]
+    assert constant.evaluate_series({}, bars=3).tolist() == [True] * 3
+    assert constant.evaluate_series({}, bars=0).shape == (0,)
+    with pytest.raises(ValueError, match="pass bars="):
+        constant.evaluate_series({})
+    # The result is its own array, free to change.
+    result = constant.evaluate_series({}, bars=2)
+    result[0] = False
+    assert constant.evaluate_series({}, bars=2).tolist() == [True, True]
+
+
+def test_evaluate_series_refuses_missing_ragged_or_2d_series() -> None:
+    formula = parse_formula("close > sma50")
+    with pytest.raises(ValueError, match="no series given for indicator 'sma50'"):
+        formula.evaluate_series({"close": [1.0]})
+    with pytest.raises(ValueError, match="differ in length"):
+        formula.evaluate_series({"close": [1.0], "sma50": [1.0, 2.0]})
+    with pytest.raises(ValueError, match="differ in length"):
+        formula.evaluate_series({"close": [1.0], "sma50": [1.0]}, bars=2)
+    with pytest.raises(ValueError, match="sma50 must be a 1-D array"):
+        formula.evaluate_series({"close": [1.0], "sma50": [[1.0]]})
+
+
+def test_evaluate_series_over_klines_ends_with_the_latest_bar() -> None:
+    rng = np.random.default_rng(7)
+    closes = 100 + np.cumsum(rng.normal(0, 2, 300))
+    klines = scans.Klines(closes, closes + 1, closes - 1, closes, np.ones(300))
+    formula = parse_formula("rsi14 < 45 and close > sma20 or macd_hist > 0")
+    matches = formula.evaluate_series(scans.series_values(formula.indicators, klines))
+    assert 0 < matches.sum() < 300
+    assert not matches[:20].any()  # sma20 and the MACD are not defined yet
+    for end in (1, 50, 150, 300):
+        latest = scans.latest_values(formula.indicators, _head(klines, end))
+        assert bool(matches[end - 1]) is formula.evaluate(latest)
+
+
+def _head(klines: scans.Klines, bars: int) -> scans.Klines:
+    return scans.Klines(
+        klines.open[:bars], klines.high[:bars], klines.low[:bars], klines.close[:bars],
+        klines.volume[:bars],
+    )  # fmt: skip
+
+
+# -- parameters ----------------------------------------------------------------------------
+
+
+UNBOUND = {
+    scans.UnboundIndicator("sma", ["n"]): ("sma(n)", "sma(5)"),
+    scans.UnboundIndicator("rsi", ["period"]): ("rsi(period)", "rsi(14)"),
+    scans.UnboundIndicator("macd_hist", ["fast", "slow", 9]): (
+        "macd_hist(fast,slow,9)",
+        "macd_hist(3,8,9)",
+    ),
+    scans.UnboundIndicator("bb_lower", ["n"]): ("bb_lower(n)", "bb_lower(5)"),
+}
+VALUES = {"n": 5, "period": 14, "fast": 3, "slow": 8}
+unbound_numbers: st.SearchStrategy[NumberExpr] = st.recursive(
+    st.one_of(
+        st.sampled_from(list(UNBOUND)),
+        st.sampled_from(INDICATORS),
+        st.builds(Number, st.integers(0, 99)),
+    ),
+    lambda inner: st.one_of(
+        st.builds(Negate, inner), st.builds(Arithmetic, st.sampled_from(["+", "/"]), inner, inner)
+    ),
+    max_leaves=4,
+)
+unbound_conditions: st.SearchStrategy[Condition] = st.recursive(
+    st.builds(lambda a, b: Compare([a, b], ["<"]), unbound_numbers, unbound_numbers),
+    lambda inner: st.one_of(
+        st.builds(Not, inner), st.builds(And, st.lists(inner, min_size=2, max_size=3))
+    ),
+    max_leaves=4,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(unbound_conditions)
+def test_unbound_trees_round_trip_and_bind_like_numbers_written_in(tree: Condition) -> None:
+    text = canonical(tree)
+    formula = parse_formula(text)
+    assert formula.tree == tree
+    assert pickle.loads(pickle.dumps(formula)) == formula
+    written_in = text
+    for spelled, bound_spelling in UNBOUND.values():
+        written_in = written_in.replace(spelled, bound_spelling)
+    names = formula.parameter_names
+    assert names <= set(VALUES)
+    assert bool(names) == (written_in != text)
+    bound = formula.bind({name: VALUES[name] for name in names})
+    assert bound.text == written_in
+    assert bound == parse_formula(written_in)
+
+
+def test_names_stand_where_integer_parameters_may() -> None:
+    formula = parse_formula("RSI(Period) < 30 and close > sma(slow) and macd(fast, slow, 9) > 0")
+    assert formula.parameter_names == frozenset({"period", "slow", "fast"})
+    assert formula.canonical() == (
+        "rsi(period) < 30 and close > sma(slow) and macd(fast,slow,9) > 0"
+    )
+    assert parse_formula(formula.canonical()).tree == formula.tree
+    leaf = formula.tree.operands[0].operands[0]  # type: ignore[union-attr]
+    assert leaf == scans.UnboundIndicator("rsi", ["period"])
+    assert leaf.positions == (4,)
+    assert parse_formula("close > sma50").parameter_names == frozenset()
+
+
+def test_bind_gives_the_formula_with_the_numbers_written_in() -> None:
+    formula = parse_formula("RSI(Period) < 30 and close > sma(slow) and macd(fast, slow, 9) > 0")
+    bound = formula.bind({"period": 14, "slow": 50, "fast": np.int64(12)})
+    literal = parse_formula("RSI(14) < 30 and close > sma(50) and macd(12, 50, 9) > 0")
+    assert bound == literal  # the same text, written as the user did, and the same tree
+    assert bound.text == "RSI(14) < 30 and close > sma(50) and macd(12, 50, 9) > 0"
+    assert bound.parameter_names == frozenset()
+    assert {i.key for i in bound.indicators} == {"rsi14", "close", "sma50", "macd(12,50,9)"}
+    assert bound.bind({}) is bound
+    # The unbound formula is unchanged and binds again, to other values.
+    assert formula.bind({"period": 2, "slow": 3, "fast": 1}).canonical() == (
+        "rsi2 < 30 and close > sma3 and macd(1,3,9) > 0"
+    )
+
+
+def test_a_hand_built_unbound_tree_binds_to_its_canonical_spelling() -> None:
+    tree = lt(scans.UnboundIndicator("sma", ["n"]), n(1))
+    formula = Formula("whatever was typed", tree)
+    assert formula.parameter_names == {"n"}
+    bound = formula.bind({"n": 5})
+    assert bound.text == "sma5 < 1"
+    assert bound.tree == lt(Indicator("sma", (5,)), n(1))
+    with pytest.raises(FormulaError) as info:
+        formula.bind({"n": 0})
+    assert info.value.position == 0  # nowhere to point in a text the tree did not come from
+
+
+@pytest.mark.parametrize(
+    ("parameters", "position", "message"),
+    [
+        ({"period": 14}, 25, "no value for parameter(s) 'fast', 'slow'"),
+        ({"fast": 5, "slow": 35}, 4, "no value for parameter(s) 'period'"),
+        (
+            {"period": 14, "fast": 5, "slow": 35, "perod": 14},
+            0,
+            "unknown parameter(s) 'perod': the formula's parameters are fast, period, slow",
+        ),
+        ({"period": True, "fast": 5, "slow": 35}, 4, "parameter 'period' must be an int, got True"),
+        ({"period": 14.0, "fast": 5, "slow": 35}, 4, "parameter 'period' must be an int, got 14.0"),
+        ({"period": "14", "fast": 5, "slow": 35}, 4, "parameter 'period' must be an int, got '14'"),
+        ({"period": 0, "fast": 5, "slow": 35}, 4, "rsi period must be between 1 and 1000, got 0"),
+        ({"period": 14, "fast": 5, "slow": 1001}, 25, "sma period must be between 1 and 1000"),
+        ({"period": 14, "fast": 35, "slow": 5}, 48, "macd fast (35) must be less than slow (5)"),
+    ],
+)
+def test_bind_refuses_with_the_position_of_the_name(
+    parameters: dict[str, object], position: int, message: str
+) -> None:
+    text = "rsi(period) < 30 and sma(slow) < close and macd(fast,slow,9) > 0"
+    with pytest.raises(FormulaError) as info:
+        parse_formula(text).bind(parameters)
+    assert info.value.message.startswith(message)
+    assert info.value.position == position
+    assert info.value.text == text
+
+
+def test_the_same_checks_and_messages_as_a_number_written_in() -> None:
+    for value in (0, 1001):
+        with pytest.raises(FormulaError) as literal:
+            parse_formula(f"close > sma({value})")
+        with pytest.raises(FormulaError) as named:
+            parse_formula("close > sma(n)").bind({"n": value})
+        assert named.value.message == literal.value.message
+        assert named.value.position == literal.value.position == 12
+
+
+def test_a_formula_without_parameters_refuses_any() -> None:
+    with pytest.raises(FormulaError, match=r"unknown parameter\(s\) 'n': .* are none"):
+        parse_formula("close > sma50").bind({"n": 1})
+    with pytest.raises(TypeError, match="a mapping"):
+        parse_formula("close > sma(n)").bind([("n", 1)])  # type: ignore[arg-type]
+
+
+def test_an_unbound_formula_says_which_parameters_to_bind() -> None:
+    formula = parse_formula("close > sma(slow) and rsi(period) < 30")
+    calls: list[Callable[[], object]] = [
+        lambda: formula.indicators,
+        lambda: formula.evaluate({"close": 1.0}),
+        lambda: formula.evaluate_series({"close": [1.0]}),
+    ]
+    for call in calls:
+        with pytest.raises(FormulaError) as info:
+            call()
+        assert info.value.message.startswith("the formula has unbound parameters (period, slow)")
+        assert info.value.position == 12  # slow, the first name in the text
+
+
+@pytest.mark.parametrize(
+    ("text", "position", "message"),
+    [
+        ("sma(close) > 1", 4, "close is an indicator, not a parameter name"),
+        ("sma(rsi14) > 1", 4, "rsi14 is an indicator, not a parameter name"),
+        ("sma(p, q) > 1", 3, "sma takes 1 parameters (period), got 2"),
+        ("macd(a, 0, 9) > 1", 8, "macd slow must be between 1 and 1000, got 0"),
+        ("macd(a, 2.5, 9) > 1", 8, "macd parameters are whole numbers from 1 to 1000, got 2.5"),
+        ("sma50(p) > 1", 5, "sma50 already has its period"),
+        ("close(p) > 1", 5, "close takes no parameters, got 1"),
+        ("sma(p > 1", 6, "unexpected '>': expected ')' or ','"),
+        ("sma(-p) > 1", 4, "unexpected '-': expected a whole number, a parameter name or ')'"),
+        ("sma(p", 5, "the formula ends early: expected ')' or ','"),
+        ("sma(p) + 1", 0, "a formula must be a condition, but sma(p) + 1 is a number"),
+    ],
+)
+def test_names_in_the_wrong_place_are_errors_with_positions(
+    text: str, position: int, message: str
+) -> None:
+    with pytest.raises(FormulaError) as info:
+        parse_formula(text)
+    assert info.value.message.startswith(message)
+    assert info.value.position == position
+
+
+def test_hand_built_unbound_indicators_are_checked() -> None:
+    with pytest.raises(ValueError, match="unknown indicator 'smaa'"):
+        scans.UnboundIndicator("smaa", ["n"])
+    with pytest.raises(ValueError, match="takes 1 parameter"):
+        scans.UnboundIndicator("sma", ["n", "m"])
+    with pytest.raises(ValueError, match="names no parameter: use Indicator"):
+        scans.UnboundIndicator("sma", [5])
+    with pytest.raises(ValueError, match="lower-case identifier, got 'N'"):
+        scans.UnboundIndicator("sma", ["N"])
+    with pytest.raises(ValueError, match="close is an indicator"):
+        scans.UnboundIndicator("sma", ["close"])
+    with pytest.raises(ValueError, match="macd slow must be between 1 and 1000, got 0"):
+        scans.UnboundIndicator("macd", ["a", 0, 9])
+    with pytest.raises(TypeError, match="ints or names, got True"):
+        scans.UnboundIndicator("macd", ["a", True, 9])
+
+
+def test_bound_and_unbound_formulas_pickle_and_bind_in_a_copy() -> None:
+    formula = parse_formula("rsi(period) < 30 and close > sma(slow)")
+    copy = pickle.loads(pickle.dumps(formula))
+    assert copy == formula
+    assert copy.parameter_names == formula.parameter_names
+    assert copy.tree.operands[0].operands[0].positions == (4,)
+    bound = copy.bind({"period": 14, "slow": 50})
+    assert (
+        pickle.loads(pickle.dumps(bound))
+        == bound
+        == parse_formula("rsi(14) < 30 and close > sma(50)")
+    )
+
+
+async def test_a_bound_formula_evaluates_in_a_worker_process(pool: engine.ProcessPool) -> None:
+    formula = parse_formula("rsi(period) < 30 and close > sma(slow)")
+    bound = await pool.run(Formula.bind, formula, {"period": 14, "slow": 50})
+    values = {"rsi14": 25.0, "close": 11.0, "sma50": 10.0}
+    assert await pool.run(Formula.evaluate, bound, values) is True
+
+
+def test_binding_keeps_the_length_and_depth_limits() -> None:
+    # 20 names of 1 character become 4 digits each: 1,000 characters as written is the limit.
+    one = "sma(a) > 1 and "
+    text = (one * 66).removesuffix(" and ")
+    assert len(text) <= MAX_FORMULA_LENGTH
+    formula = parse_formula(text)
+    with pytest.raises(FormulaError, match="characters long once bound; the limit is 1000"):
+        formula.bind({"a": 1000})
+    assert len(formula.bind({"a": 9}).text) == len(text)
+    # A name is a leaf: depth is that of the same formula with a number.
+    deep = "-" * (MAX_FORMULA_DEPTH - 2) + "sma(a) > 1"  # exactly as deep as allowed
+    assert parse_formula(deep).tree.depth == parse_formula(deep.replace("(a)", "5")).tree.depth
+    with pytest.raises(FormulaError, match="nests more than"):
+        parse_formula("-" + deep)
+
+
+# -- the formulas page ---------------------------------------------------------------------
+
+
+def _section(page: str, heading: str) -> str:
+    start = page.index(f"\n## {heading}\n")
+    end = page.find("\n## ", start + 1)
+    return page[start : end if end >= 0 else len(page)]
+
+
+@pytest.mark.parametrize("heading", ["Over every bar", "Parameters"])
+def test_the_formulas_page_sections_run_as_shown(heading: str) -> None:
+    page = (ROOT / "docs" / "formulas.md").read_text()
+    blocks = _section(page, heading).split("```pycon\n")[1:]
+    assert blocks, f"no pycon examples under {heading!r}"
+    namespace: dict[str, object] = {}
+    for number, block in enumerate(blocks):
+        example = block.split("```")[0]
+        test = doctest.DocTestParser().get_doctest(
+            example, namespace, f"formulas.md {heading} #{number}", "docs/formulas.md", 0
+        )
+        runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+        output: list[str] = []
+        runner.run(test, out=output.append, clear_globs=False)
+        assert runner.failures == 0, "".join(output)
+        namespace = test.globs

@@ -31,9 +31,10 @@ from engine.bus import MemoryBus
 from services.market.api import build_api
 from services.market.cycles import Watchlist, WatchlistConfig, WhaleFlowConfig, WhaleFlows
 from services.market.orders import OrderLog, OrderLogConfig
-from services.market.scans import ScanConfig, Scans, SimulatedKlines, universe
+from services.market.scans import ScanConfig, Scans, SimulatedCandles, universe
 
-KLINES = SimulatedKlines(anchor_ms=1_700_000_000_000)
+ANCHOR_MS = 1_700_000_000_000
+KLINES = SimulatedCandles(anchor_ms=ANCHOR_MS)
 SYMBOLS = universe(20, seed=0)
 TOKEN = "fuzz-token"
 MAX_BODY = 16_384
@@ -64,7 +65,12 @@ class Reply:
 @asynccontextmanager
 async def api(token: str | None = None) -> AsyncIterator[Starlette]:
     """The whole API, with every part present; its scans run in threads."""
-    scans = Scans(ScanConfig(symbols=len(SYMBOLS), workers=1), KLINES, bridge="thread")
+    scans = Scans(
+        ScanConfig(symbols=len(SYMBOLS), workers=1),
+        KLINES,
+        clock=lambda: ANCHOR_MS,
+        bridge="thread",
+    )
     bus = MemoryBus()
     watchlist = Watchlist(WatchlistConfig("http://127.0.0.1:9", ["BTCUSDT", "ETHUSDT"]))
     whales = WhaleFlows(WhaleFlowConfig(), bus)

@@ -7,7 +7,10 @@ unary operators nested up to and past every limit), some of them mangled
 afterwards. Whatever comes in: ``parse_formula`` returns a formula that
 evaluates and spells itself canonically, or raises ``FormulaError`` with a
 position inside the text; never ``RecursionError`` or anything else, and
-never slowly.
+never slowly. Arguments may be parameter names: an accepted formula with
+names refuses to evaluate until bound, and binds (or refuses the values
+with a ``FormulaError`` in the text). An accepted formula evaluates at every
+bar exactly as at each one.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from services.market.scans import FormulaError, parse_formula
+from services.market.scans import Formula, FormulaError, parse_formula
 from services.market.scans._formula import MAX_FORMULA_DEPTH, MAX_FORMULA_LENGTH
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -92,8 +96,12 @@ NUMBERS = st.one_of(
     st.integers(0, 10**30).map(str),
     st.floats(min_value=0, allow_nan=False).map(repr),
 )
+PARAMETER_NAMES = st.one_of(
+    st.sampled_from(["period", "fast", "slow", "N", "close", "sma5", "_", "and", "nan"]),
+    st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True),
+)
 ARGUMENTS = st.lists(
-    st.one_of(st.integers(0, 10**6).map(str), NUMBERS), min_size=0, max_size=4
+    st.one_of(st.integers(0, 10**6).map(str), NUMBERS, PARAMETER_NAMES), min_size=0, max_size=4
 ).map(lambda args: "(" + ",".join(args) + ")")
 
 
@@ -182,6 +190,11 @@ def check(text: str) -> None:
         assert len(str(error).splitlines()) == 3
         return
     assert formula.tree.depth <= MAX_FORMULA_DEPTH
+    if formula.parameter_names:
+        bound = bind(formula)
+        if bound is None:
+            return
+        formula = bound
     values = {indicator.key: 1.0 for indicator in formula.indicators}
     assert formula.evaluate(values) in (True, False)
     assert formula.evaluate(dict.fromkeys(values, math.nan)) in (True, False)
@@ -189,6 +202,31 @@ def check(text: str) -> None:
     again = parse_formula(formula.canonical())
     assert again.tree == formula.tree
     assert again.canonical() == formula.canonical()
+    # At every bar as at each: bars of 1.0, NaN, 0 and -inf.
+    bar_values = [1.0, math.nan, 0.0, -math.inf]
+    series = {key: np.array(bar_values) for key in values}
+    expected = [formula.evaluate(dict.fromkeys(values, value)) for value in bar_values]
+    assert formula.evaluate_series(series, bars=len(bar_values)).tolist() == expected
+
+
+def bind(formula: Formula) -> Formula | None:
+    """The formula bound to 5 for each name (None if refused); unbound, it refuses to evaluate."""
+    with pytest.raises(FormulaError, match="unbound parameters") as info:
+        formula.evaluate({})
+    assert 0 <= info.value.position <= len(formula.text)
+    again = parse_formula(formula.canonical())
+    assert again.tree == formula.tree
+    refused: FormulaError | None = None
+    try:
+        bound = formula.bind(dict.fromkeys(formula.parameter_names, 5))
+    except FormulaError as exc:  # macd(a,5,b) is fast == slow; a long formula grows
+        refused = exc
+    if refused is not None:
+        assert 0 <= refused.position <= len(formula.text)
+        return None
+    assert not bound.parameter_names
+    assert parse_formula(bound.text) == bound
+    return bound
 
 
 @FUZZ
@@ -198,6 +236,8 @@ def check(text: str) -> None:
 @example("not " * (MAX_FORMULA_LENGTH // 4 - 3) + "close > 1")
 @example("(" * 100_000)
 @example(" and ".join(["close > 1e15"] * 50))
+@example("sma(n) > 1 and MACD(a, Slow, 9) > 0 or rsi(n) < 30")
+@example("macd(a, 5, 9) > sma(a)")  # a = 5 is refused: fast must be below slow
 def test_any_formula_parses_or_raises_a_formula_error_quickly(text: str) -> None:
     check(text)
 
@@ -205,6 +245,7 @@ def test_any_formula_parses_or_raises_a_formula_error_quickly(text: str) -> None
 @FUZZ
 @given(st.lists(st.sampled_from(
     ["close", "sma50", "rsi(14)", "macd(5,35,5)", "1", "1e15", "1e309", ".5", "nan",
+     "sma(n)", "macd(a,b,9)", "rsi(", "n", "sma",
      "(", ")", ",", "+", "-", "*", "/", "<", "<=", ">", ">=", "==", "!=", "and", "or",
      "not", " "]), max_size=400))  # fmt: skip
 def test_token_soup_up_to_the_length_limit(tokens: list[str]) -> None:

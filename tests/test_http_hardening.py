@@ -25,10 +25,11 @@ import engine
 from engine.bus import MemoryBus
 from services.market.api import build_api
 from services.market.orders import OrderLog, OrderLogConfig
-from services.market.scans import ScanConfig, Scans, SimulatedKlines
+from services.market.scans import ScanConfig, Scans, SimulatedCandles
 
 GUARD = 10
-KLINES = SimulatedKlines(anchor_ms=1_700_000_000_000)
+ANCHOR_MS = 1_700_000_000_000
+KLINES = SimulatedCandles(anchor_ms=ANCHOR_MS)
 MAX_BODY = 16_384
 # The most hypercorn reads from a socket at once (hypercorn.trio.tcp_server.MAX_RECV).
 RECEIVE_CHUNK = 65_536
@@ -36,7 +37,9 @@ RECEIVE_CHUNK = 65_536
 
 @asynccontextmanager
 async def scans_running() -> AsyncIterator[Scans]:
-    scans = Scans(ScanConfig(symbols=20, workers=1), KLINES, bridge="thread")
+    scans = Scans(
+        ScanConfig(symbols=20, workers=1), KLINES, clock=lambda: ANCHOR_MS, bridge="thread"
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(scans.run)
         yield scans

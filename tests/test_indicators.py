@@ -23,6 +23,7 @@ from services.market.scans import (
     latest_values,
     macd,
     rsi,
+    series_values,
     sma,
     true_range,
 )
@@ -337,6 +338,43 @@ def test_latest_values_computes_each_family_once() -> None:
         "bb_middle20": sma(klines._close, 20)[-1],
         "bb_lower20": bollinger(klines._close)[2][-1],
     }
+
+
+def test_series_values_computes_each_family_once_and_keeps_every_bar() -> None:
+    klines = CountingKlines()
+    wanted = [Indicator(name) for name in ("macd", "macd_signal", "macd_hist")]
+    wanted += [Indicator(f"bb_{side}", (20,)) for side in ("upper", "middle", "lower")]
+    wanted += [Indicator("rsi", (14,)), Indicator("close")]
+    series = series_values(wanted, klines)
+    assert klines.reads == 4  # MACD, Bollinger, RSI and the close itself
+    assert set(series) == {indicator.key for indicator in wanted}
+    for indicator in wanted:
+        assert len(series[indicator.key]) == len(klines._close)
+        np.testing.assert_array_equal(series[indicator.key], indicator.series(klines))
+    # latest_values is the last bar of the same arrays.
+    assert latest_values(wanted, klines) == {key: values[-1] for key, values in series.items()}
+
+
+def test_series_values_of_no_bars_are_empty_arrays_and_latest_values_nan() -> None:
+    empty = Klines.from_rows([])
+    wanted = [Indicator("sma", (5,)), Indicator("macd_hist"), Indicator("volume")]
+    series = series_values(wanted, empty)
+    assert {key: len(values) for key, values in series.items()} == {
+        "sma5": 0,
+        "macd_hist": 0,
+        "volume": 0,
+    }
+    assert all(math.isnan(value) for value in latest_values(wanted, empty).values())
+    assert series_values([], empty) == {}
+
+
+def test_series_values_refuses_a_field_that_is_not_1d() -> None:
+    class Flat:
+        open = high = low = volume = np.ones(3)
+        close = np.ones((3, 1))
+
+    with pytest.raises(ValueError, match="close must be a 1-D array"):
+        series_values([Indicator("close")], Flat())
 
 
 # -- properties --------------------------------------------------------------------------

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 
-import attrs
 import httpx
 import pytest
 import trio
@@ -18,39 +19,41 @@ import trio
 import engine
 import engine.testing
 from services.market.api import build_api
+from services.market.candles import DateRange, SqliteCandleStore
 from services.market.scans import (
     FormulaError,
-    Klines,
     ScanConfig,
     ScanJob,
     Scans,
     ScansBusy,
-    SimulatedKlines,
     parse_formula,
+    rsi,
     universe,
 )
+from tests.processing_support import SyntheticRepository
 
-ANCHOR_MS = 1_700_000_000_000
-KLINES = SimulatedKlines(anchor_ms=ANCHOR_MS)
+ANCHOR_MS = 1_700_000_000_000  # 2023-11-14T22:13:20Z
+DAY_MS = 86_400_000
+REPOSITORY = SyntheticRepository()
+# The default window: the 250 closed daily bars before the anchor's day.
+WINDOW = DateRange.from_ms(
+    ANCHOR_MS // DAY_MS * DAY_MS - 250 * DAY_MS, ANCHOR_MS // DAY_MS * DAY_MS
+)
 
 
-@attrs.frozen
-class FlakyKlines(SimulatedKlines):
-    """Candles that cannot be had for one symbol (an exchange error, say)."""
+def _scans(config: ScanConfig, **options: object) -> Scans:
+    return Scans(config, REPOSITORY, clock=lambda: ANCHOR_MS, **options)  # type: ignore[arg-type]
 
-    broken: str = ""
 
-    def klines(self, symbol: str) -> Klines:
-        if symbol == self.broken:
-            raise ConnectionError(f"no candles for {symbol}")
-        return super().klines(symbol)
+def _job(formula: str, date_range: DateRange = WINDOW, **parameters: int) -> ScanJob:
+    return ScanJob(parse_formula(formula).bind(parameters), REPOSITORY, "1d", date_range)
 
 
 @pytest.fixture
 async def scans() -> AsyncIterator[Scans]:
     # Threads: the same path as processes for everything but the pool, without
     # paying for process starts in every test (the rows below use processes).
-    running = Scans(ScanConfig(symbols=60, workers=2), KLINES, bridge="thread")
+    running = _scans(ScanConfig(symbols=60, workers=2), bridge="thread")
     async with trio.open_nursery() as nursery:
         await nursery.start(running.run)
         yield running
@@ -67,24 +70,35 @@ def test_the_universe_is_distinct_deterministic_and_starts_with_the_defaults() -
         universe(0)
 
 
-def test_simulated_klines_are_the_simulators_history() -> None:
-    klines = KLINES.klines("BTCUSDT")
-    assert len(klines) == 250
-    # The walk is anchored: the candle holding the anchor closes at the base price.
-    assert klines.close[-1] == 65_000.0
-    assert (klines.high >= klines.close).all()
-    assert (klines.low <= klines.close).all()
-    with pytest.raises(ValueError, match="interval must be one of"):
-        SimulatedKlines(anchor_ms=ANCHOR_MS, interval="2d")
-    with pytest.raises(ValueError, match="bars must be at most 1000"):
-        SimulatedKlines(anchor_ms=ANCHOR_MS, bars=5_000)
+def test_a_job_reports_every_bar_where_the_formula_holds_and_the_last_bars_values() -> None:
+    job = _job("rsi14 < 45")
+    result = job("BTCUSDT")
+    candles = REPOSITORY.candles("BTCUSDT", "1d", job.reading())
+    series = rsi(candles.close, 14)
+    in_window = candles.open_time >= WINDOW.start_ms()
+    expected = candles.open_time[in_window & (series < 45)].tolist()
+    assert list(result.matches) == expected
+    assert expected  # the walk dips below 45 somewhere in 250 days
+    assert result.values["rsi14"] == pytest.approx(series[-1])
+    assert result.close == candles.close[-1]
+    assert result.matched == (series[-1] < 45)
+    assert candles.open_time[-1] == WINDOW.end_ms() - DAY_MS  # the last closed bar
+    # The warm-up bars are read but never reported.
+    assert candles.open_time[0] < WINDOW.start_ms() <= min(result.matches)
+
+
+def test_parameters_feed_the_periods() -> None:
+    named = _job("rsi(period) < 45 and close > sma(slow)", period=14, slow=50)("ETHUSDT")
+    written = _job("rsi14 < 45 and close > sma50")("ETHUSDT")
+    assert named.matches == written.matches
+    assert named.values == written.values
 
 
 # -- seed 002's acceptance table, row by row, on the scan path -------------------------
 
 
 async def test_row_2500_symbols_complete_well_within_30_seconds() -> None:
-    scans = Scans(ScanConfig(workers=2), KLINES)
+    scans = _scans(ScanConfig(workers=2))
     async with trio.open_nursery() as nursery:
         await nursery.start(scans.run)
         with trio.fail_after(30):
@@ -96,9 +110,10 @@ async def test_row_2500_symbols_complete_well_within_30_seconds() -> None:
     assert summary.failed == 0
     assert len(scan.results()) == 2_500
     # The same answer as the job run here, symbol by symbol.
-    job = ScanJob(parse_formula("rsi14 < 30 or close > sma50"), KLINES)
-    expected = [symbol for symbol in scans.symbols[:200] if job(symbol).matched]
-    assert [r.symbol for r in scan.matches() if r.symbol in set(scans.symbols[:200])] == expected
+    job = _job("rsi14 < 30 or close > sma50")
+    expected = [job(symbol) for symbol in scans.symbols[:200]]
+    first = set(scans.symbols[:200])
+    assert [r for r in scan.results() if r.symbol in first] == expected
 
 
 async def test_row_a_symbol_past_its_60s_deadline_is_recorded_and_the_scan_goes_on(
@@ -106,7 +121,7 @@ async def test_row_a_symbol_past_its_60s_deadline_is_recorded_and_the_scan_goes_
 ) -> None:
     hung = universe(20)[7]
     bridge = engine.testing.VirtualBridge(duration=lambda s: math.inf if s == hung else 1.0)
-    scans = Scans(ScanConfig(symbols=20, workers=2, item_deadline=60), KLINES, bridge=bridge)
+    scans = _scans(ScanConfig(symbols=20, workers=2, item_deadline=60), bridge=bridge)
     async with trio.open_nursery() as nursery:
         await nursery.start(scans.run)
         scan = scans.start("close > 0")
@@ -128,26 +143,24 @@ async def test_row_a_symbol_past_its_60s_deadline_is_recorded_and_the_scan_goes_
 
 
 async def test_row_a_raising_symbol_is_recorded_and_the_scan_goes_on() -> None:
-    broken = universe(30)[4]
-    scans = Scans(
-        ScanConfig(symbols=30),
-        FlakyKlines(anchor_ms=ANCHOR_MS, broken=broken),
-        bridge=engine.testing.VirtualBridge(duration=lambda s: 0.001),
+    symbols = [*universe(29)[:4], "RAISE1", *universe(29)[4:]]
+    scans = _scans(
+        ScanConfig(symbols=30), bridge=engine.testing.VirtualBridge(duration=lambda s: 0.001)
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(scans.run)
-        scan = scans.start("close > 0")
+        scan = scans.start("close > 0", symbols)
         await scan.wait()
         nursery.cancel_scope.cancel()
     (error,) = scan.errors()
-    assert error.symbol == broken
+    assert error.symbol == "RAISE1"
     assert error.status == "error"
-    assert error.error == f"ConnectionError: no candles for {broken}"
+    assert error.error == "RuntimeError: store unavailable for RAISE1"
     assert scan.summary().matched == 29
 
 
 async def test_row_the_pool_lives_in_the_scans_block_and_is_gone_after() -> None:
-    scans = Scans(ScanConfig(symbols=20, workers=2), KLINES)
+    scans = _scans(ScanConfig(symbols=20, workers=2))
     async with trio.open_nursery() as nursery:
         await nursery.start(scans.run)
         assert scans._pool is not None
@@ -167,7 +180,7 @@ async def test_row_progress_is_reported_for_every_symbol(scans: Scans) -> None:
 
 @pytest.mark.parametrize("workers", [1, 3])
 async def test_row_the_worker_count_is_configurable(workers: int) -> None:
-    scans = Scans(ScanConfig(symbols=10, workers=workers), KLINES)
+    scans = _scans(ScanConfig(symbols=10, workers=workers))
     async with trio.open_nursery() as nursery:
         await nursery.start(scans.run)
         assert scans._pool is not None
@@ -186,7 +199,82 @@ async def test_bad_formulas_and_symbols_are_refused_before_anything_runs(scans: 
         scans.start("close > 0", [])
     with pytest.raises(ValueError, match="must not repeat"):
         scans.start("close > 0", ["BTCUSDT", "BTCUSDT"])
+    with pytest.raises(ValueError, match="timeframe must be one of 1m, 5m"):
+        scans.start("close > 0", timeframe="2d")
+    with pytest.raises(FormulaError, match="no value for parameter"):
+        scans.start("rsi(period) < 30")
+    with pytest.raises(FormulaError, match="unknown parameter"):
+        scans.start("rsi14 < 30", parameters={"period": 14})
     assert scans.statistics().started == 0
+
+
+async def test_a_scan_covers_its_date_range_and_timeframe(scans: Scans) -> None:
+    year = DateRange(datetime.date(2023, 3, 1), datetime.date(2023, 8, 31))
+    scan = scans.start("rsi14 < 40", timeframe="4h", date_range=year)
+    await scan.wait()
+    summary = scan.summary()
+    assert (summary.timeframe, summary.start_ms, summary.end_ms) == (
+        "4h",
+        year.start_ms(),
+        year.end_ms(),
+    )
+    job = ScanJob(parse_formula("rsi14 < 40"), REPOSITORY, "4h", year)
+    assert scan.results() == [job(symbol) for symbol in scans.symbols]
+    assert summary.bars_matched == sum(len(r.matches) for r in scan.results()) > 0
+    assert summary.matched_in_range == len(scan.matches_in_range()) > summary.matched
+    assert all(year.start_ms() <= t < year.end_ms() for r in scan.results() for t in r.matches)
+
+
+class _Fill:
+    """A store filler that cannot fill some symbols, and can be held up."""
+
+    def __init__(self, unfillable: Sequence[str] = (), *, hold: bool = False) -> None:
+        self.unfillable = unfillable
+        self.hold = hold
+        self.calls: list[tuple[tuple[str, ...], str, DateRange]] = []
+
+    async def __call__(
+        self, symbols: Sequence[str], timeframe: str, date_range: DateRange
+    ) -> Mapping[str, BaseException]:
+        self.calls.append((tuple(symbols), timeframe, date_range))
+        if self.hold:
+            await trio.sleep_forever()
+        return {s: ConnectionError(f"no klines for {s}") for s in self.unfillable}
+
+
+async def test_the_store_is_filled_before_the_scan_and_an_unfillable_symbol_fails_alone() -> None:
+    fill = _Fill([universe(10)[3]])
+    bridge = engine.testing.VirtualBridge(duration=lambda s: 0.001)
+    scans = _scans(ScanConfig(symbols=10), fill=fill, bridge=bridge)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scans.run)
+        scan = scans.start("close > 0")
+        await scan.wait()
+        nursery.cancel_scope.cancel()
+    ((symbols, timeframe, reading),) = fill.calls
+    assert (symbols, timeframe) == (universe(10), "1d")
+    # The fill covers the warm-up bars the job reads, not just the range.
+    assert reading == _job("close > 0").reading()
+    (error,) = scan.errors()
+    assert (error.symbol, error.status) == (universe(10)[3], "error")
+    assert error.error == f"ConnectionError: no klines for {universe(10)[3]}"
+    summary = scan.summary()
+    assert (summary.completed, summary.matched, summary.failed) == (10, 9, 1)
+
+
+async def test_a_scan_cancelled_while_the_store_fills_ends_with_every_symbol_cancelled(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    scans = _scans(ScanConfig(symbols=5), fill=_Fill(hold=True), bridge="thread")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scans.run)
+        scan = scans.start("close > 0")
+        await trio.sleep(1)
+        scan.cancel()
+        await scan.wait()
+        nursery.cancel_scope.cancel()
+    assert scan.summary().status == "cancelled"
+    assert [(e.symbol, e.status) for e in scan.errors()] == [(s, "cancelled") for s in universe(5)]
 
 
 async def test_a_second_scan_is_refused_while_one_runs(scans: Scans) -> None:
@@ -203,7 +291,7 @@ async def test_a_second_scan_is_refused_while_one_runs(scans: Scans) -> None:
 
 async def test_a_cancelled_scan_has_one_outcome_per_symbol(autojump_clock: trio.abc.Clock) -> None:
     bridge = engine.testing.VirtualBridge(duration=lambda s: 1.0)
-    scans = Scans(ScanConfig(symbols=40, workers=2), KLINES, bridge=bridge)
+    scans = _scans(ScanConfig(symbols=40, workers=2), bridge=bridge)
     async with trio.open_nursery() as nursery:
         await nursery.start(scans.run)
         scan = scans.start("close > 0")
@@ -225,6 +313,10 @@ def test_scan_settings_are_checked() -> None:
         ScanConfig(item_deadline=0)
     with pytest.raises(ValueError, match="workers must be >= 1"):
         ScanConfig(workers=0)
+    with pytest.raises(ValueError, match="timeframe must be one of"):
+        ScanConfig(timeframe="1w")
+    with pytest.raises(ValueError, match="bars must be at most 1,000"):
+        ScanConfig(bars=1_001)
 
 
 # -- the HTTP API ------------------------------------------------------------------------
@@ -265,7 +357,7 @@ async def test_api_starts_a_scan_reports_progress_and_results(api: httpx.AsyncCl
     results = body["results"]
     assert isinstance(results, list)
     assert len(results) == scan["matched"]
-    job = ScanJob(parse_formula("rsi14 > 50 and close > sma20"), KLINES)
+    job = _job("rsi14 > 50 and close > sma20")
     assert [r["symbol"] for r in results] == [s for s in universe(60) if job(s).matched]
     assert set(results[0]["values"]) == {"rsi14", "close", "sma20"}
     everything = (await api.get(f"{location}?all=true&limit=5")).json()["results"]
@@ -274,10 +366,43 @@ async def test_api_starts_a_scan_reports_progress_and_results(api: httpx.AsyncCl
     assert [s["id"] for s in listing] == [response.json()["id"]]
 
 
+async def test_api_scans_a_range_with_parameters_and_shows_it_in_range(
+    api: httpx.AsyncClient,
+) -> None:
+    body = {
+        "formula": "rsi(period) < 40",
+        "timeframe": "1d",
+        "start": "2023-04-01",
+        "end": "2023-09-30",
+        "parameters": {"period": 10},
+    }
+    response = await api.post("/api/scans", json=body)
+    assert response.status_code == 202, response.text
+    finished = await _finished(api, response.headers["location"])
+    scan = finished["scan"]
+    assert isinstance(scan, dict)
+    assert scan["formula"] == "rsi(10) < 40"
+    assert (scan["start_ms"], scan["end_ms"]) == (1_680_307_200_000, 1_696_118_400_000)
+    shown = (await api.get(f"{response.headers['location']}?in_range=true&limit=60")).json()
+    job = _job("rsi10 < 40", DateRange(datetime.date(2023, 4, 1), datetime.date(2023, 9, 30)))
+    expected = [job(s) for s in universe(60)]
+    assert [(r["symbol"], r["matches"]) for r in shown["results"]] == [
+        (r.symbol, list(r.matches)) for r in expected if r.matches
+    ]
+    assert scan["bars_matched"] == sum(len(r.matches) for r in expected)
+
+
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
         ({"formula": "rsi14 < 3O"}, "unexpected 'O'"),
+        ({"formula": "close > 1", "timeframe": "2d"}, "timeframe must be one of"),
+        ({"formula": "close > 1", "start": "2023-05-01", "end": "2023-04-01"}, "is before start"),
+        ({"formula": "close > 1", "end": "2023-04-01"}, "end needs start"),
+        ({"formula": "close > 1", "start": "May 1st"}, "Invalid RFC3339 encoded date"),
+        ({"formula": "rsi(n) < 30"}, "no value for parameter(s) 'n'"),
+        ({"formula": "rsi(n) < 30", "parameters": {"n": 0}}, "must be"),
+        ({"formula": "rsi(n) < 30", "parameters": {"n": "x"}}, "Expected `int`"),
         ({"formula": "rsx14 < 30"}, "unknown indicator 'rsx14'"),
         ({"formula": "__import__(1) > 0"}, "unknown indicator '__import__'"),
         ({"formula": "close > 1", "symbols": ["NOPEUSDT"]}, "unknown symbols: NOPEUSDT"),
@@ -312,7 +437,9 @@ async def test_api_refuses_bad_bodies_parameters_and_methods(api: httpx.AsyncCli
         ("limit=0", "limit must be an integer from 1 to 60, got '0'"),
         ("limit=ten", "limit must be an integer from 1 to 60, got 'ten'"),
         ("all=yes", "all must be true or false, got 'yes'"),
-        ("colour=red", "unknown query parameter(s) colour; known: limit, all"),
+        ("colour=red", "unknown query parameter(s) colour; known: limit, all, in_range"),
+        ("in_range=1", "in_range must be true or false, got '1'"),
+        ("all=true&in_range=true", "all and in_range are two views: ask for one"),
     ]:
         response = await api.get(f"{location}?{query}")
         assert response.status_code == 400
@@ -349,17 +476,30 @@ def _command(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.subprocess
-def test_command_prints_json_results_that_match_the_job() -> None:
+def test_command_fetches_into_its_store_and_prints_what_the_job_finds_there(
+    tmp_path: pathlib.Path,
+) -> None:
     formula = "rsi14 > 55 or close < bb_lower20"
+    path = str(tmp_path / "candles.sqlite")
     result = _command(
-        "--formula", formula, "--symbols", "200", "--workers", "2",
+        "--formula", formula, "--symbols", "200", "--workers", "2", "--candles", path,
         "--epoch-ms", str(ANCHOR_MS), "--json", "--limit", "200",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     body = json.loads(result.stdout)
     assert body["scan"]["completed"] == 200
-    job = ScanJob(parse_formula(formula), KLINES)
-    assert [m["symbol"] for m in body["matches"]] == [s for s in universe(200) if job(s).matched]
+    store = SqliteCandleStore(path)
+    job = ScanJob(parse_formula(formula), store, "1d", WINDOW)
+    expected = [job(s) for s in universe(200)]
+    store.close()
+    assert [m["symbol"] for m in body["matches"]] == [r.symbol for r in expected if r.matched]
+    assert body["scan"]["bars_matched"] == sum(len(r.matches) for r in expected)
+    # Run again on the same store: nothing is fetched twice, the answer is the same.
+    again = _command(
+        "--formula", formula, "--symbols", "200", "--workers", "2", "--candles", path,
+        "--epoch-ms", str(ANCHOR_MS), "--json", "--limit", "200",
+    )  # fmt: skip
+    assert json.loads(again.stdout)["matches"] == body["matches"]
 
 
 @pytest.mark.subprocess
@@ -369,7 +509,7 @@ def test_command_prints_a_table_and_rejects_a_bad_formula() -> None:
         "--epoch-ms", str(ANCHOR_MS), "--limit", "3",
     )  # fmt: skip
     assert table.returncode == 0, table.stderr
-    assert "close > sma50:" in table.stdout
+    assert table.stdout.startswith("close > sma50\n  at the last bar (2023-11-13): ")
     assert "30 scanned in" in table.stdout
     bad = _command("--formula", "close >> 1")
     assert bad.returncode == 2
@@ -388,5 +528,7 @@ def test_docs_example_runs() -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[:5] == [f"progress {n}/500" for n in range(100, 600, 100)]
-    assert lines[-1] == "done: 23 of 500 matched, 0 failed"
+    assert lines[-1] == (
+        "done: 25 of 500 matched at the last bar, 499 at some bar of 1d bars, 0 failed"
+    )
     assert len(lines) == 9

@@ -9,8 +9,8 @@ import logging
 import os
 import socket
 import tempfile
-import time
 import urllib.parse
+from collections.abc import AsyncIterator
 
 import attrs
 import trio
@@ -20,15 +20,17 @@ from engine.broadcast import BroadcastConfig, BroadcastServer, serve_broadcast
 from engine.bus import Bus
 from engine.bus import connect as connect_bus
 
+from ._candle_source import SIMULATOR_WEIGHT_LIMIT
 from ._dask import DaskCluster, check_address, open_dask_cluster
 from ._events import KINDS
 from ._settings import DEFAULT_SYMBOLS as DEFAULT_SYMBOLS
 from ._settings import DEFAULTS, PORT, SECONDS
 from .api import build_api
+from .candles import FetcherConfig, SqliteCandleStore, open_candle_fetcher
 from .cycles import Watchlist, WatchlistConfig, WhaleFlowConfig, WhaleFlows
 from .feed import Feed, FeedConfig
 from .orders import ORDER_KIND, OrderLog, OrderLogConfig
-from .scans import ScanConfig, Scans, SimulatedKlines
+from .scans import ScanConfig, Scans
 from .simulator import Simulator, SimulatorConfig, serve_simulator
 from .store import open_failure_history
 
@@ -92,6 +94,9 @@ class MarketConfig:
         history: the SQLite file that keeps the watchlist's failures and
             circuit changes (``/api/history/failures``) across restarts;
             ``:memory:`` (the default) keeps them for this run only.
+        candles: the SQLite file that keeps the candles scans fetch from the
+            exchange's REST klines (one file per exchange); ``None`` (the
+            default): a temporary file, for this run only.
         scan_symbols: the simulated universe that scans cover.
         scan_workers: the scans' worker processes; ``None``: one per CPU.
         token: if set, WebSocket clients must present it (``Authorization:
@@ -128,6 +133,7 @@ class MarketConfig:
     whale_threshold: float | None = DEFAULTS["whale_threshold"]
     dask: str | None = DEFAULTS["dask"]
     history: str = DEFAULTS["history"]
+    candles: str | None = DEFAULTS["candles"]
     scan_symbols: int = DEFAULTS["scan_symbols"]
     scan_workers: int | None = DEFAULTS["scan_workers"]
     token: str | None = attrs.field(default=DEFAULTS["token"], repr=False)
@@ -293,7 +299,13 @@ async def _serve_market(
         if feed_url is None:
             simulator = await nursery.start(
                 serve_simulator,
-                SimulatorConfig(symbols=config.symbols, rate=config.rate, order_log=simulated_log),
+                SimulatorConfig(
+                    symbols=config.symbols,
+                    rate=config.rate,
+                    order_log=simulated_log,
+                    universe=config.scan_symbols,
+                    weight_limit=SIMULATOR_WEIGHT_LIMIT,
+                ),
             )
             feed_url = simulator.address.ws_url
         rest_url = config.rest_url or (
@@ -312,17 +324,24 @@ async def _serve_market(
             await trio.Path(config.history).parent.mkdir(parents=True, exist_ok=True)
         history = await stack.enter_async_context(open_failure_history(config.history))
         watchlist = Watchlist(plan.watchlist, recorder=history)
-        anchor = simulator.anchor_ms if simulator is not None else int(time.time() * 1000)
-        klines = SimulatedKlines(anchor_ms=anchor)
+        store = await stack.enter_async_context(_candle_store(config.candles))
+        # The embedded simulator is the service's own: it allows far more
+        # than Binance's 6,000 a minute, of which the fetcher leaves most to
+        # the watchlist.
+        budget = SIMULATOR_WEIGHT_LIMIT if simulator is not None else FetcherConfig().weight_budget
+        fetcher = await stack.enter_async_context(
+            open_candle_fetcher(store, rest_url, FetcherConfig(weight_budget=budget))
+        )
+        fill = functools.partial(fetcher.fill_each, concurrency=8)
         cluster: DaskCluster | None = None
         if config.dask is None:
-            scans = Scans(plan.scans, klines)
+            scans = Scans(plan.scans, store, fill=fill)
         else:
             cluster = await stack.enter_async_context(open_dask_cluster(config.dask))
             # A call in flight per worker thread: a scan's deadlines count
             # from submission, so more would only queue on the cluster.
             on_cluster = attrs.evolve(plan.scans, workers=cluster.threads)
-            scans = Scans(on_cluster, klines, bridge=cluster.runner)
+            scans = Scans(on_cluster, store, fill=fill, bridge=cluster.runner)
         async with engine.open_supervisor(name="market", max_restarts=20, period=60) as sup:
             # Whale flows first, so they see the feed's first trade.
             await sup.start(whales.run, name="whale_flows")
@@ -370,6 +389,7 @@ async def _serve_market(
                 "watchlist": watchlist,
                 "whale_flows": whales,
                 "scans": scans,
+                "candles": fetcher,
                 "history": history,
             }
             if cluster is not None:
@@ -523,3 +543,19 @@ def _final_counts(feed: Feed) -> dict[str, int]:
         "dropped": feed.queue.statistics().dropped,
         "left_in_queue": feed.in_flight(),
     }
+
+
+@contextlib.asynccontextmanager
+async def _candle_store(path: str | None) -> AsyncIterator[SqliteCandleStore]:
+    """The scans' candle store: ``path``, or a temporary file for this run."""
+    with contextlib.ExitStack() as stack:
+        if path is None:
+            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="market-candles-"))
+            path = os.path.join(scratch, "candles.sqlite")
+        else:
+            await trio.Path(path).parent.mkdir(parents=True, exist_ok=True)
+        store = SqliteCandleStore(path)
+        try:
+            yield store
+        finally:
+            await store.aclose()

@@ -379,6 +379,14 @@ SETTINGS: tuple[Setting, ...] = (
         "SQLite file that keeps the watchlist's failure history across restarts",
     ),
     Setting(
+        "candles",
+        _path,
+        None,
+        "MARKET_CANDLES",
+        "SQLite file that keeps the candles scans fetch, across restarts (one per exchange)",
+        unset="a temporary file",
+    ),
+    Setting(
         "grace_period",
         SECONDS,
         "10",

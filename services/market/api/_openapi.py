@@ -101,12 +101,19 @@ def openapi(
             **read("The scans kept", "newest first", "scans"),
         }
         scan_id = {"name": "scan_id", "in": "path", "required": True, "schema": {"type": "string"}}
-        every = {
-            "name": "all",
-            "in": "query",
-            "required": False,
-            "schema": {"type": "boolean", "default": False},
-        }
+        every, in_range = (
+            {
+                "name": name,
+                "in": "query",
+                "required": False,
+                "description": description,
+                "schema": {"type": "boolean", "default": False},
+            }
+            for name, description in (
+                ("all", "every symbol's result, matched or not"),
+                ("in_range", "the symbols where the formula holds at some bar of the range"),
+            )
+        )
         cancelled = refusals(*unauthorized, ("404", "no such scan"))
         paths["/api/scans/{scan_id}"] = {
             "parameters": [scan_id],
@@ -116,7 +123,7 @@ def openapi(
                 "scan_detail",
                 ("400", "a bad parameter"),
                 ("404", "no such scan"),
-                parameters=[_limit(100, 100_000), every],
+                parameters=[_limit(100, 100_000), every, in_range],
             ),
             "delete": {
                 "summary": "Cancel a scan",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
+
 import msgspec
 from starlette.requests import Request
 from starlette.routing import Route
 
+from ..candles import DateRange
 from ..scans import FormulaError, Scans, ScansBusy
 from ._body import read_body
 from ._json import JSON
@@ -16,10 +19,24 @@ MAX_BODY = 16_384
 
 
 class ScanRequest(msgspec.Struct, forbid_unknown_fields=True):
-    """The body of ``POST /api/scans``."""
+    """The body of ``POST /api/scans``.
+
+    Attributes:
+        formula: the condition, such as ``"rsi(period) < 30"``.
+        symbols: the symbols to scan; the whole universe by default.
+        timeframe: the bars' length (``"1d"``, ``"4h"`` ...); the service's default if omitted.
+        start: the first day scanned (UTC, inclusive), ``"2024-01-01"``; with
+            no ``start``, the service's default window of closed bars up to now.
+        end: the last day scanned (UTC, inclusive); now if omitted.
+        parameters: values of the formula's named parameters (``{"period": 14}``).
+    """
 
     formula: str
     symbols: list[str] | None = None
+    timeframe: str | None = None
+    start: datetime.date | None = None
+    end: datetime.date | None = None
+    parameters: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 _DECODER = msgspec.json.Decoder(ScanRequest)
@@ -42,7 +59,13 @@ def routes(scans: Scans) -> list[Route]:
         if unknown:
             raise BadRequest(f"unknown symbols: {', '.join(unknown[:10])}")
         try:
-            scan = scans.start(wanted.formula, wanted.symbols)
+            scan = scans.start(
+                wanted.formula,
+                wanted.symbols,
+                timeframe=wanted.timeframe,
+                date_range=_date_range(wanted, scans.now_ms()),
+                parameters=wanted.parameters,
+            )
         except FormulaError as exc:
             raise BadRequest(str(exc), position=exc.position, formula=wanted.formula) from exc
         except ValueError as exc:
@@ -57,7 +80,7 @@ def routes(scans: Scans) -> list[Route]:
         return JSON([scan.summary() for scan in scans.list()])
 
     async def one(request: Request) -> JSON:
-        only(request, ("limit", "all"))
+        only(request, ("limit", "all", "in_range"))
         scan = scans.get(request.path_params["scan_id"])
         if scan is None:
             return JSON({"error": f"no scan {request.path_params['scan_id']!r}"}, 404)
@@ -65,10 +88,13 @@ def routes(scans: Scans) -> list[Route]:
             scan.cancel()
             return JSON(scan.summary(), 202)
         count = limit(request, default=100, maximum=len(scan.symbols))
-        every = request.query_params.get("all", "false")
-        if every not in ("true", "false"):
-            raise BadRequest(f"all must be true or false, got {every!r}")
-        results = scan.results() if every == "true" else scan.matches()
+        every, in_range = _flag(request, "all"), _flag(request, "in_range")
+        if every and in_range:
+            raise BadRequest("all and in_range are two views: ask for one")
+        if every:
+            results = scan.results()
+        else:
+            results = scan.matches_in_range() if in_range else scan.matches()
         return JSON(ScanDetail(scan.summary(), results[:count], scan.errors()[:count]))
 
     return [
@@ -76,3 +102,22 @@ def routes(scans: Scans) -> list[Route]:
         Route("/scans", listing, methods=["GET"]),
         Route("/scans/{scan_id}", one, methods=["GET", "DELETE"]),
     ]
+
+
+def _flag(request: Request, name: str) -> bool:
+    value = request.query_params.get(name, "false")
+    if value not in ("true", "false"):
+        raise BadRequest(f"{name} must be true or false, got {value!r}")
+    return value == "true"
+
+
+def _date_range(wanted: ScanRequest, now_ms: int) -> DateRange | None:
+    if wanted.start is None:
+        if wanted.end is not None:
+            raise BadRequest("end needs start")
+        return None
+    if wanted.end is None:
+        return DateRange(wanted.start, datetime.datetime.fromtimestamp(now_ms / 1000, datetime.UTC))
+    if wanted.end < wanted.start:
+        raise BadRequest(f"end ({wanted.end}) is before start ({wanted.start})")
+    return DateRange(wanted.start, wanted.end)

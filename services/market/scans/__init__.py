@@ -2,13 +2,19 @@
 
 Formulas such as ``rsi14 < 30 and macd_hist > 0 and close > sma50`` are parsed
 by a small whitelisted grammar into a checked expression tree and evaluated
-over each symbol's latest indicator values; they are never ``eval``-ed.
+over each symbol's latest indicator values (or at every bar, with
+`series_values` and ``Formula.evaluate_series``); they are never ``eval``-ed.
+Indicator parameters may be names (``rsi(period) < 30``), bound later with
+``Formula.bind``.
 
 See ``docs/formulas.md``.
 """
 
 from __future__ import annotations
 
+from ._evaluate import WARMUP_FACTOR as WARMUP_FACTOR
+from ._evaluate import FormulaService as FormulaService
+from ._evaluate import TimedKlines as TimedKlines
 from ._formula import MAX_FORMULA_DEPTH as MAX_FORMULA_DEPTH
 from ._formula import MAX_FORMULA_LENGTH as MAX_FORMULA_LENGTH
 from ._formula import And as And
@@ -23,6 +29,7 @@ from ._formula import Not as Not
 from ._formula import Number as Number
 from ._formula import NumberExpr as NumberExpr
 from ._formula import Or as Or
+from ._formula import UnboundIndicator as UnboundIndicator
 from ._formula import canonical as canonical
 from ._formula import parse_formula as parse_formula
 from ._indicators import INDICATORS as INDICATORS
@@ -39,10 +46,12 @@ from ._indicators import ema as ema
 from ._indicators import latest_values as latest_values
 from ._indicators import macd as macd
 from ._indicators import rsi as rsi
+from ._indicators import series_values as series_values
 from ._indicators import sma as sma
 from ._indicators import true_range as true_range
 from ._job import ScanJob as ScanJob
 from ._job import SymbolResult as SymbolResult
+from ._scan import Fill as Fill
 from ._scan import ScanConfig as ScanConfig
 from ._scan import ScanRun as ScanRun
 from ._scan import Scans as Scans
@@ -52,7 +61,7 @@ from ._scan import ScanStatus as ScanStatus
 from ._scan import ScanSummary as ScanSummary
 from ._scan import SymbolError as SymbolError
 from ._universe import DEFAULT_UNIVERSE as DEFAULT_UNIVERSE
-from ._universe import SimulatedKlines as SimulatedKlines
+from ._universe import SimulatedCandles as SimulatedCandles
 from ._universe import universe as universe
 
 __all__ = [
@@ -61,13 +70,16 @@ __all__ = [
     "MAX_FORMULA_DEPTH",
     "MAX_FORMULA_LENGTH",
     "MAX_PERIOD",
+    "WARMUP_FACTOR",
     "And",
     "Arithmetic",
     "Compare",
     "Condition",
     "Expr",
+    "Fill",
     "Formula",
     "FormulaError",
+    "FormulaService",
     "Indicator",
     "IndicatorSpec",
     "Klines",
@@ -86,9 +98,11 @@ __all__ = [
     "Scans",
     "ScansBusy",
     "ScansStatistics",
-    "SimulatedKlines",
+    "SimulatedCandles",
     "SymbolError",
     "SymbolResult",
+    "TimedKlines",
+    "UnboundIndicator",
     "atr",
     "bollinger",
     "canonical",
@@ -98,6 +112,7 @@ __all__ = [
     "macd",
     "parse_formula",
     "rsi",
+    "series_values",
     "sma",
     "true_range",
     "universe",

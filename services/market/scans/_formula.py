@@ -3,14 +3,17 @@
 A formula is text from a user. It is parsed by a Lark LALR grammar that
 knows numbers, indicator names, ``+ - * /``, comparisons and ``and``/``or``/
 ``not``, nothing else: no strings, attributes, subscripts or calls other than
-an indicator's integer parameters. The result is a tree of frozen values
-whose every node is type-checked (arithmetic on numbers, ``and`` on
-conditions) as it is built, so a formula that parses also evaluates.
+an indicator's integer parameters (or names of formula parameters, bound
+later: ``rsi(period) < 30``). The result is a tree of frozen values whose
+every node is type-checked (arithmetic on numbers, ``and`` on conditions) as
+it is built, so a formula that parses also evaluates.
 
 Missing data is *unknown*, as in SQL: a comparison with a NaN operand is
 unknown, ``not`` of unknown is unknown, ``unknown and false`` is false,
 ``unknown or true`` is true, and a formula that ends unknown does not match.
 So ``not rsi14 > 70`` does not match a symbol whose RSI is not defined yet.
+`Formula.evaluate` applies this at one bar, `Formula.evaluate_series` at every
+bar at once, with numpy, and exactly the same results.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from typing import Any, ClassVar, Final, TypeAlias
 
 import attrs
 import lark
+import numpy as np
+import numpy.typing as npt
 
-from ._indicators import INDICATORS, MAX_PERIOD, Indicator
+from ._indicators import INDICATORS, MAX_PERIOD, FloatArray, Indicator
 
 #: The longest formula accepted, in characters, as written and as spelled canonically.
 MAX_FORMULA_LENGTH: Final = 1000
@@ -227,14 +232,95 @@ class Not(_Node):
     operand: Condition = attrs.field(validator=_takes(_check_conditions, "'not'"))
 
 
-NumberExpr: TypeAlias = Number | Indicator | Negate | Arithmetic
+_PARAMETER_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+_SUFFIX = re.compile(r"(?P<base>[a-z_]*[a-z_])(?P<digits>[0-9]+)")
+
+
+def _names_an_indicator(word: str) -> bool:
+    """Whether ``word`` is an indicator's name, bare or with a period (``close``, ``sma50``)."""
+    match = _SUFFIX.fullmatch(word)
+    return word in INDICATORS or (match is not None and match["base"] in INDICATORS)
+
+
+def _argument_tuple(arguments: Iterable[int | str]) -> tuple[int | str, ...]:
+    return tuple(arguments)
+
+
+def _int_tuple(positions: Iterable[int]) -> tuple[int, ...]:
+    return tuple(positions)
+
+
+@attrs.frozen(cache_hash=True)
+class UnboundIndicator:
+    """An indicator whose parameters are named, not given: ``rsi(period)``, ``macd(fast,slow,9)``.
+
+    A leaf of an *unbound* formula's tree; `Formula.bind` turns it into an
+    `Indicator` once the names have values. Arguments are ints (checked as
+    in an `Indicator`) or lower-case names, at least one of them a name.
+
+    Attributes:
+        name: the indicator's base name, e.g. ``"rsi"``.
+        arguments: one per parameter of the indicator: an int or a name.
+        positions: where each argument starts in the formula's text, when
+            parsed (not part of equality); empty when built by hand.
+        key: the canonical spelling, e.g. ``rsi(period)``.
+
+    Raises:
+        ValueError: the name is unknown, the number of arguments is wrong, an
+            int is out of range, or a name is not a lower-case identifier or
+            is itself an indicator's name.
+        TypeError: an argument is neither an int nor a str.
+    """
+
+    name: str
+    arguments: tuple[int | str, ...] = attrs.field(converter=_argument_tuple)
+    positions: tuple[int, ...] = attrs.field(default=(), converter=_int_tuple, eq=False, repr=False)
+    key: str = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        spec = INDICATORS.get(self.name)
+        if spec is None:
+            raise ValueError(f"unknown indicator {self.name!r}")
+        if len(self.arguments) != len(spec.parameters):
+            raise ValueError(
+                f"{self.name} takes {len(spec.parameters)} parameter(s), got {len(self.arguments)}"
+            )
+        if not any(isinstance(argument, str) for argument in self.arguments):
+            raise ValueError(f"{self.name}{self.arguments!r} names no parameter: use Indicator")
+        for parameter, argument in zip(spec.parameters, self.arguments, strict=True):
+            if isinstance(argument, str):
+                _check_parameter_name(argument)
+            elif isinstance(argument, bool) or not isinstance(argument, int):
+                raise TypeError(f"{self.name} arguments are ints or names, got {argument!r}")
+            else:
+                parameter.check(self.name, argument)
+        spelled = ",".join(map(str, self.arguments))
+        object.__setattr__(self, "key", f"{self.name}({spelled})")
+
+    @property
+    def parameter_names(self) -> frozenset[str]:
+        """The names among the arguments."""
+        return frozenset(argument for argument in self.arguments if isinstance(argument, str))
+
+    def __str__(self) -> str:
+        return self.key
+
+
+def _check_parameter_name(name: str) -> None:
+    if not _PARAMETER_NAME.fullmatch(name):
+        raise ValueError(f"a parameter name is a lower-case identifier, got {name!r}")
+    if _names_an_indicator(name):
+        raise ValueError(f"{name} is an indicator, not a parameter name")
+
+
+NumberExpr: TypeAlias = Number | Indicator | UnboundIndicator | Negate | Arithmetic
 Condition: TypeAlias = Compare | Not | And | Or
 Expr: TypeAlias = NumberExpr | Condition
 
 
 def is_number(node: Expr) -> bool:
     """Whether ``node`` is a number (else it is a condition)."""
-    return isinstance(node, Number | Indicator | Negate | Arithmetic)
+    return isinstance(node, Number | Indicator | UnboundIndicator | Negate | Arithmetic)
 
 
 def _precedence(node: Expr) -> int:
@@ -267,7 +353,7 @@ def canonical(node: Expr) -> str:
     match node:
         case Number(value=value):
             return str(int(value)) if value.is_integer() and value < 1e16 else repr(value)
-        case Indicator():
+        case Indicator() | UnboundIndicator():
             return node.key
         case Negate(operand=operand):
             return "-" + _wrap(operand, _UNARY)
@@ -321,6 +407,8 @@ def _number(node: NumberExpr, values: Mapping[str, float]) -> float:
             if op == "*":
                 return a * b
             return a / b if b != 0 else math.nan
+        case UnboundIndicator():
+            raise ValueError(f"{node.key} is unbound: bind the formula's parameters first")
     raise TypeError(f"not a number node: {node!r}")
 
 
@@ -369,27 +457,157 @@ def walk(node: Expr) -> Iterator[Expr]:
         yield from walk(child)
 
 
+# -- evaluation over every bar ------------------------------------------------------
+
+# Element-wise, each is the float operator _COMPARE_FNS uses at one bar.
+_COMPARE_UFUNCS: Mapping[str, np.ufunc] = {
+    "<": np.less,
+    "<=": np.less_equal,
+    ">": np.greater,
+    ">=": np.greater_equal,
+    "==": np.equal,
+    "!=": np.not_equal,
+}
+
+# A value per bar, or one value for every bar (a literal): numpy broadcasts.
+_Series: TypeAlias = FloatArray | np.float64
+_Truths: TypeAlias = npt.NDArray[np.bool_] | np.bool_
+
+
+def _number_series(node: NumberExpr, series: Mapping[str, FloatArray]) -> _Series:
+    """`_number` at every bar, with the same float operations element by element."""
+    match node:
+        case Number(value=value):
+            return np.float64(value)
+        case Indicator():
+            return series[node.key]
+        case Negate(operand=operand):
+            return -_number_series(operand, series)
+        case Arithmetic(op=op, left=left, right=right):
+            a, b = _number_series(left, series), _number_series(right, series)
+            if op == "+":
+                return a + b
+            if op == "-":
+                return a - b
+            if op == "*":
+                return a * b
+            return np.where(b != 0, a / b, np.nan)
+        case UnboundIndicator():
+            raise ValueError(f"{node.key} is unbound: bind the formula's parameters first")
+    raise TypeError(f"not a number node: {node!r}")
+
+
+def _truth_series(
+    node: Condition, series: Mapping[str, FloatArray], *, true: bool, false: bool
+) -> tuple[_Truths | None, _Truths | None]:
+    """`_truth` at every bar, as (where true, where false); a bar that is neither is unknown.
+
+    Only what is asked for is computed (``true``, ``false``), the other is
+    None: a formula without ``not`` never needs where its parts are false.
+    """
+    match node:
+        case Compare(operands=operands, ops=ops):
+            numbers = [_number_series(operand, series) for operand in operands]
+            holds: _Truths = np.bool_(True)
+            for op, a, b in zip(ops, numbers, numbers[1:], strict=False):
+                holds = holds & _COMPARE_UFUNCS[op](a, b)
+            # A comparison with NaN is False in IEEE arithmetic, except '!='.
+            if not (false or "!=" in ops):
+                return holds, None
+            known: _Truths = np.bool_(True)
+            for operand, number in zip(operands, numbers, strict=True):
+                if not isinstance(operand, Number):  # a literal is never NaN
+                    known = known & ~np.isnan(number)
+            where_true = (known & holds) if "!=" in ops else holds
+            return where_true, (known & ~holds) if false else None
+        case Not(operand=operand):
+            inner_true, inner_false = _truth_series(operand, series, true=false, false=true)
+            return inner_false, inner_true
+        case And(operands=operands) | Or(operands=operands):
+            # Kleene logic: 'and' is true where all are, false where any is;
+            # 'or' the other way round. Elsewhere it is unknown.
+            is_or = isinstance(node, Or)
+            all_true: _Truths = np.bool_(not is_or)
+            all_false: _Truths = np.bool_(is_or)
+            for part in operands:
+                part_true, part_false = _truth_series(part, series, true=true, false=false)
+                if part_true is not None:
+                    all_true = (all_true | part_true) if is_or else (all_true & part_true)
+                if part_false is not None:
+                    all_false = (all_false & part_false) if is_or else (all_false | part_false)
+            return (all_true if true else None), (all_false if false else None)
+    raise TypeError(f"not a condition node: {node!r}")
+
+
+# -- binding parameters ------------------------------------------------------------
+
+
+def _rebuild(node: Expr, leaf: Callable[[UnboundIndicator], Indicator]) -> Expr:
+    """The tree with each UnboundIndicator replaced by ``leaf(it)``; nodes are checked again."""
+    match node:
+        case UnboundIndicator():
+            return leaf(node)
+        case Negate(operand=operand):
+            return Negate(_rebuild(operand, leaf))  # type: ignore[arg-type]
+        case Not(operand=operand):
+            return Not(_rebuild(operand, leaf))  # type: ignore[arg-type]
+        case Arithmetic(op=op, left=left, right=right):
+            return Arithmetic(op, _rebuild(left, leaf), _rebuild(right, leaf))  # type: ignore[arg-type]
+        case Compare(operands=operands, ops=ops):
+            return Compare([_rebuild(operand, leaf) for operand in operands], ops)  # type: ignore[misc]
+        case And(operands=operands):
+            return And([_rebuild(operand, leaf) for operand in operands])  # type: ignore[misc]
+        case Or(operands=operands):
+            return Or([_rebuild(operand, leaf) for operand in operands])  # type: ignore[misc]
+    return node
+
+
+def _names(names: Iterable[str]) -> str:
+    return ", ".join(sorted(names)) or "none"
+
+
 @attrs.frozen
 class Formula:
     """A parsed, checked scan formula. Make one with `parse_formula`.
 
     Picklable: it travels to worker processes as plain frozen values.
 
+    A formula whose indicators name parameters (``rsi(period) < 30``) is
+    *unbound*: `bind` gives it values. An unbound formula pickles, spells
+    itself and binds; asking it for `indicators` or evaluating it raises
+    `FormulaError`.
+
     Attributes:
         text: the formula as written.
         tree: its expression tree; the root is a condition.
-        indicators: the indicator values it reads, so a scan computes only those.
+        parameter_names: the names of its parameters, lower case; empty once bound.
     """
 
     text: str
     tree: Condition
-    indicators: frozenset[Indicator] = attrs.field(init=False, eq=False, repr=False)
+    _indicators: frozenset[Indicator] = attrs.field(init=False, eq=False, repr=False)
+    parameter_names: frozenset[str] = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if is_number(self.tree):
             raise TypeError(f"a formula's root must be a condition, got {self.tree!r}")
-        found = frozenset(node for node in walk(self.tree) if isinstance(node, Indicator))
-        object.__setattr__(self, "indicators", found)
+        nodes = list(walk(self.tree))
+        found = frozenset(node for node in nodes if isinstance(node, Indicator))
+        object.__setattr__(self, "_indicators", found)
+        names = frozenset().union(
+            *(node.parameter_names for node in nodes if isinstance(node, UnboundIndicator))
+        )
+        object.__setattr__(self, "parameter_names", names)
+
+    @property
+    def indicators(self) -> frozenset[Indicator]:
+        """The indicator values it reads, so a scan computes only those.
+
+        Raises:
+            FormulaError: the formula is unbound (see `bind`).
+        """
+        self._check_bound()
+        return self._indicators
 
     def evaluate(self, values: Mapping[str, float]) -> bool:
         """Whether the formula holds for these indicator values.
@@ -402,9 +620,181 @@ class Formula:
             True only if the formula is true; false and unknown both give False.
 
         Raises:
+            FormulaError: the formula is unbound (see `bind`).
             ValueError: a value the formula needs is missing from ``values``.
         """
+        if self.parameter_names:
+            self._check_bound()
         return _truth(self.tree, values) is True
+
+    def evaluate_series(
+        self, values: Mapping[str, npt.ArrayLike], *, bars: int | None = None
+    ) -> npt.NDArray[np.bool_]:
+        """Where the formula holds, at every bar at once.
+
+        Element ``i`` is ``evaluate({key: series[i] for key, series in
+        values.items()})``, exactly (the same float operations and the same
+        three-valued logic), computed with numpy over whole arrays.
+
+        Args:
+            values: each of `indicators` by its ``key``, one value per bar,
+                e.g. from `series_values`; all of one length. NaN is "not known".
+            bars: the number of bars. Needed only when the formula reads no
+                indicator (``1 < 2``) and ``values`` is empty; otherwise it
+                must agree with the arrays.
+
+        Returns:
+            A bool array, one element per bar: True where the formula is true;
+            false and unknown both give False.
+
+        Raises:
+            FormulaError: the formula is unbound (see `bind`).
+            ValueError: a series the formula needs is missing or not 1-D, the
+                lengths differ, or the number of bars cannot be told.
+        """
+        self._check_bound()
+        series: dict[str, FloatArray] = {}
+        for indicator in self._indicators:
+            try:
+                array = np.asarray(values[indicator.key], dtype=np.float64)
+            except KeyError:
+                raise ValueError(f"no series given for indicator {indicator.key!r}") from None
+            if array.ndim != 1:
+                raise ValueError(f"{indicator.key} must be a 1-D array, got shape {array.shape}")
+            series[indicator.key] = array
+        lengths = {key: len(array) for key, array in series.items()}
+        if not lengths and values:  # a formula without indicators: any series tells the length
+            key, first = next(iter(values.items()))
+            lengths[key] = len(np.asarray(first))
+        if bars is not None:
+            lengths["bars="] = bars
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"the series differ in length: {lengths}")
+        if not lengths:
+            raise ValueError("no series to tell the number of bars by: pass bars=")
+        length = next(iter(lengths.values()))
+        with np.errstate(all="ignore"):  # inf - inf and 0 * inf are NaN, as in Python
+            where, _ = _truth_series(self.tree, series, true=True, false=False)
+        assert where is not None  # asked for
+        return np.array(np.broadcast_to(where, (length,)), dtype=np.bool_)
+
+    def bind(self, parameters: Mapping[str, object]) -> Formula:
+        """The formula with its parameters' values written in.
+
+        ``parse_formula("rsi(period) < 30").bind({"period": 14})`` is
+        ``parse_formula("rsi(14) < 30")``: a plain (bound) formula whose
+        ``text`` is the text as written with each name replaced by its value
+        (or, for a formula built by hand, its canonical spelling). A formula
+        without parameters binds to itself, given no parameters.
+
+        Args:
+            parameters: a value for each of `parameter_names`, and nothing else:
+                an int (not a bool) valid for the indicator it feeds.
+
+        Returns:
+            The bound formula.
+
+        Raises:
+            FormulaError: ``parameters`` names a parameter the formula does
+                not use (the message lists those it does), misses one, or
+                gives a value that is not an int or is invalid for its
+                indicator (the message is the one for the number written in,
+                the position that of the name); or the bound formula is
+                longer than `MAX_FORMULA_LENGTH`.
+            TypeError: ``parameters`` is not a mapping.
+        """
+        if not isinstance(parameters, Mapping):
+            raise TypeError(f"parameters are a mapping, got {type(parameters).__name__}")
+        unused = set(parameters) - self.parameter_names
+        if unused:
+            uses = f"the formula's parameters are {_names(self.parameter_names)}"
+            message = f"unknown parameter(s) {_names(map(repr, unused))}: {uses}"
+            raise FormulaError(message, self.text, 0)
+        missing = self.parameter_names - set(parameters)
+        if missing:
+            first = min(missing, key=self._position)
+            message = f"no value for parameter(s) {_names(map(repr, missing))}"
+            raise FormulaError(message, self.text, self._position(first))
+        if not self.parameter_names:
+            return self
+        # (where, how long, the value written instead): a set, as a hand-built
+        # tree may hold one leaf object in two places.
+        edits: set[tuple[int, int, str]] = set()
+
+        def leaf(node: UnboundIndicator) -> Indicator:
+            spec = INDICATORS[node.name]
+            params: list[int] = []
+            for index, (parameter, argument) in enumerate(
+                zip(spec.parameters, node.arguments, strict=True)
+            ):
+                if isinstance(argument, int):
+                    params.append(argument)
+                    continue
+                value = parameters[argument]
+                at = self._argument_position(node, index)
+                if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                    message = f"parameter {argument!r} must be an int, got {value!r}"
+                    raise FormulaError(message, self.text, at)
+                try:
+                    parameter.check(spec.name, int(value))
+                except ValueError as exc:
+                    raise FormulaError(str(exc), self.text, at) from None
+                params.append(int(value))
+                edits.add((at, len(argument), str(int(value))))
+            try:
+                return Indicator(spec.name, params)
+            except ValueError as exc:  # valid one by one, not together (macd)
+                raise FormulaError(str(exc), self.text, self._argument_position(node, 0)) from None
+
+        tree = _rebuild(self.tree, leaf)
+        text = self.text
+        # 0 is never an argument's position (one follows "name("): it means unknown.
+        if all(self._argument_position(*where) for where in self._arguments()):
+            for at, length, value in sorted(edits, reverse=True):
+                text = text[:at] + value + text[at + length :]
+        else:  # positions unknown (a tree built by hand): spell it
+            text = canonical(tree)
+        bound = Formula(text, tree)  # type: ignore[arg-type]  # rebuilt conditions stay conditions
+        longest = max(len(text), len(bound.canonical()))
+        if longest > MAX_FORMULA_LENGTH:
+            limit = MAX_FORMULA_LENGTH
+            message = f"formula is {longest} characters long once bound; the limit is {limit}"
+            raise FormulaError(message, self.text, 0)
+        return bound
+
+    def _arguments(self) -> Iterator[tuple[UnboundIndicator, int]]:
+        """Each named argument: its node and its index."""
+        for node in walk(self.tree):
+            if isinstance(node, UnboundIndicator):
+                for index, argument in enumerate(node.arguments):
+                    if isinstance(argument, str):
+                        yield node, index
+
+    def _argument_position(self, node: UnboundIndicator, index: int) -> int:
+        """Where the argument starts in `text`, or 0 if that is unknown (a tree built by hand)."""
+        if index >= len(node.positions):
+            return 0
+        at = node.positions[index]
+        argument = str(node.arguments[index])
+        return at if self.text[at : at + len(argument)].lower() == argument else 0
+
+    def _position(self, name: str) -> int:
+        """Where the parameter ``name`` first appears in `text` (0 if unknown)."""
+        found = [
+            self._argument_position(node, index)
+            for node, index in self._arguments()
+            if node.arguments[index] == name
+        ]
+        return min((at for at in found if at), default=0)
+
+    def _check_bound(self) -> None:
+        if self.parameter_names:
+            first = min(self.parameter_names, key=self._position)
+            message = (
+                f"the formula has unbound parameters ({_names(self.parameter_names)}):"
+                " bind them first, with Formula.bind"
+            )
+            raise FormulaError(message, self.text, self._position(first))
 
     def canonical(self) -> str:
         """The formula spelled canonically: lower case, single spaces, minimal parentheses."""
@@ -429,7 +819,8 @@ _GRAMMAR = r"""
      | NAME                         -> name
      | NAME LPAR [arguments] RPAR   -> call
      | LPAR or_test RPAR            -> group
-arguments: NUMBER (_COMMA NUMBER)*
+arguments: _argument (_COMMA _argument)*
+_argument: NUMBER | NAME
 
 _OR: "or"i
 _AND: "and"i
@@ -618,7 +1009,6 @@ def _quote(node: Expr) -> str:
 
 # -- indicator names ---------------------------------------------------------------
 
-_SUFFIX = re.compile(r"(?P<base>[a-z_]*[a-z_])(?P<digits>[0-9]+)")
 # A period to show in "needs a period" messages.
 _EXAMPLE_PERIOD = {"rsi": 14, "atr": 14, "change_pct": 1}
 
@@ -636,8 +1026,10 @@ def _suggest(base: str, digits: str) -> str:
     return "; did you mean " + " or ".join(spelled) + "?"
 
 
-def _resolve(token: lark.Token, lpar: lark.Token | None, arguments: list[lark.Token]) -> Indicator:
-    """The Indicator a name (``sma50``, ``macd``) or a call (``sma(50)``) means."""
+def _resolve(
+    token: lark.Token, lpar: lark.Token | None, arguments: list[lark.Token]
+) -> Indicator | UnboundIndicator:
+    """The Indicator a name (``sma50``, ``macd``) or a call (``sma(50)``, ``rsi(period)``) means."""
     word = str(token).lower()
     spec = INDICATORS.get(word)
     if spec is None:
@@ -659,12 +1051,14 @@ def _resolve(token: lark.Token, lpar: lark.Token | None, arguments: list[lark.To
             raise _Problem(f"{message} or {word}({example.removeprefix(word)})", _at(token))
         params, positions = spec.defaults or (), []
     else:
-        params = tuple(_integer(word, argument) for argument in arguments)
-        positions = [_at(argument) for argument in arguments]
-        if len(params) != len(spec.parameters):
+        if len(arguments) != len(spec.parameters):
             names = ", ".join(parameter.name for parameter in spec.parameters)
             takes = f"{len(spec.parameters)} parameters ({names})" if names else "no parameters"
-            raise _Problem(f"{word} takes {takes}, got {len(params)}", _at(lpar))
+            raise _Problem(f"{word} takes {takes}, got {len(arguments)}", _at(lpar))
+        if any(argument.type == "NAME" for argument in arguments):
+            return _unbound(word, arguments)
+        params = tuple(_integer(word, argument) for argument in arguments)
+        positions = [_at(argument) for argument in arguments]
     for parameter, value, position in zip(spec.parameters, params, positions, strict=False):
         try:
             parameter.check(spec.name, value)
@@ -674,6 +1068,29 @@ def _resolve(token: lark.Token, lpar: lark.Token | None, arguments: list[lark.To
         return Indicator(spec.name, params)
     except ValueError as exc:  # parameters valid one by one but not together (macd)
         raise _Problem(str(exc), positions[0] if positions else _at(token)) from None
+
+
+def _unbound(word: str, arguments: list[lark.Token]) -> UnboundIndicator:
+    """``rsi(period)``: an indicator with named parameters, each literal one checked now."""
+    spec = INDICATORS[word]
+    values: list[int | str] = []
+    for parameter, argument in zip(spec.parameters, arguments, strict=True):
+        if argument.type == "NAME":
+            name = str(argument).lower()
+            try:
+                _check_parameter_name(name)
+            except ValueError as exc:
+                message = f"{exc}: {word} parameters are whole numbers or parameter names"
+                raise _Problem(message, _at(argument)) from None
+            values.append(name)
+            continue
+        value = _integer(word, argument)
+        try:
+            parameter.check(spec.name, value)
+        except ValueError as exc:
+            raise _Problem(str(exc), _at(argument)) from None
+        values.append(value)
+    return UnboundIndicator(spec.name, values, [_at(argument) for argument in arguments])
 
 
 def _integer(indicator: str, token: lark.Token) -> int:
@@ -691,12 +1108,14 @@ _OPERATORS = frozenset({"_OR", "_AND", "COMPARE", "PLUS", "MINUS", "STAR", "SLAS
 def _expected(expected: set[str]) -> str:
     # LALR's expected sets are exact about operands but over-generous after
     # them (default reductions admit ')' anywhere): say it in a user's terms.
-    if "NAME" in expected:
+    if "NAME" in expected and "MINUS" in expected:
         if "NOT" in expected:
             return "a number, an indicator, '(', '-' or 'not'"
         return "a number, an indicator, '(' or '-'"
     if "NUMBER" in expected:  # inside an indicator's parentheses
-        return "a whole number" + (" or ')'" if "RPAR" in expected else "")
+        if "RPAR" in expected:
+            return "a whole number, a parameter name or ')'"
+        return "a whole number or a parameter name"
     if expected & _OPERATORS:
         return "an operator (and, or, < <= > >= == !=, + - * /) or the end"
     return " or ".join(_EXPECTED.get(name, name) for name in sorted(expected))

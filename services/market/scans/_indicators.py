@@ -642,12 +642,43 @@ class Indicator:
         return self.key
 
 
+def series_values(indicators: Iterable[Indicator], klines: KlinesLike) -> dict[str, FloatArray]:
+    """Each indicator at every bar of ``klines``, by ``Indicator.key``.
+
+    Indicators of one family (``macd`` and ``macd_hist``, the three Bollinger
+    bands) share one computation. Each array is as long as ``klines``, NaN
+    where the indicator is not defined yet (too few bars). Arrays of one
+    family, and the OHLCV fields themselves, may be views of shared or input
+    memory: treat them as read-only.
+
+    Args:
+        indicators: e.g. ``Formula.indicators``.
+        klines: the symbol's candles, e.g. a `Klines`.
+
+    Returns:
+        ``{indicator.key: series}``, e.g. for `Formula.evaluate_series`.
+
+    Raises:
+        ValueError: a field of ``klines`` that an indicator reads is not 1-D.
+    """
+    computed: dict[tuple[Family, tuple[int, ...]], tuple[FloatArray, ...]] = {}
+    series: dict[str, FloatArray] = {}
+    for indicator in indicators:
+        spec = indicator.spec
+        cache_key = (spec.family, indicator.params)
+        arrays = computed.get(cache_key)
+        if arrays is None:
+            arrays = computed[cache_key] = spec.family(klines, indicator.params)
+        series[indicator.key] = arrays[spec.output]
+    return series
+
+
 def latest_values(indicators: Iterable[Indicator], klines: KlinesLike) -> dict[str, float]:
     """Each indicator's value at the last bar of ``klines``, by ``Indicator.key``.
 
-    Indicators of one family (``macd`` and ``macd_hist``, the three Bollinger
-    bands) share one computation. A value that is not defined (too few bars)
-    is NaN; with no bars at all every value is NaN.
+    The last element of each of `series_values`' arrays (so families share
+    one computation). A value that is not defined (too few bars) is NaN; with
+    no bars at all every value is NaN.
 
     Args:
         indicators: e.g. ``Formula.indicators``.
@@ -655,15 +686,11 @@ def latest_values(indicators: Iterable[Indicator], klines: KlinesLike) -> dict[s
 
     Returns:
         ``{indicator.key: value}``.
+
+    Raises:
+        ValueError: a field of ``klines`` that an indicator reads is not 1-D.
     """
-    computed: dict[tuple[Family, tuple[int, ...]], tuple[FloatArray, ...]] = {}
-    values: dict[str, float] = {}
-    for indicator in indicators:
-        spec = indicator.spec
-        cache_key = (spec.family, indicator.params)
-        arrays = computed.get(cache_key)
-        if arrays is None:
-            arrays = computed[cache_key] = spec.family(klines, indicator.params)
-        series = arrays[spec.output]
-        values[indicator.key] = float(series[-1]) if len(series) else math.nan
-    return values
+    return {
+        key: float(values[-1]) if len(values) else math.nan
+        for key, values in series_values(indicators, klines).items()
+    }

@@ -1,10 +1,9 @@
-"""The simulated symbol universe a scan covers, and the candles of each symbol.
+"""The simulated symbol universe a scan covers, and its candles generated where read.
 
 The embedded simulator can quote any symbol: its history is a pure function
-of the seed, the symbol and the anchor time. A scan of the simulated market
-therefore generates each symbol's candles where the indicators are computed,
-in the worker process, exactly as the simulator's ``/api/v3/klines`` would
-return them, instead of shipping 2,500 symbols' arrays from the service.
+of the seed, the symbol and the anchor time. :class:`SimulatedCandles` serves
+that history as a candle repository without a store, for tests and
+benchmarks; the service fills a store from the simulator's REST klines.
 """
 
 from __future__ import annotations
@@ -13,66 +12,63 @@ import attrs
 
 from engine.lowlevel import check_count
 
-from ..simulator import (
-    DEFAULT_UNIVERSE,
-    INTERVALS_MS,
-    MAX_HISTORY,
-    History,
-    Instrument,
-    universe,
-)
-from ._indicators import Klines
+from ..candles import TIMEFRAME_MS, TIMEFRAMES, Candles, DateRange
+from ..simulator import DEFAULT_UNIVERSE, History, Instrument, universe
 
-__all__ = ["DEFAULT_UNIVERSE", "SimulatedKlines", "universe"]
-
-MAX_BARS = 1_000  # as Binance's klines limit
+__all__ = ["DEFAULT_UNIVERSE", "SimulatedCandles", "universe"]
 
 
-def _interval(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
-    if value not in INTERVALS_MS:
-        raise ValueError(f"interval must be one of {', '.join(INTERVALS_MS)}, got {value!r}")
+def check_timeframe(timeframe: object) -> str:
+    """``timeframe`` if it is one of ``candles.TIMEFRAMES``.
 
-
-def _bars(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    check_count("bars", value, minimum=1)
-    if value > MAX_BARS:
-        raise ValueError(f"bars must be at most {MAX_BARS}, got {value!r}")
+    Raises:
+        ValueError: naming the timeframes there are.
+    """
+    if timeframe not in TIMEFRAMES:
+        raise ValueError(f"timeframe must be one of {', '.join(TIMEFRAMES)}, got {timeframe!r}")
+    assert isinstance(timeframe, str)
+    return timeframe
 
 
 @attrs.frozen
-class SimulatedKlines:
-    """The simulator's candles, generated where they are used (picklable, small).
+class SimulatedCandles:
+    """The simulator's candles, generated where they are read: a picklable repository.
+
+    A :class:`services.market.candles.CandleRepository` for tests and
+    benchmarks that want the simulated market without a store: each call
+    generates the bars the simulator's ``/api/v3/klines`` would serve (closed
+    bars only, as the fetcher stores them, but with unrounded prices). The
+    service and the ``scan`` command read a store filled by the fetcher.
 
     Attributes:
-        seed: the simulator's seed.
         anchor_ms: the simulator's anchor (its start, or its ``epoch_ms``):
-            the candles end with the one holding it.
-        interval: a Binance interval name (``"1d"``).
-        bars: candles per symbol (at most 1,000, as Binance's limit).
+            "now" for the candles; the bar holding it is still open.
+        seed: the simulator's seed.
     """
 
     anchor_ms: int
     seed: int = 0
-    interval: str = attrs.field(default="1d", validator=_interval)
-    bars: int = attrs.field(default=250, validator=_bars)
 
     def __attrs_post_init__(self) -> None:
         check_count("anchor_ms", self.anchor_ms)
         check_count("seed", self.seed)
-        if self.bars > MAX_HISTORY:  # pragma: no cover - MAX_BARS is far below
-            raise ValueError("bars exceeds the simulator's history")
 
-    def klines(self, symbol: str) -> Klines:
-        """The ``bars`` candles of ``symbol`` ending with the one holding the anchor.
+    def candles(self, symbol: str, timeframe: str, date_range: DateRange) -> Candles:
+        """``symbol``'s closed bars of ``timeframe`` opening within ``date_range``.
 
-        They are the candles the simulator's ``/api/v3/klines`` serves for
-        that range.
+        Raises:
+            ValueError: an unknown timeframe.
         """
-        interval_ms = INTERVALS_MS[self.interval]
-        last_open = self.anchor_ms // interval_ms * interval_ms
-        first_open = last_open - (self.bars - 1) * interval_ms
+        if timeframe not in TIMEFRAME_MS:
+            raise ValueError(
+                f"timeframe must be one of {', '.join(TIMEFRAME_MS)}, got {timeframe!r}"
+            )
+        length = TIMEFRAME_MS[timeframe]
         history = History(self.seed, self.anchor_ms)
-        c = history.candles(
-            Instrument.create(symbol, self.seed), interval_ms, first_open, self.bars
-        )
-        return Klines(c.open, c.high, c.low, c.close, c.volume)
+        first = max(-(-date_range.start_ms() // length) * length, history.earliest_open(length))
+        end = min(date_range.end_ms(), self.anchor_ms // length * length)
+        count = max(0, -(-(end - first) // length))
+        if count == 0:
+            return Candles.empty()
+        c = history.candles(Instrument.create(symbol, self.seed), length, first, count)
+        return Candles(c.open_time, c.open, c.high, c.low, c.close, c.volume)
