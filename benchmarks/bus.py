@@ -349,10 +349,15 @@ def _child(variant: str, url: str, count: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _pairs(urls: dict[str, str], counts: dict[str, int], rounds: int) -> dict[str, list[float]]:
-    rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
+def _pairs(
+    urls: dict[str, str], counts: dict[str, int], rounds: int, pairs: list[str]
+) -> dict[str, list[float]]:
+    rates: dict[str, list[float]] = {v: [math.nan] for v in VARIANTS}
+    for variant in (v for pair in pairs for v in PAIRS[pair]):
+        rates[variant] = []
     for round_ in range(rounds):
-        for pair, (raw, bus) in PAIRS.items():
+        for pair in pairs:
+            raw, bus = PAIRS[pair]
             order = (raw, bus) if round_ % 2 == 0 else (bus, raw)
             for variant in order:
                 url = urls["redis" if pair.startswith("redis") else "nats"]
@@ -478,6 +483,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--burst", type=int, default=50_000, help="messages per burst")
     parser.add_argument("--burst-timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--pairs",
+        default=",".join(PAIRS),
+        help="the pairs of part one to run, comma-separated (none: only part two)",
+    )
+    parser.add_argument("--no-end-to-end", action="store_true", help="skip part two")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--messages", type=int, help=argparse.SUPPRESS)
@@ -496,8 +507,13 @@ def main() -> None:
         redis_server, redis_url = _start_redis(redis_dir)
         nats_server, nats_url = _start_nats(nats_dir)
         try:
-            rates = _pairs({"redis": redis_url, "nats": nats_url}, counts, args.rounds)
-            ws_rate, lost = _end_to_end(redis_url, args.rounds, args.burst, args.burst_timeout)
+            pairs = [pair for pair in args.pairs.split(",") if pair]
+            rates = _pairs({"redis": redis_url, "nats": nats_url}, counts, args.rounds, pairs)
+            ws_rate, lost = (
+                (math.nan, 0)
+                if args.no_end_to_end
+                else _end_to_end(redis_url, args.rounds, args.burst, args.burst_timeout)
+            )
         finally:
             _stop(nats_server)
             _stop(redis_server)

@@ -59,12 +59,15 @@ class ChildSpec:
         restart: Restart | RestartName,
         backoff: Backoff | None,
         stall_after: float,
-        *,
         wants_ready: bool,
-        shutdown: float = DEFAULT_SHUTDOWN,
-        holds: Callable[[], int] | None = None,
+        shutdown: float,
+        holds: Callable[[], int] | None,
     ) -> ChildSpec:
-        """The spec of a ``start`` or ``start_soon`` call, every argument checked."""
+        """The spec of a ``start`` or ``start_soon`` call, every argument checked.
+
+        Positional, in the order of ``Supervisor.start_soon``'s options, so
+        that each of its two callers checks them in one short call.
+        """
         if not callable(fn):
             raise TypeError(f"fn must be an async callable, got {fn!r}")
         if backoff is not None and not isinstance(backoff, Backoff):

@@ -1,12 +1,14 @@
 """Stopping one child gracefully, and what a supervisor's shutdown did, child by child.
 
-:meth:`Supervisor.shutdown` and :meth:`Supervisor.stop` stop each child with
-:func:`stop_child`: its stop request, its ``shutdown`` budget, then a cancel.
+:meth:`Supervisor.shutdown` (through :class:`SupervisorShutdown`) and
+:meth:`Supervisor.stop` stop each child with :func:`stop_child`: its stop
+request, its ``shutdown`` budget, then a cancel.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import attrs
 import trio
@@ -133,6 +135,53 @@ async def stop_child(child: Child, reason: str, supervisor: str) -> ChildShutdow
             extra={"supervisor": supervisor, "child": spec.name, "dropped": report.dropped},
         )
     return report
+
+
+class SupervisorShutdown:
+    """The one graceful shutdown of a supervisor's children: run once, reported to every caller."""
+
+    def __init__(self, supervisor: str) -> None:
+        self._supervisor = supervisor
+        self._done: trio.Event | None = None
+        self._report: ShutdownReport | None = None
+
+    @property
+    def begun(self) -> bool:
+        """Whether :meth:`run` has been called."""
+        return self._done is not None
+
+    async def run(self, children: Iterable[Child], reason: str) -> ShutdownReport:
+        """Stop ``children`` one at a time, the last started first, each with :func:`stop_child`.
+
+        A second call waits for the first and returns the same report; a
+        shutdown cancelled part way reports the children it got through.
+        """
+        if self._done is not None:
+            await self._done.wait()
+            assert self._report is not None
+            return self._report
+        self._done = trio.Event()
+        started = trio.current_time()
+        ordered = sorted(children, key=lambda c: c.order, reverse=True)
+        logger.info(
+            "shutting down %d children, last started first: %s",
+            len(ordered),
+            reason,
+            extra={"supervisor": self._supervisor},
+        )
+        stopped: list[ChildShutdown] = []
+        try:
+            for child in ordered:
+                stopped.append(await stop_child(child, reason, self._supervisor))
+        finally:
+            self._report = ShutdownReport(
+                supervisor=self._supervisor,
+                reason=reason,
+                children=tuple(stopped),
+                seconds=trio.current_time() - started,
+            )
+            self._done.set()
+        return self._report
 
 
 def _held(child: Child, supervisor: str) -> int | None:

@@ -53,6 +53,8 @@ class ChildStatistics:
         attached: snapshots of supervisors and cycles running inside this child.
     """
 
+    # Each field declared once with its metric, as in every statistics class
+    # of the engine: the classes look alike field by field for that reason.
     name: str
     state: ChildState
     restart: str

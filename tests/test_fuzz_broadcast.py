@@ -24,7 +24,8 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
 from engine.broadcast import BroadcastConfig
-from engine.broadcast._client import MAX_REPLIES, Client
+from engine.broadcast._client import Client
+from engine.broadcast._client_requests import MAX_REPLIES
 from engine.broadcast._handshake import Rejection, admit
 from engine.broadcast._topics import (
     MAX_PATTERN_LENGTH,

@@ -19,8 +19,8 @@ from ._config import CLOSE_TOO_BIG as CLOSE_TOO_BIG
 from ._config import CLOSE_TOO_SLOW as CLOSE_TOO_SLOW
 from ._config import BroadcastConfig as BroadcastConfig
 from ._server import BroadcastServer as BroadcastServer
-from ._server import BroadcastStatistics as BroadcastStatistics
 from ._server import serve_broadcast as serve_broadcast
+from ._server_stats import BroadcastStatistics as BroadcastStatistics
 
 __all__ = [
     "CLOSE_GOING_AWAY",

@@ -11,44 +11,13 @@ frame is older than ``max_lag`` seconds (or, if set, that lost more than
 ``max_lost`` frames) is closed with ``CLOSE_TOO_SLOW``. Nothing here ever
 makes the publisher or another client wait.
 
-How far behind a client is comes from marks, not from a time per frame
-(which would cost a clock read per frame per client): frames leave the queue
-oldest first, whether written or dropped, so each has a place in the order
-frames were queued, and a mark ``(place, time)`` says that the frames from
-that place on arrived no earlier than that time. A mark is made when a frame
-wakes the idle writer, and when a write begins with frames queued since the
-last mark. The oldest frame not written yet has waited at most ``now`` minus
-the time of the last mark at or before its place: never less than its real
-age, and more by at most the length of the write under way when it arrived.
-
-Every frame offered is accounted for at every moment:
-``offered == sent + dropped + queued``, where ``dropped`` is by reason:
-``overflow`` (the full queue discarded its oldest) or ``closed`` (still
-queued, or in a write that never finished, when the connection ended).
-
-The queue is a ``collections.deque`` bounded by ``maxlen``, not an
-``engine`` channel, because offering a frame is the broadcast's hot path
-(once per frame per client) and the deque makes it cheaper:
-
-- the deque pushes out its oldest item in C as it appends, where the
-  channel's ``send_nowait`` runs Python for every frame (parked
-  receivers, its counters, its peak);
-- a loss must be seen as it happens (``max_lost``), and the channel only
-  says so in a statistics snapshot, too dear per frame: the client would
-  keep a mirror of the channel's depth, which a frame handed straight to
-  the parked writer (never in the buffer) puts out of step. Here the depth
-  is ``len(queue)`` itself and the write under way is ``_in_hand``;
-- the writer waits on an event that a frame, a reply or a close sets,
-  where a writer parked in the channel's ``receive_batch`` can only be
-  woken for a reply or a close by cancelling the wait.
-
-``docs/broadcast.md`` ("Measured") compares the two.
+How far behind a client is, and how every frame is accounted for, is
+``_client_queue``'s part (:class:`FrameQueue`); its requests (subscribe,
+unsubscribe) are ``_client_requests``'s. :class:`Client` extends both.
 """
 
 from __future__ import annotations
 
-import collections
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -66,23 +35,15 @@ from wsproto.events import (
     TextMessage,
 )
 
+from ._client_requests import ClientRequests
 from ._config import (
     CLOSE_PING_TIMEOUT,
-    CLOSE_POLICY,
-    CLOSE_TOO_BIG,
-    CLOSE_TOO_SLOW,
     BroadcastConfig,
 )
 from ._handshake import RECEIVE_SIZE
-from ._ratelimit import TokenBucket, Verdict
-from ._topics import BadRequest, Tokens, parse_request, split
 
 logger = logging.getLogger("engine.broadcast")
 
-WRITE_BATCH = 1024
-"""Frames joined into one socket write at most (a backlog goes out in a few writes)."""
-MAX_REPLIES = 32
-"""Replies (acks, errors) waiting for a client that sends requests but does not read."""
 DROP_REASONS = ("overflow", "closed")
 """Why a frame offered to a client was never sent: the keys of ``dropped_by_reason``."""
 
@@ -130,7 +91,7 @@ def _peer(stream: trio.SocketStream) -> tuple[str | None, str]:
     return str(host), f"{host}:{port}"
 
 
-class Client:
+class Client(ClientRequests):
     """One client connection, from accept to close (private to the server).
 
     Args:
@@ -147,128 +108,35 @@ class Client:
         client_id: int,
         on_topics: Callable[[Client], None],
     ) -> None:
+        super().__init__(config)
         self.stream = stream
         self.ws = WSConnection(ConnectionType.SERVER)
-        self.config = config
+        self._close: CloseConnection | None = None
         self.client_id = client_id
         self.host, self.peer = _peer(stream)  # the host is None if unknown
         self._on_topics = on_topics
         # Shielded so that a server shutdown can still say goodbye (1001);
         # every way of closing puts a deadline on it.
         self.scope = trio.CancelScope(shield=True)
-        self.topics: tuple[str, ...] = ()
-        self.patterns: tuple[Tokens, ...] = ()
         self.is_open = False
         self.cause: str | None = None  # why it closed, for the statistics
         self.aborted = False  # the close handshake did not finish in time
-        self._queue: collections.deque[bytes] = collections.deque(maxlen=config.queue_size)
-        self._maxsize = config.queue_size
-        self._accepting = True  # until a close starts: then nothing more is offered
-        self._offered = 0
-        self._peak = 0
-        self._in_hand = 0  # frames taken by the writer, not written yet
-        # How far behind it is (see the module's docstring): marks, the place
-        # of the oldest frame in hand, frames taken by the writer in total.
-        self._marks: collections.deque[tuple[int, float]] = collections.deque()
-        self._first_in_hand = 0
-        self._taken = 0
-        self._sent = 0
-        self._overflow = 0
-        self._discarded = 0  # frames that never went out because the connection ended
         self._writes = 0
         self._bytes = 0
-        self._replies: list[bytes] = []
         self._pong: bytes | None = None
-        self._close: CloseConnection | None = None
         self._flush = False  # write what is queued before the close frame
         self._await_reply = True  # wait for the client's close frame
-        self._waiting = False  # the writer waits for work
-        self._work = trio.Event()
-        self._requests = TokenBucket(config.request_rate, config.request_burst)
         self._tasks: trio.CancelScope | None = None
         self._peer_closed = trio.Event()
         self._pong_seen = trio.Event()
-        self._inbound: list[bytes] = []
-        self._inbound_size = 0
 
-    # -- called by the server -------------------------------------------------
+    # -- called by the server (and offer(), lag(), check_lag(), discard()) ------
 
     def open(self, topics: tuple[str, ...]) -> None:
         """Mark the upgrade accepted, with its initial topics."""
         self.is_open = True
         self._set_topics(topics)
         self.scope.deadline = math.inf
-
-    def offer(self, frame: bytes) -> None:
-        """Queue one frame; never waits. A full queue drops its oldest frame.
-
-        Once a close has started nothing more is offered (or counted).
-        """
-        if not self._accepting:
-            return
-        queue = self._queue
-        self._offered += 1
-        if len(queue) == self._maxsize:
-            self._overflow += 1
-            queue.append(frame)  # the deque's bound pushes out the oldest
-            max_lost = self.config.max_lost
-            if max_lost is not None and self._overflow > max_lost:
-                reason = f"too slow: lost {self._overflow} messages"
-                self.request_close(CLOSE_TOO_SLOW, reason, "too_slow")
-            return
-        queue.append(frame)
-        if len(queue) > self._peak:
-            self._peak = len(queue)
-        if self._waiting:
-            self._mark(trio.current_time())
-            self._wake_writer()
-
-    def _mark(self, now: float) -> None:
-        """Note that the frames queued from now on arrive no earlier than ``now``."""
-        place = self._offered - 1 if self._waiting else self._offered
-        marks = self._marks
-        if marks and marks[-1][0] == place:  # no frame since: the later time is the closer
-            marks[-1] = (place, now)
-        else:
-            marks.append((place, now))
-
-    def lag(self, now: float) -> float:
-        """How long the oldest frame not written yet has waited, at most; 0 if none.
-
-        Never less than the real age; more by at most the length of the
-        write under way when that frame arrived.
-        """
-        if not (self._in_hand or self._queue):
-            return 0.0
-        self._forget_marks()
-        return now - self._marks[0][1] if self._marks else 0.0
-
-    def _forget_marks(self) -> None:
-        """Drop the marks that no frame still waiting needs: all of them if none waits."""
-        marks = self._marks
-        if not (self._in_hand or self._queue):
-            marks.clear()
-            return
-        oldest = self._first_in_hand if self._in_hand else self._taken + self._overflow
-        while len(marks) > 1 and marks[1][0] <= oldest:
-            marks.popleft()
-
-    def check_lag(self, now: float) -> None:
-        """Close the client with ``CLOSE_TOO_SLOW`` if it is more than ``max_lag`` behind."""
-        max_lag = self.config.max_lag
-        if self.lag(now) > max_lag:
-            reason = f"too slow: more than {max_lag:g} s behind"
-            self.request_close(CLOSE_TOO_SLOW, reason, "too_slow")
-
-    def discard(self) -> None:
-        """Count every frame not written as dropped (``closed``) and let them go.
-
-        The server calls it once the connection has ended, the writer with it.
-        """
-        self._accepting = False
-        self._discarded += len(self._queue) + self._in_hand
-        self._queue.clear()
-        self._in_hand = 0
 
     def request_close(self, code: int, reason: str, cause: str, *, flush: bool = False) -> None:
         """Start the close handshake; the connection ends within ``close_timeout``.
@@ -319,11 +187,6 @@ class Client:
 
     # -- writing --------------------------------------------------------------
 
-    def _wake_writer(self) -> None:
-        if self._waiting:
-            self._waiting = False
-            self._work.set()
-
     def _take_control(self) -> list[bytes]:
         control = self._replies
         self._replies = []
@@ -339,34 +202,14 @@ class Client:
                 await self._wait_for_work()
                 continue
             # Everything queued (up to a batch) in one write, replies first.
-            self._mark(trio.current_time())  # what is queued from now on arrives later
-            self._first_in_hand = self._taken + self._overflow
-            if len(queue) <= WRITE_BATCH:
-                batch = list(queue)
-                queue.clear()
-            else:
-                batch = [queue.popleft() for _ in range(WRITE_BATCH)]
-            self._taken += len(batch)
-            self._in_hand = len(batch)
+            batch = self._take_batch()
             frames = self._take_control()
             frames += batch
             data = frames[0] if len(frames) == 1 else b"".join(frames)
             if not await self._write(data):
                 return
-            self._sent += len(batch)
-            self._in_hand = 0
-            self._forget_marks()
+            self._written()
         await self._finish_close()
-
-    async def _wait_for_work(self) -> None:
-        # A frame, a reply or a close request sets the event. The frames
-        # offered before the writer runs again are all queued by then.
-        self._work = trio.Event()
-        self._waiting = True
-        try:
-            await self._work.wait()
-        finally:
-            self._waiting = False
 
     async def _write(self, data: bytes) -> bool:
         try:
@@ -445,63 +288,8 @@ class Client:
                 self._peer_closed.set()
                 self.request_close(event.code, event.reason or "", "protocol_error")
 
-    def _message_part(self, data: str | bytes | bytearray, finished: bool) -> None:
-        if self._close is not None:
-            return
-        part = data.encode() if isinstance(data, str) else bytes(data)
-        self._inbound_size += len(part)
-        if self._inbound_size > self.config.max_inbound_size:
-            limit = self.config.max_inbound_size
-            self.request_close(CLOSE_TOO_BIG, f"message over {limit} bytes", "message_too_big")
-            return
-        self._inbound.append(part)
-        if finished:
-            message = b"".join(self._inbound)
-            self._inbound, self._inbound_size = [], 0
-            self._on_request(message)
-
-    def _on_request(self, message: str | bytes) -> None:
-        verdict = self._requests.take(trio.current_time())
-        if verdict is Verdict.CLOSE:
-            self.request_close(CLOSE_POLICY, "too many requests", "rate_limited")
-            return
-        if verdict is Verdict.REFUSE:
-            rate, burst = self.config.request_rate, self.config.request_burst
-            limit = f"rate limited: at most {rate:g} requests per second, {burst} at once"
-            self._reply({"op": "error", "error": limit})
-            return
-        try:
-            request = parse_request(message, self.config.topic_rules)
-            topics = self._apply(request.op, request.patterns)
-        except BadRequest as exc:
-            self._reply({"op": "error", "id": exc.request_id, "error": str(exc)})
-            return
-        self._reply({"op": f"{request.op}d", "id": request.request_id, "topics": list(topics)})
-
-    def _apply(self, op: str, patterns: tuple[str, ...]) -> tuple[str, ...]:
-        if op == "subscribe":
-            topics = tuple(dict.fromkeys(self.topics + patterns))
-            if len(topics) > self.config.max_topics:
-                raise BadRequest(f"at most {self.config.max_topics} topics per client")
-        else:
-            topics = tuple(t for t in self.topics if t not in patterns)
-        if topics != self.topics:  # a request that changes nothing costs nothing more
-            self._set_topics(topics)
-            self._on_topics(self)
-        return topics
-
-    def _set_topics(self, topics: tuple[str, ...]) -> None:
-        self.topics = topics
-        self.patterns = tuple(split(t) for t in topics)
-
-    def _reply(self, body: dict[str, object]) -> None:
-        if len(self._replies) >= MAX_REPLIES:
-            self.request_close(CLOSE_POLICY, "too many unread replies", "policy")
-            return
-        if body.get("id") is None:
-            body.pop("id", None)
-        self._replies.append(self.ws.send(TextMessage(data=json.dumps(body))))
-        self._wake_writer()
+    def _topics_changed(self) -> None:
+        self._on_topics(self)
 
     async def _keepalive(self) -> None:
         interval, timeout = self.config.ping_interval, self.config.ping_timeout

@@ -76,6 +76,43 @@ def _authorised(header: bytes | None, query_token: str | None, token: str) -> bo
     return hmac.compare_digest(query_token.encode("utf-8", "surrogatepass"), expected)
 
 
+RETRY_AFTER = ((b"retry-after", b"5"),)
+"""The header of a 503: try again in a few seconds."""
+
+
+def refusal_at_accept(
+    config: BroadcastConfig, handshaking: int, same_address: int | None
+) -> Rejection | None:
+    """Why a connection just accepted is refused at once, or ``None`` to serve it.
+
+    Args:
+        config: the server's settings.
+        handshaking: connections in the upgrade now (this one not included).
+        same_address: connections from its address now, or ``None`` if unknown.
+    """
+    limit = config.max_handshaking
+    if handshaking >= limit:
+        return Rejection(503, "busy", f"at most {limit} connections in the upgrade", RETRY_AFTER)
+    per_ip = config.max_clients_per_ip
+    if per_ip is not None and same_address is not None and same_address >= per_ip:
+        message = f"at most {per_ip} connections per address"
+        return Rejection(503, "per_ip", message, RETRY_AFTER)
+    return None
+
+
+def admit_client(
+    request: Request, config: BroadcastConfig, closing: bool, clients: int
+) -> tuple[str, ...] | Rejection:
+    """:func:`admit`, and then the server's own state: closing, or full at ``clients``."""
+    if closing:
+        return Rejection(503, "shutting_down", "the server is shutting down")
+    verdict = admit(request, config)
+    if not isinstance(verdict, Rejection) and clients >= config.max_clients:
+        message = f"at most {config.max_clients} clients"
+        return Rejection(503, "full", message, RETRY_AFTER)
+    return verdict
+
+
 def admit(request: Request, config: BroadcastConfig) -> tuple[str, ...] | Rejection:
     """Check a request against the path, token, origin and topic rules.
 

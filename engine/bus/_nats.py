@@ -16,34 +16,26 @@ hand publishes and acks to one asyncio task in batches (``_nats_outbox``);
 JetStream answers and pulled messages arrive on plain subscriptions whose
 callbacks feed trio directly (``_nats_stored``, ``_nats_jetstream``), rather
 than through an asyncio future per message.
+
+:class:`NatsBus` is the public handle; the connection and its state are
+``_nats_connection``'s, the subscriptions' queues and deliveries
+``_nats_subscriptions``', the settings and statistics ``_nats_values``'.
 """
 
 from __future__ import annotations
 
-import enum
-import functools
-import logging
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Literal
 
-import attrs
-import nats.errors
 import trio
 import trio_asyncio
 from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import PubAck
 
 from .._asyncwith import async_with_only
-from .._counters import Tally, counter_metric, gauge_metric, metric_source
 from .._health import SourceHealth
-from .._hub import Hub, HubOverflow, HubOverflowName, SubscriptionStatistics, _split, tokens_match
-from .._hub import Subscription as HubSubscription
-from .._names import describe_error
+from .._hub import HubOverflow, HubOverflowName, _split, tokens_match
 from .._validation import (
     check_choice,
     check_count,
@@ -51,23 +43,17 @@ from .._validation import (
     check_finite_duration,
     check_name,
 )
-from ._base import BusMessage
-from ._memory import MemorySubscription
-from ._nats_jetstream import (
-    MSG_ID_HEADER,
-    Puller,
-    consumer_config,
-    durable_name,
-    ensure_consumer,
-    ensure_stream,
-    pattern_within,
-    to_bus_message,
-)
+from ._nats_connection import Connection, Link, Stream, open_stream
+from ._nats_jetstream import MSG_ID_HEADER, pattern_within
 from ._nats_outbox import Outbox, Pacer
-from ._nats_stored import Replies, StreamPublisher
-from ._nats_url import NatsURL, require_tls
-
-logger = logging.getLogger("engine.bus.nats")
+from ._nats_subscriptions import NatsSubscription as NatsSubscription
+from ._nats_subscriptions import Subscriptions
+from ._nats_url import NatsURL
+from ._nats_values import NatsSettings as NatsSettings
+from ._nats_values import NatsState as NatsState
+from ._nats_values import NatsStateName as NatsStateName
+from ._nats_values import NatsStatistics as NatsStatistics
+from ._nats_values import NatsTally
 
 # Publishing and acking yield to the scheduler once per this many calls (and
 # whenever the outbox is full); see Pacer.
@@ -79,173 +65,6 @@ _CLOSE_GRACE = 5.0
 # close() can wait for ever on a connection whose TLS handshake failed
 # (after it has closed the socket).
 _ABORT_GRACE = 0.25
-
-
-class NatsState(enum.StrEnum):
-    """The connection's state, as nats-py reports it."""
-
-    CONNECTED = "connected"
-    """Connected to a server."""
-    RECONNECTING = "reconnecting"
-    """Lost the server; nats-py is reconnecting by itself."""
-    CLOSED = "closed"
-    """The bus is closed."""
-
-
-# The enum's values again as a Literal (a type checker cannot derive one from
-# the other), as every option enum of the engine is declared.
-NatsStateName = Literal["connected", "reconnecting", "closed"]
-"""The values of :class:`NatsState`, as the strings ``NatsBus.wait_state`` also accepts."""
-
-
-@metric_source(label="bus")
-@attrs.frozen
-class NatsStatistics:
-    """A snapshot of a :class:`NatsBus`.
-
-    Attributes:
-        name: the bus's name.
-        url: the server URL with any credentials masked.
-        stream: the JetStream stream, or ``None`` for core NATS.
-        state: ``connected``, ``reconnecting`` or ``closed``.
-        connected: 1 while connected to a server, else 0 (``state`` as a gauge).
-        published: core: messages queued by :meth:`NatsBus.publish`;
-            JetStream: messages the stream acknowledged.
-        unsent: core publishes nats-py refused (its reconnect buffer was
-            full while the server was away), and pipelined JetStream
-            publishes still unconfirmed when the bus closed. Core publishes
-            written to a connection just before it broke are lost without a
-            trace: core NATS is at most once.
-        duplicates: JetStream publishes the server recognised by msg_id and
-            did not store again.
-        publish_retries: JetStream publishes sent again after no answer.
-        unconfirmed: JetStream publishes in flight (``max_unconfirmed > 0``).
-        received: messages that arrived for a subscription (queued, or
-            dropped by its policy).
-        acked: messages acked.
-        redelivered: JetStream messages delivered more than once.
-        dropped: messages discarded: by the subscriptions' overflow policies,
-            after a ``disconnect``, or by nats-py for a slow consumer.
-        reconnects: times the connection came back after a loss.
-        subscriptions: one snapshot per live subscription.
-    """
-
-    name: str
-    url: str
-    stream: str | None
-    state: str
-    connected: int = attrs.field(metadata=gauge_metric("1 while connected to a server, else 0"))
-    published: int = attrs.field(default=0, metadata=counter_metric("Messages published"))
-    unsent: int = attrs.field(default=0, metadata=counter_metric("Publishes never sent"))
-    duplicates: int = attrs.field(
-        default=0, metadata=counter_metric("JetStream publishes de-duplicated by msg_id")
-    )
-    publish_retries: int = attrs.field(
-        default=0, metadata=counter_metric("JetStream publishes sent again")
-    )
-    unconfirmed: int = attrs.field(
-        default=0, metadata=gauge_metric("JetStream publishes awaiting the stream's answer")
-    )
-    received: int = attrs.field(default=0, metadata=counter_metric("Messages received"))
-    acked: int = attrs.field(default=0, metadata=counter_metric("Messages acked"))
-    redelivered: int = attrs.field(
-        default=0, metadata=counter_metric("JetStream messages delivered again")
-    )
-    dropped: int = attrs.field(default=0, metadata=counter_metric("Messages discarded"))
-    reconnects: int = attrs.field(default=0, metadata=counter_metric("Reconnections"))
-    subscriptions: tuple[SubscriptionStatistics, ...] = ()
-
-
-class _Tally(Tally[NatsStatistics]):
-    """The counters behind :meth:`NatsBus.statistics`."""
-
-
-@attrs.frozen
-class NatsSettings:
-    """How a :class:`NatsBus` behaves; see :func:`open_nats_bus` for each field."""
-
-    name: str
-    stream: str | None
-    subjects: tuple[str, ...]
-    ack_wait: float
-    duplicate_window: float
-    fetch_batch: int
-    fetch_wait: float
-    publish_retry_after: float
-    max_unconfirmed: int
-    reconnect_wait: float
-    reconnect_buffer: int
-    outbox_size: int
-    tls: ssl.SSLContext | None = attrs.field(default=None, repr=False)
-
-
-class NatsSubscription(MemorySubscription):
-    """A subscription of a :class:`NatsBus`: an async iterator of :class:`BusMessage`.
-
-    Iteration ends when the bus closes; with ``overflow="disconnect"`` it
-    ends with :class:`engine.SubscriberDisconnected`.
-    """
-
-    def __init__(self, inner: HubSubscription[BusMessage]) -> None:
-        super().__init__(inner)
-        self._statistics = inner.statistics
-        # JetStream: tells the puller that the queue has room again.
-        self._on_take: Callable[[], None] | None = None
-
-    async def __anext__(self) -> BusMessage:
-        message = await super().__anext__()
-        if self._on_take is not None:
-            self._on_take()
-        return message
-
-    async def receive_batch(self, max_items: int) -> list[BusMessage]:
-        """Every queued message, up to ``max_items``; waits for at least one."""
-        messages = await super().receive_batch(max_items)
-        if self._on_take is not None:
-            self._on_take()
-        return messages
-
-    def receive_batch_nowait(self, max_items: int) -> list[BusMessage]:
-        """Every queued message, up to ``max_items``; ``trio.WouldBlock`` if none."""
-        messages = super().receive_batch_nowait(max_items)
-        if self._on_take is not None:
-            self._on_take()
-        return messages
-
-    def statistics(self) -> SubscriptionStatistics:
-        """A frozen snapshot of this subscription's queue."""
-        return self._statistics()
-
-
-class _Room:
-    """Holds nats-py's delivery task while a ``block`` subscription's queue is full.
-
-    nats-py then keeps what arrives in its own buffer (up to its pending
-    limits), and the server is not slowed: core NATS has no flow control.
-    """
-
-    def __init__(self, loop: trio_asyncio.TrioEventLoop) -> None:
-        self._loop = loop
-        self._waiter: Any = None  # an asyncio future, while a delivery waits
-
-    def taken(self) -> None:
-        """The reader took messages (trio side): wake the waiting delivery."""
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def publish(self, hub: Hub[BusMessage], topic: str, message: BusMessage) -> None:
-        """Queue ``message`` once there is room (asyncio side)."""
-        while True:
-            self._waiter = self._loop.create_future()
-            await self._waiter
-            try:
-                hub.publish_nowait(topic, message)
-            except trio.WouldBlock:
-                continue
-            except trio.ClosedResourceError:
-                pass
-            return
 
 
 class NatsBus:
@@ -261,30 +80,29 @@ class NatsBus:
     def __init__(
         self, url: NatsURL, settings: NatsSettings, loop: trio_asyncio.TrioEventLoop
     ) -> None:
-        self._url = url
+        client = Client()
         self._settings = settings
-        self._loop = loop
-        self._aio = functools.partial(trio_asyncio.aio_as_trio, loop=loop)
-        self._client = Client()
-        self._js: JetStreamContext | None = None
-        self._stored: StreamPublisher | None = None
-        self._outbox = Outbox(self._client, settings.outbox_size, self._count_unsent)
+        self._loop = loop  # the bus's own asyncio loop, closed with the bus
+        self._link = Link(
+            url=url,
+            settings=settings,
+            loop=loop,
+            client=client,
+            outbox=Outbox(client, settings.outbox_size, self._count_unsent),
+            pacer=Pacer(_YIELD_EVERY),
+            tally=NatsTally(),
+        )
+        self._connection = Connection(self._link)
+        self._subscriptions = Subscriptions(self._link)
+        self._stream: Stream | None = None
         # Shielded: an outer cancel must not stop the hand-over before aclose()
         # has flushed it; aclose()'s caller cancels it once the bus is closed.
         self._outbox_scope = trio.CancelScope(shield=True)
-        self._tally = _Tally()
-        self._state = NatsState.RECONNECTING
-        self._state_changed = trio.Event()
-        self._closed = False
-        self._connected_once = False
-        self._client_started = False  # nats-py's close() needs its connect() first
-        self._pacer = Pacer(_YIELD_EVERY)
-        self._hubs: dict[Hub[BusMessage], NatsSubscription] = {}
-        self._stream_subjects: tuple[tuple[str, ...], ...] = ()
 
     def __repr__(self) -> str:
         stream = f", stream={self._settings.stream!r}" if self._settings.stream else ""
-        return f"<NatsBus {self._settings.name!r} {self._url.redacted}{stream} {self._state}>"
+        url = self._link.url.redacted
+        return f"<NatsBus {self._settings.name!r} {url}{stream} {self._connection.state}>"
 
     @property
     def name(self) -> str:
@@ -299,7 +117,7 @@ class NatsBus:
     @property
     def state(self) -> NatsState:
         """``connected``, ``reconnecting`` or ``closed``."""
-        return self._state
+        return self._connection.state
 
     async def wait_state(self, state: NatsState | NatsStateName) -> None:
         """Return once the connection is in ``state`` (at once if it is).
@@ -310,10 +128,7 @@ class NatsBus:
         """
         wanted = check_choice("state", state, NatsState)
         await trio.lowlevel.checkpoint()
-        while self._state is not wanted:
-            if self._state is NatsState.CLOSED:
-                raise trio.ClosedResourceError(f"nats bus {self.name!r} is closed")
-            await self._state_changed.wait()
+        await self._connection.wait_state(wanted)
 
     def health(self) -> SourceHealth:
         """``connected`` (ready), or ``reconnecting`` or ``closed`` (not ready): for /ready."""
@@ -322,118 +137,40 @@ class NatsBus:
 
     def statistics(self) -> NatsStatistics:
         """A frozen snapshot of the bus's counters and its subscriptions."""
-        subscriptions = tuple(s.statistics() for s in self._hubs.values())
+        subscriptions = self._subscriptions.statistics()
         live_dropped = sum(s.dropped + s.lost for s in subscriptions)
-        return self._tally.snapshot(
+        publisher = self._stream.publisher if self._stream else None
+        tally = self._link.tally
+        return tally.snapshot(
             name=self._settings.name,
-            url=self._url.redacted,
+            url=self._link.url.redacted,
             stream=self._settings.stream,
-            state=str(self._state),
-            dropped=self._tally.dropped + live_dropped,
-            unsent=self._tally.unsent + (self._stored.unsent if self._stored else 0),
-            unconfirmed=self._stored.unconfirmed if self._stored else 0,
-            connected=int(self._state is NatsState.CONNECTED),
+            state=str(self.state),
+            dropped=tally.dropped + live_dropped,
+            unsent=tally.unsent + (publisher.unsent if publisher else 0),
+            unconfirmed=publisher.unconfirmed if publisher else 0,
+            connected=int(self.state is NatsState.CONNECTED),
             subscriptions=subscriptions,
         )
 
-    # -- connection --------------------------------------------------------
+    # -- running -----------------------------------------------------------
 
     async def _connect(self) -> None:
-        settings = self._settings
-        if self._url.scheme == "tls":
-            await require_tls(self._url)
-        self._client_started = True
-        try:
-            # No retries on the first connection: a wrong host or password
-            # fails here, with its reason, instead of being retried for ever.
-            await self._aio(self._client.connect)(
-                servers=[self._url.url],
-                name=settings.name,
-                error_cb=self._on_error,
-                disconnected_cb=self._on_disconnected,
-                reconnected_cb=self._on_reconnected,
-                closed_cb=self._on_closed,
-                allow_reconnect=False,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=settings.reconnect_wait,
-                pending_size=settings.reconnect_buffer,
-                **({} if settings.tls is None else {"tls": settings.tls}),
-            )
-        except (OSError, TimeoutError, nats.errors.Error) as exc:
-            raise trio.BrokenResourceError(
-                f"cannot connect to NATS at {self._url.redacted}: {describe_error(exc)}"
-            ) from exc
-        # Once connected, nats-py reconnects by itself (it reads this option then).
-        self._client.options["allow_reconnect"] = True
-        self._connected_once = True
-        self._set_state(NatsState.CONNECTED)
-        if settings.stream is not None:
-            self._js = self._client.jetstream()
-            try:
-                subjects = await ensure_stream(
-                    self._aio,
-                    self._js,
-                    settings.stream,
-                    settings.subjects,
-                    settings.duplicate_window,
-                )
-            except nats.errors.Error as exc:
-                raise trio.BrokenResourceError(
-                    f"cannot create or bind stream {settings.stream!r}: {describe_error(exc)}"
-                ) from exc
-            self._stream_subjects = tuple(tuple(s.split(".")) for s in subjects)
-            replies = Replies(self._client.new_inbox())
-            await self._aio(self._client.subscribe)(f"{replies.prefix}.*", cb=replies.on_reply)
-            self._stored = StreamPublisher(
-                outbox=self._outbox,
-                stream=settings.stream,
-                retry_after=settings.publish_retry_after,
-                max_unconfirmed=settings.max_unconfirmed,
-                wait_connected=functools.partial(self.wait_state, NatsState.CONNECTED),
-                on_stored=self._count_stored,
-                on_retry=self._count_retry,
-                pacer=self._pacer,
-                replies=replies,
-            )
-
-    def _set_state(self, state: NatsState) -> None:
-        if self._state is NatsState.CLOSED or state is self._state:
-            return
-        self._state = state
-        self._state_changed.set()
-        self._state_changed = trio.Event()
-
-    async def _on_error(self, error: Exception) -> None:
-        if not self._connected_once:
-            return  # the first connection failed: _connect raises it
-        if isinstance(error, nats.errors.SlowConsumerError):
-            self._tally.dropped += 1
-            return
-        logger.warning("nats bus %r (%s): %s", self.name, self._url.redacted, describe_error(error))
-
-    async def _on_disconnected(self) -> None:
-        if not self._closed:
-            logger.warning("nats bus %r: lost %s, reconnecting", self.name, self._url.redacted)
-            self._set_state(NatsState.RECONNECTING)
-
-    async def _on_reconnected(self) -> None:
-        self._tally.reconnects += 1
-        logger.info("nats bus %r: reconnected to %s", self.name, self._url.redacted)
-        self._set_state(NatsState.CONNECTED)
-
-    async def _on_closed(self) -> None:
-        self._set_state(NatsState.CLOSED)
+        await self._connection.connect()
+        if self._settings.stream is not None:
+            self._stream = await open_stream(self._link, self._connection)
+            self._subscriptions.stream = self._stream
 
     def _count_unsent(self) -> None:
-        self._tally.unsent += 1
+        self._link.tally.unsent += 1
 
     async def _run_outbox(self) -> None:
         with self._outbox_scope:
-            await self._aio(self._outbox.run)()
+            await self._link.aio(self._link.outbox.run)()
 
     async def _run_confirmations(self) -> None:
-        assert self._stored is not None  # started only on a JetStream bus
-        await self._stored.run()
+        assert self._stream is not None  # started only on a JetStream bus
+        await self._stream.publisher.run()
 
     # -- publishing --------------------------------------------------------
 
@@ -462,43 +199,29 @@ class NatsBus:
             trio.BrokenResourceError: the stream refused the message.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._closed:
-            raise trio.ClosedResourceError(f"nats bus {self.name!r} is closed")
+        link = self._link
+        link.check_open()
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"data must be bytes, got {type(data).__name__}")
         tokens = _split(topic, "topic", wildcards=False)
         if msg_id is not None and (not isinstance(msg_id, str) or not msg_id):
             raise ValueError(f"msg_id must be a non-empty string, got {msg_id!r}")
-        if len(data) > self._client.max_payload:
+        if len(data) > link.client.max_payload:
             raise ValueError(f"data is {len(data)} bytes, over the server's max_payload")
-        if self._js is not None:
-            await self._publish_stored(topic, tokens, bytes(data), msg_id)
+        if self._stream is not None:
+            if not any(tokens_match(pattern, tokens) for pattern in self._stream.subjects):
+                raise ValueError(f"topic {topic!r} is not in stream {self._settings.stream!r}")
+            headers = {MSG_ID_HEADER: msg_id or uuid.uuid4().hex}
+            await self._stream.publisher.publish(topic, bytes(data), headers)
             return
-        outbox = self._outbox
+        outbox = link.outbox
         while outbox.full():
             await outbox.wait_for_room()
-            if self._closed:
-                raise trio.ClosedResourceError(f"nats bus {self.name!r} is closed")
-            self._pacer.reset()
+            link.check_open()
+            link.pacer.reset()
         outbox.put((topic, bytes(data), None if msg_id is None else {MSG_ID_HEADER: msg_id}, ""))
-        self._tally.published += 1
-        await self._pacer.pace()
-
-    async def _publish_stored(
-        self, topic: str, tokens: tuple[str, ...], data: bytes, msg_id: str | None
-    ) -> None:
-        if not any(tokens_match(pattern, tokens) for pattern in self._stream_subjects):
-            raise ValueError(f"topic {topic!r} is not in stream {self._settings.stream!r}")
-        assert self._stored is not None  # set with the stream
-        await self._stored.publish(topic, data, {MSG_ID_HEADER: msg_id or uuid.uuid4().hex})
-
-    def _count_stored(self, ack: PubAck) -> None:
-        self._tally.published += 1
-        if ack.duplicate:
-            self._tally.duplicates += 1
-
-    def _count_retry(self) -> None:
-        self._tally.publish_retries += 1
+        link.tally.published += 1
+        await link.pacer.pace()
 
     # -- subscribing -------------------------------------------------------
 
@@ -535,148 +258,19 @@ class NatsBus:
                 another configuration, say).
         """
         tokens = _split(pattern, "pattern", wildcards=True)
-        if self._js is not None and not any(
-            pattern_within(tokens, subject) for subject in self._stream_subjects
+        if self._stream is not None and not any(
+            pattern_within(tokens, subject) for subject in self._stream.subjects
         ):
             raise ValueError(f"pattern {pattern!r} is not in stream {self._settings.stream!r}")
         bound = check_count("maxsize", maxsize, minimum=1)
         policy = check_choice("overflow", overflow, HubOverflow)
         if queue is not None:
-            check_name("queue", queue)
-            if any(c in queue for c in " .*>"):
-                raise ValueError(f"queue must not contain spaces, '.', '*' or '>', got {queue!r}")
+            _check_token("queue", queue)
         if self._settings.stream is None:
-            manager = self._subscribed_core(pattern, bound, policy, queue)
+            manager = self._subscriptions.core(pattern, bound, policy, queue)
         else:
-            manager = self._subscribed_stream(pattern, bound, queue)
+            manager = self._subscriptions.stored(pattern, bound, queue)
         return async_with_only(manager, call="bus.subscribe", target="sub", loop="message")
-
-    @asynccontextmanager
-    async def _subscribed_core(
-        self, pattern: str, maxsize: int, overflow: HubOverflow, queue: str | None
-    ) -> AsyncIterator[NatsSubscription]:
-        async with self._local_queue(pattern, maxsize, overflow) as (hub, subscription):
-            room = _Room(self._loop)
-            subscription._on_take = room.taken
-            nats_sub = await self._aio(self._client.subscribe)(
-                pattern, queue=queue or "", cb=self._core_deliverer(hub, room)
-            )
-            try:
-                yield subscription
-            finally:
-                room.taken()  # a delivery waiting for room finds the queue gone
-                if not self._closed:
-                    with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_GRACE):
-                        await self._aio(nats_sub.unsubscribe)()
-
-    def _core_deliverer(
-        self, hub: Hub[BusMessage], room: _Room
-    ) -> Callable[[Msg], Awaitable[None]]:
-        tally = self._tally
-
-        async def deliver(msg: Msg) -> None:  # runs in the asyncio loop, one message at a time
-            message = to_bus_message(msg, _no_ack)
-            tally.received += 1
-            try:
-                hub.publish_nowait(msg.subject, message)
-            except trio.WouldBlock:  # "block", and the queue is full: hold nats-py back
-                await room.publish(hub, msg.subject, message)
-            except trio.ClosedResourceError:
-                pass  # the bus closed while the message was on its way
-
-        return deliver
-
-    @asynccontextmanager
-    async def _subscribed_stream(
-        self, pattern: str, maxsize: int, queue: str | None
-    ) -> AsyncIterator[NatsSubscription]:
-        assert self._js is not None  # only called on a JetStream bus
-        stream = self._settings.stream
-        assert stream is not None  # so is this
-        if self._closed:
-            raise trio.ClosedResourceError(f"nats bus {self.name!r} is closed")
-        durable = queue or durable_name(self.name, pattern)
-        config = consumer_config(durable, pattern, self._settings.ack_wait)
-        try:
-            bound = await ensure_consumer(self._aio, self._js, stream, config)
-        except nats.errors.Error as exc:
-            raise trio.BrokenResourceError(
-                f"cannot create or bind consumer {durable!r} of {pattern!r} on stream "
-                f"{stream!r}: {describe_error(exc)}"
-            ) from exc
-        if bound != pattern:
-            raise trio.BrokenResourceError(
-                f"durable consumer {durable!r} on stream {stream!r} takes {bound!r}, "
-                f"not {pattern!r}: name another queue"
-            )
-        async with (
-            self._local_queue(pattern, maxsize, HubOverflow.BLOCK) as (hub, subscription),
-            trio.open_nursery() as nursery,
-        ):
-            inbox = self._client.new_inbox()
-            puller = Puller(
-                outbox=self._outbox,
-                hub=hub,
-                room=lambda: maxsize - subscription.statistics().depth,
-                next_subject=f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
-                inbox=inbox,
-                make_ack=self._acker,
-                on_message=self._count_fetched,
-                loop=self._loop,
-                batch=self._settings.fetch_batch,
-                fetch_wait=self._settings.fetch_wait,
-            )
-            subscription._on_take = puller.taken
-            deliveries = await self._aio(self._client.subscribe)(inbox, cb=puller.deliver)
-            nursery.start_soon(puller.run, name=f"nats pull {pattern}")
-            try:
-                yield subscription
-            finally:
-                nursery.cancel_scope.cancel()
-                if not self._closed:
-                    with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_GRACE):
-                        await self._aio(deliveries.unsubscribe)()
-
-    @asynccontextmanager
-    async def _local_queue(
-        self, pattern: str, maxsize: int, overflow: HubOverflow
-    ) -> AsyncIterator[tuple[Hub[BusMessage], NatsSubscription]]:
-        if self._closed:
-            raise trio.ClosedResourceError(f"nats bus {self.name!r} is closed")
-        # One private hub per subscription: its queue, policies and counters,
-        # without routing one NATS message to a second subscription.
-        hub: Hub[BusMessage] = Hub(name=self.name)
-        async with hub.subscribe(pattern, maxsize=maxsize, overflow=overflow) as inner:
-            subscription = NatsSubscription(inner)
-            self._hubs[hub] = subscription
-            try:
-                yield hub, subscription
-            finally:
-                final = self._hubs.pop(hub).statistics()
-                self._tally.dropped += final.dropped + final.lost
-
-    def _count_fetched(self, redelivered: bool) -> None:
-        self._tally.received += 1
-        if redelivered:
-            self._tally.redelivered += 1
-
-    def _acker(self, msg: Msg) -> Callable[[], Awaitable[None]]:
-        acked = False
-
-        async def ack() -> None:
-            nonlocal acked
-            await trio.lowlevel.checkpoint_if_cancelled()
-            if acked or self._closed:
-                return  # once is enough; after close the server redelivers it
-            while self._outbox.full():
-                await self._outbox.wait_for_room()
-                self._pacer.reset()
-            acked = True
-            self._outbox.put(msg)
-            self._tally.acked += 1
-            await self._pacer.pace()
-
-        return ack
 
     # -- closing -----------------------------------------------------------
 
@@ -689,29 +283,26 @@ class NatsBus:
         messages are redelivered later, to whoever consumes the durable
         consumer then.
         """
-        if self._closed:
+        link = self._link
+        if link.closed:
             await trio.lowlevel.checkpoint()
             return
-        self._closed = True
-        for hub in list(self._hubs):
-            hub.close()
-        if self._stored is not None:
-            self._stored.close()
-        grace = _CLOSE_GRACE if self._connected_once else _ABORT_GRACE
+        link.closed = True
+        self._subscriptions.close()
+        publisher = self._stream.publisher if self._stream else None
+        if publisher is not None:
+            publisher.close()
+        grace = _CLOSE_GRACE if self._connection.connected_once else _ABORT_GRACE
         with trio.CancelScope(shield=True):
             with trio.move_on_after(grace):
-                if self._stored is not None:
-                    await self._stored.wait_confirmed()
-                await self._outbox.wait_drained()
+                if publisher is not None:
+                    await publisher.wait_confirmed()
+                await link.outbox.wait_drained()
             # Whether or not all went out in time: the connection is closed.
-            if self._client_started:
+            if self._connection.client_started:
                 with trio.move_on_after(grace):
-                    await self._aio(self._client.close)()
-        self._set_state(NatsState.CLOSED)
-
-
-async def _no_ack() -> None:
-    return None
+                    await link.aio(link.client.close)()
+        self._connection.set_state(NatsState.CLOSED)
 
 
 async def _run_loop(
@@ -793,9 +384,7 @@ def open_nats_bus(
     """
     parsed = NatsURL.parse(url)
     if stream is not None:
-        check_name("stream", stream)
-        if any(c in stream for c in " .*>"):
-            raise ValueError(f"stream must not contain spaces, '.', '*' or '>', got {stream!r}")
+        _check_token("stream", stream)
     if subjects is None:
         subjects = (f"{stream}.>",)
     if isinstance(subjects, str) or not subjects:
@@ -820,6 +409,17 @@ def open_nats_bus(
     if tls is not None and not isinstance(tls, ssl.SSLContext):
         raise TypeError(f"tls must be an ssl.SSLContext, got {type(tls).__name__}")
     return _opened(parsed, settings)
+
+
+def _check_token(what: str, value: str) -> None:
+    """Check that ``value`` is usable as one token of a NATS subject (a stream or consumer name).
+
+    Raises:
+        ValueError: it is empty, not a string, or holds a space, ``.``, ``*`` or ``>``.
+    """
+    check_name(what, value)
+    if any(c in value for c in " .*>"):
+        raise ValueError(f"{what} must not contain spaces, '.', '*' or '>', got {value!r}")
 
 
 @asynccontextmanager

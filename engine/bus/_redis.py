@@ -2,10 +2,12 @@
 
 Open one with ``async with open_redis_bus(url, mode=...) as bus:``. Every
 call to Redis runs in a worker thread through redis-py's synchronous client,
-so nothing blocks the event loop: a publish is one :func:`engine.to_thread`
-call; each subscription's reader is a thread (:func:`engine.iterate_in_thread`)
-that hands what it read to trio in batches. ``docs/bus.md`` says why this
-and not redis-py's asyncio client under trio-asyncio, and what it costs.
+so nothing blocks the event loop: publishes are queued in an outbox that
+one thread sends in pipelines, many commands per round trip
+(``_redis_outbox``); each subscription's reader is a thread
+(:func:`engine.iterate_in_thread`) that hands what it read to trio in
+batches. ``docs/bus.md`` says why this and not redis-py's asyncio client
+under trio-asyncio, and what it costs.
 
 Each subscription has its own connection, its own bounded queue with the
 hub's overflow policies (it is an :class:`engine.Hub` of one, which also
@@ -21,9 +23,12 @@ Pub/sub mode (``mode="pubsub"``)
     glob over-approximates (a Redis ``*`` matches dots), and the
     subscription keeps exactly the topics ``tokens_match`` accepts.
     At most once: what is published while a subscriber is disconnected is
-    lost to it, uncounted (Redis does not say). A publish that cannot reach
-    the server raises ``trio.BrokenResourceError`` and counts in
-    ``publish_failures``.
+    lost to it, uncounted (Redis does not say). A publish returns once it is
+    queued for the server (fire and forget). When a pipeline fails on the
+    connection, the publishes in it are lost and counted in
+    ``publish_failures``; from then until the server answers a ping again
+    (``state`` is ``reconnecting``), a publish fails at once with
+    ``trio.BrokenResourceError``, also counted.
 
 Streams mode (``mode="streams"``)
     One stream per bus (``stream``), trimmed with ``XADD MAXLEN ~ maxlen``;
@@ -47,7 +52,11 @@ Streams mode (``mode="streams"``)
     reconnect a consumer first reads again what it had been given and not
     acknowledged. Nothing is lost across a server restart if the server
     persisted it (``appendonly yes``). Redeliveries are not de-duplicated
-    here: compare ``msg_id``.
+    here: compare ``msg_id``. A publish returns once the server confirmed
+    its ``XADD`` (concurrent publishes share a pipeline and its round trip);
+    one whose connection broke, or made while the server is known to be
+    unreachable, raises ``trio.BrokenResourceError``, counted in
+    ``publish_failures``.
 
 Passwords given in the URL reach redis-py only: logs, errors, ``repr`` and
 statistics show the URL without credentials.
@@ -56,6 +65,7 @@ statistics show the URL without credentials.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -82,13 +92,14 @@ from .._validation import (
 )
 from ._base import BusMessage
 from ._memory import MemorySubscription
+from ._redis_outbox import Outbox, Slot, xadd_command
 from ._redis_readers import CONNECTION_ERRORS, PubSubReader, Reader, StreamReader
 from ._redis_url import RedisAddress, parse_redis_url
 
 logger = logging.getLogger("engine.bus.redis")
 
-# Concurrent publishes in threads per bus (each holds a pooled connection).
-_PUBLISH_THREADS = 16
+# Publishes queued for the sending thread before publish() waits for room.
+_OUTBOX_SIZE = 10_000
 # Seconds to connect, and to wait for a reply that is not a blocking read.
 _CONNECT_TIMEOUT = 2.0
 _REPLY_TIMEOUT = 5.0
@@ -113,9 +124,9 @@ class RedisState(enum.StrEnum):
     """Whether a :class:`RedisBus` reaches its server."""
 
     CONNECTED = "connected"
-    """Every reader is connected, and the last publish reached the server."""
+    """Every reader is connected, and so is the publisher."""
     RECONNECTING = "reconnecting"
-    """A reader is reconnecting, or the last publish failed."""
+    """A reader or the publisher lost the server and is reconnecting."""
     CLOSED = "closed"
     """The bus was closed."""
 
@@ -132,7 +143,9 @@ class RedisBusStatistics:
         state: ``connected``, ``reconnecting`` or ``closed``.
         subscriptions: live subscriptions.
         published: messages the server accepted.
-        publish_failures: publishes that raised because the server was unreachable.
+        publish_failures: publishes that did not reach the server: refused
+            at once while it was unreachable, or lost with a broken
+            connection (pub/sub: queued, then lost; streams: raised).
         received: messages that matched a subscription, offered to its queue
             (``dropped`` counts those its policy then discarded).
         acked: acknowledgements the server confirmed (streams), including
@@ -219,7 +232,14 @@ class RedisBus:
         self.claim_idle = claim_idle
         self.backoff = backoff
         self._tally = _Tally()
-        self._limiter = trio.CapacityLimiter(_PUBLISH_THREADS)
+        self._outbox = Outbox(
+            client,
+            maxsize=_OUTBOX_SIZE,
+            backoff=backoff,
+            on_sent=self._count_sent,
+            on_lost=self._publisher_lost,
+            on_up=functools.partial(self._came_up, "publisher"),
+        )
         self._readers: dict[Reader, HubSubscription[BusMessage]] = {}
         self._down: set[object] = set()
         self._live = 0  # subscriptions entered and not yet finished
@@ -244,18 +264,23 @@ class RedisBus:
         return RedisState.RECONNECTING if self._down else RedisState.CONNECTED
 
     async def publish(self, topic: str, data: bytes, *, msg_id: str | None = None) -> None:
-        """Publish ``data`` on ``topic``; returns once the server accepted it.
+        """Publish ``data`` on ``topic``.
+
+        Pub/sub: returns once the command is queued (waiting only while
+        the outbox is full); a broken connection loses it, counted.
+        Streams: returns once the server confirmed the ``XADD``.
 
         Cancellation:
-            If cancelled while the command is on its way, it may or may not
-            have been published.
+            If cancelled while waiting for the confirmation (streams), the
+            message may or may not have been published.
 
         Raises:
             TypeError: ``data`` is not bytes, or ``msg_id`` not a string.
             ValueError: a bad topic.
             trio.ClosedResourceError: the bus is closed.
-            trio.BrokenResourceError: the server could not be reached (counted
-                in ``publish_failures``); nothing was published.
+            trio.BrokenResourceError: the server is known to be unreachable,
+                or (streams) the connection broke before the confirmation;
+                counted in ``publish_failures``.
         """
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"data must be bytes, got {type(data).__name__}")
@@ -264,28 +289,45 @@ class RedisBus:
         if self._closed:
             raise trio.ClosedResourceError(f"redis bus {self.name!r} is closed")
         _split(topic, "topic", wildcards=False)
-        try:
-            if self.mode is RedisMode.PUBSUB:
-                await to_thread(
-                    self.client.publish, self.prefix + topic, bytes(data), limiter=self._limiter
-                )
-            else:
-                fields: dict[Any, Any] = {b"topic": topic, b"data": bytes(data)}
-                if msg_id is not None:
-                    fields[b"id"] = msg_id
-                await to_thread(self._xadd, fields, limiter=self._limiter)
-        except CONNECTION_ERRORS as exc:
-            self._tally.publish_failures += 1
-            self._went_down("publisher")
-            raise trio.BrokenResourceError(
-                f"redis bus {self.name!r}: cannot publish to {self.address.display}: {exc}"
-            ) from exc
-        self._tally.published += 1
         if "publisher" in self._down:
-            self._came_up("publisher")
+            await trio.lowlevel.checkpoint()  # failing fast is still a schedule point
+            self._tally.publish_failures += 1
+            raise self._cannot_publish("it is unreachable, reconnecting")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self.mode is RedisMode.PUBSUB:
+            await self._outbox.put(("PUBLISH", self.prefix + topic, bytes(data)))
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        slot = Slot()
+        await self._outbox.put(xadd_command(self, topic, bytes(data), msg_id), slot)
+        await slot.done.wait()
+        if isinstance(slot.error, CONNECTION_ERRORS):
+            self._tally.publish_failures += 1
+            raise self._cannot_publish(str(slot.error)) from slot.error
+        if slot.error is not None:
+            raise slot.error  # the server refused the command (a redis.ResponseError)
+        self._tally.published += 1
 
-    def _xadd(self, fields: dict[Any, Any]) -> None:
-        self.client.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
+    def _cannot_publish(self, why: str) -> trio.BrokenResourceError:
+        return trio.BrokenResourceError(
+            f"redis bus {self.name!r}: cannot publish to {self.address.display}: {why}"
+        )
+
+    def _count_sent(self, forgotten: int) -> None:
+        self._tally.published += forgotten
+
+    def _publisher_lost(self, forgotten: int, error: BaseException) -> None:
+        self._tally.publish_failures += forgotten
+        if "publisher" not in self._down and not self._closed:
+            self._went_down("publisher")
+            logger.warning(
+                "redis bus %r: the publisher lost its connection to %s (%s); %d queued "
+                "publishes lost; reconnecting",
+                self.name,
+                self.address.display,
+                error,
+                forgotten,
+            )
 
     def subscribe(
         self, pattern: str, *, maxsize: int, overflow: HubOverflow | HubOverflowName = "drop_oldest"
@@ -357,6 +399,7 @@ class RedisBus:
         """
         if not self._closed:
             self._closed = True
+            self._outbox.stop()  # sends what is queued, then its thread ends
             for reader in self._readers:
                 reader.scope.cancel()
                 reader.hub.close()
@@ -365,8 +408,10 @@ class RedisBus:
         await trio.lowlevel.checkpoint()
 
     async def _close_client(self) -> None:
-        # Disconnecting the pool closes sockets only: quick, yet in a thread.
+        # The publisher's thread first: it sends what was queued before the
+        # close. Disconnecting the pool closes sockets only: quick, yet in a thread.
         with trio.CancelScope(shield=True):
+            await self._outbox.wait_ended()
             await to_thread(self.client.close)
 
     def health(self) -> SourceHealth:
@@ -392,12 +437,8 @@ class RedisBus:
     def _came_up(self, who: object) -> None:
         if who in self._down:
             self._down.discard(who)
-            if who != "publisher":  # a publish that got through again is no reconnect
-                self._tally.reconnects += 1
-                logger.info("redis bus %r: reconnected to %s", self.name, self.address.display)
-        # A reader that reached the server shows it is back for the publisher
-        # too, which may not publish again for a long time.
-        self._down.discard("publisher")
+            self._tally.reconnects += 1
+            logger.info("redis bus %r: reconnected to %s", self.name, self.address.display)
 
 
 def _check_backoff(backoff: Backoff | None) -> Backoff:
@@ -493,7 +534,9 @@ async def _opened(address: RedisAddress, settings: dict[str, Any]) -> AsyncItera
                 f"redis bus {bus.name!r}: cannot connect to {address.display}: {exc}"
             ) from exc
         raise
-    try:
-        yield bus
-    finally:
-        await bus.aclose()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bus._outbox.run, name=f"redis bus {bus.name!r} publisher")
+        try:
+            yield bus
+        finally:
+            await bus.aclose()

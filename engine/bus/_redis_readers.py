@@ -212,11 +212,18 @@ class PubSubReader(Reader):
             async with iterate_in_thread(
                 poll=poll, poll_interval=_POLL_INTERVAL, max_batch=_BATCH
             ) as messages:
+                publish_nowait = self.hub.publish_nowait
+                tally = self.bus._tally
                 while True:
                     for item in await messages.receive_batch():
-                        if item["type"] == "pmessage":
-                            topic = item["channel"][skip:].decode("utf-8", "replace")
-                            await self.offer(topic, BusMessage(topic, item["data"]))
+                        if item["type"] != "pmessage":
+                            continue
+                        topic = item["channel"][skip:].decode("utf-8", "replace")
+                        message = BusMessage(topic, item["data"])
+                        try:  # the common case without a coroutine per message
+                            tally.received += publish_nowait(topic, message)
+                        except (trio.WouldBlock, ValueError):
+                            await self.offer(topic, message)  # waits, or counts a bad topic
         finally:
             pubsub.close()
 

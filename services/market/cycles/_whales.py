@@ -126,6 +126,8 @@ class WhaleFlowStatistics:
             keep within ``max_symbols``.
     """
 
+    # Each field declared once with its metric, as in every statistics class
+    # (the watchlist's too): the classes look alike field by field for that reason.
     name: str
     running: bool
     trades: int = attrs.field(default=0, metadata=engine.counter_metric("Trades examined"))

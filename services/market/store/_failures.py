@@ -334,6 +334,9 @@ class FailureHistory:
         return self._tally.snapshot(pending=len(self._queue))
 
 
+# FailureHistory's settings spelled out again, so that the opener's signature
+# documents itself (as nursery.start repeats start_soon's); the defaults are
+# the shared constants above.
 @asynccontextmanager
 async def open_failure_history(
     path: str | os.PathLike[str],
