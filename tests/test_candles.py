@@ -31,12 +31,13 @@ from services.market.candles import (
     Candles,
     CandleStore,
     DateRange,
+    PostgresCandleStore,
     SqliteCandleStore,
     UnknownSymbol,
 )
 from services.market.candles._model import merge_ranges, missing_ranges
 from services.market.scans import KlinesLike, latest_values, parse_formula, rsi
-from services.market.store import open_database
+from services.market.store import migrate_sqlite, open_database, pending_migrations
 
 DAY = 86_400_000
 JAN1 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
@@ -279,6 +280,96 @@ def test_a_file_from_a_newer_release_is_refused(tmp_path: Path) -> None:
     store = SqliteCandleStore(path)
     with pytest.raises(ValueError, match="version 99, newer than this code's 1"):
         store.covered("BTCUSDT", "1d")
+
+
+class _RecordingStore(SqliteCandleStore):
+    """A store that keeps every connection it opens, to see what became of them."""
+
+    opened: list[sqlite3.Connection]
+
+    def _open(self) -> sqlite3.Connection:
+        connection = super()._open()
+        self.opened = [*getattr(self, "opened", []), connection]
+        return connection
+
+
+def test_a_failed_migration_closes_the_connection_it_opened(tmp_path: Path) -> None:
+    path = tmp_path / "newer.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE schema_version (part TEXT PRIMARY KEY, version INTEGER)")
+        connection.execute("INSERT INTO schema_version VALUES ('candles', 99)")
+    connection.close()
+    store = _RecordingStore(path)
+    for _ in range(2):  # each call tries afresh, and keeps nothing of its failed try
+        with pytest.raises(ValueError, match="version 99"):
+            store.candles("BTCUSDT", "1d", DateRange.from_ms(0, DAY))
+        assert store._connection is None
+    assert len(store.opened) == 2
+    for opened in store.opened:
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            opened.execute("SELECT 1")
+
+
+def test_each_store_and_its_subclasses_speak_their_drivers_placeholders() -> None:
+    class Sub(PostgresCandleStore):
+        pass
+
+    statements = ("_SELECT", "_ANY", "_UPSERT", "_COVERAGE", "_UNCOVER", "_COVER")
+    for store, mark, other in (
+        (SqliteCandleStore, "?", "%s"),
+        (_RecordingStore, "?", "%s"),
+        (PostgresCandleStore, "%s", "?"),
+        (Sub, "%s", "?"),
+    ):
+        for name in statements:
+            sql = getattr(store, name)
+            assert mark in sql, (store, name)
+            assert other not in sql, (store, name)
+
+
+def test_pending_migrations_are_the_tail_past_the_version() -> None:
+    assert pending_migrations("p", 0, ("a", "b")) == ("a", "b")
+    assert pending_migrations("p", 1, ("a", "b")) == ("b",)
+    assert pending_migrations("p", 2, ("a", "b")) == ()
+    with pytest.raises(ValueError, match="schema of 'p' is version 3, newer than this code's 2"):
+        pending_migrations("p", 3, ("a", "b"))
+
+
+def test_migrate_sqlite_on_a_file_another_writer_holds_fails_and_keeps_nothing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "locked.db"
+    mine = sqlite3.connect(path, isolation_level=None, timeout=0)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert migrate_sqlite(mine, "first", ["CREATE TABLE a (x)"]) == 1
+        other.execute("BEGIN IMMEDIATE")  # another process is writing the file
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            migrate_sqlite(mine, "second", ["CREATE TABLE b (x)"])
+        assert not mine.in_transaction
+        other.execute("ROLLBACK")
+        assert migrate_sqlite(mine, "second", ["CREATE TABLE b (x)"]) == 1
+        assert migrate_sqlite(mine, "first", ["CREATE TABLE a (x)"]) == 1  # ran once only
+    finally:
+        mine.close()
+        other.close()
+
+
+def test_a_failing_migration_on_an_autocommit_connection_keeps_nothing(tmp_path: Path) -> None:
+    connection = sqlite3.connect(tmp_path / "fail.db", isolation_level=None)
+    try:
+        assert migrate_sqlite(connection, "p", ["CREATE TABLE a (x)"]) == 1
+        with pytest.raises(sqlite3.OperationalError, match="already exists"):
+            migrate_sqlite(
+                connection, "p", ["CREATE TABLE a (x)", "CREATE TABLE b (x); CREATE TABLE a (y)"]
+            )
+        assert not connection.in_transaction
+        tables = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        assert sorted(row[0] for row in tables) == ["a", "schema_version"]
+        version = connection.execute("SELECT version FROM schema_version WHERE part = 'p'")
+        assert version.fetchone() == (1,)
+    finally:
+        connection.close()
 
 
 def _write_in_worker(store: SqliteCandleStore, symbol: str) -> int:

@@ -92,6 +92,16 @@ def test_a_failing_write_keeps_nothing_of_itself(store: PostgresCandleStore) -> 
     assert store.write("ETHUSDT", "1d", bars(JAN1, 2)) == 2  # the connection still works
 
 
+def test_a_connection_closed_under_the_store_is_replaced(store: PostgresCandleStore) -> None:
+    store.write("BTCUSDT", "1d", bars(JAN1, 3))
+    first = store._connection
+    assert first is not None
+    first.close()  # as when the server ends the session
+    assert len(store.candles("BTCUSDT", "1d", YEAR)) == 3
+    assert store._connection is not None
+    assert store._connection is not first
+
+
 def test_the_store_pickles_as_its_dsn_and_hides_it_in_its_repr(
     store: PostgresCandleStore,
 ) -> None:

@@ -416,8 +416,10 @@ def test_the_store_package_exports_exactly_its_api() -> None:
         "FailureHistoryStatistics",
         "FailureRecord",
         "FailureRecorder",
+        "migrate_sqlite",
         "open_database",
         "open_failure_history",
+        "pending_migrations",
     ]
     for name in store.__all__:
         assert getattr(store, name).__doc__, name

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 import attrs
 import numpy as np
@@ -21,6 +21,9 @@ TIMEFRAME_MS: dict[str, int] = {
     "1d": 86_400_000,
 }
 """Each timeframe's length in milliseconds."""
+
+MsRange: TypeAlias = tuple[int, int]
+"""``(start_ms, end_ms)``: the half-open span ``[start_ms, end_ms)`` in epoch milliseconds."""
 
 _DAY_MS = 86_400_000
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
@@ -263,12 +266,7 @@ class CandleStore(CandleRepository, Protocol):
     """
 
     def write(
-        self,
-        symbol: str,
-        timeframe: str,
-        candles: Candles,
-        *,
-        covers: tuple[int, int] | None = None,
+        self, symbol: str, timeframe: str, candles: Candles, *, covers: MsRange | None = None
     ) -> int:
         """Upsert ``candles``; record ``covers`` (default: their span) as covered.
 
@@ -278,33 +276,28 @@ class CandleStore(CandleRepository, Protocol):
         ...
 
     async def write_async(
-        self,
-        symbol: str,
-        timeframe: str,
-        candles: Candles,
-        *,
-        covers: tuple[int, int] | None = None,
+        self, symbol: str, timeframe: str, candles: Candles, *, covers: MsRange | None = None
     ) -> int:
         """:meth:`write` in a worker thread."""
         ...
 
-    def covered(self, symbol: str, timeframe: str) -> list[tuple[int, int]]:
+    def covered(self, symbol: str, timeframe: str) -> list[MsRange]:
         """The ``[start_ms, end_ms)`` ranges held completely, sorted and disjoint."""
         ...
 
-    async def covered_async(self, symbol: str, timeframe: str) -> list[tuple[int, int]]:
+    async def covered_async(self, symbol: str, timeframe: str) -> list[MsRange]:
         """:meth:`covered` in a worker thread."""
         ...
 
 
-def default_covers(timeframe_ms: int, candles: Candles) -> tuple[int, int] | None:
+def default_covers(timeframe_ms: int, candles: Candles) -> MsRange | None:
     """The span ``candles`` cover: from the first open to the last close; ``None`` if empty."""
     if len(candles) == 0:
         return None
     return int(candles.open_time[0]), int(candles.open_time[-1]) + timeframe_ms
 
 
-def check_covers(covers: tuple[int, int] | None) -> None:
+def check_covers(covers: MsRange | None) -> None:
     """Raises ValueError unless ``covers`` is ``None`` or ``(start, end)`` with start <= end."""
     if covers is None:
         return

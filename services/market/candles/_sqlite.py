@@ -4,32 +4,18 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import threading
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-import trio
+from services.market.store import migrate_sqlite
 
-import engine
-
-from ._model import (
-    Candles,
-    DateRange,
-    UnknownSymbol,
-    check_covers,
-    check_symbol,
-    check_timeframe,
-    default_covers,
-    merge_ranges,
-)
+from ._model import check_timeframe
+from ._store import _StoreBase
 
 # The file's ``schema_version`` table is the one services.market.store's
 # Database keeps (a row per part), so one file can hold the failure history
 # and the candles, each migrating on its own.
 _PART = "candles"
-_VERSION_TABLE = (
-    "CREATE TABLE IF NOT EXISTS schema_version (part TEXT PRIMARY KEY, version INTEGER NOT NULL)"
-)
-_VERSION = "SELECT version FROM schema_version WHERE part = ?"
 # Append new migrations; never edit old ones.
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -54,26 +40,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-_SELECT = (
-    "SELECT open_time, open, high, low, close, volume FROM candles"
-    " WHERE symbol = ? AND timeframe = ? AND open_time >= ? AND open_time < ?"
-    " ORDER BY open_time"
-)
-_ANY = "SELECT 1 FROM candles WHERE symbol = ? AND timeframe = ? LIMIT 1"
-_UPSERT = (
-    "INSERT INTO candles (symbol, timeframe, open_time, open, high, low, close, volume)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-    " ON CONFLICT (symbol, timeframe, open_time) DO UPDATE SET"
-    " open = excluded.open, high = excluded.high, low = excluded.low,"
-    " close = excluded.close, volume = excluded.volume"
-)
-_COVERAGE = (
-    "SELECT start_ms, end_ms FROM candle_coverage WHERE symbol = ? AND timeframe = ?"
-    " ORDER BY start_ms"
-)
 
-
-class SqliteCandleStore:
+class SqliteCandleStore(_StoreBase[sqlite3.Connection]):
     """Candles in one SQLite file (WAL), keyed ``(symbol, timeframe, open_time)``.
 
     The default :class:`CandleRepository`: it pickles as its path, and each
@@ -93,6 +61,8 @@ class SqliteCandleStore:
             could not see such a database.
     """
 
+    _ARGUMENT = "path"
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         where = os.fspath(path)
         if not isinstance(where, str):
@@ -103,134 +73,29 @@ class SqliteCandleStore:
                 f"database (got path={where!r})"
             )
         self.path = where
-        self._connection: sqlite3.Connection | None = None
-        self._pid = 0
-        self._lock = threading.Lock()
+        super().__init__()
 
     def __repr__(self) -> str:
         return f"SqliteCandleStore({self.path!r})"
 
-    def __reduce__(self) -> tuple[type[SqliteCandleStore], tuple[str]]:
-        return (SqliteCandleStore, (self.path,))
+    def _open(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
 
-    def _connect(self) -> sqlite3.Connection:
-        """This process's connection, opened (and the schema migrated) on first use."""
-        pid = os.getpid()
-        if self._connection is None or self._pid != pid:
-            # A connection inherited through fork is the parent's: never used, never closed here.
-            connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            try:
-                connection.execute("PRAGMA journal_mode=WAL")
-                connection.execute("PRAGMA synchronous=NORMAL")
-                connection.execute("PRAGMA busy_timeout=30000")
-                _migrate(connection)
-            except BaseException:
-                connection.close()
-                raise
-            self._connection, self._pid = connection, pid
-        return self._connection
+    def _prepare(self, connection: sqlite3.Connection) -> None:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute("PRAGMA busy_timeout=30000")
+        migrate_sqlite(connection, _PART, MIGRATIONS)
 
-    def candles(self, symbol: str, timeframe: str, date_range: DateRange) -> Candles:
-        """``symbol``'s bars of ``timeframe`` that open within ``date_range``, oldest first.
-
-        Raises:
-            UnknownSymbol: the store has no candles of ``timeframe`` for ``symbol``.
-            ValueError: ``timeframe`` is not one of :data:`TIMEFRAMES`.
-            sqlite3.Error: the file cannot be read.
-        """
-        check_timeframe(timeframe)
-        check_symbol(symbol)
-        key = (symbol, timeframe)
-        with self._lock:
-            connection = self._connect()
-            rows = connection.execute(
-                _SELECT, (*key, date_range.start_ms(), date_range.end_ms())
-            ).fetchall()
-            if not rows and connection.execute(_ANY, key).fetchone() is None:
-                raise UnknownSymbol(symbol, timeframe)
-        return Candles.from_rows(rows)
-
-    def write(
-        self,
-        symbol: str,
-        timeframe: str,
-        candles: Candles,
-        *,
-        covers: tuple[int, int] | None = None,
-    ) -> int:
-        """Upsert ``candles`` and record ``covers`` as covered, in one transaction.
-
-        Args:
-            symbol: the symbol.
-            timeframe: one of :data:`TIMEFRAMES`.
-            candles: the bars; an existing bar with the same open time is replaced.
-            covers: ``(start_ms, end_ms)`` the store now holds completely
-                (every bar that exists there); by default the span of
-                ``candles``, from the first open to the last close.
-
-        Returns:
-            The number of bars written.
-
-        Raises:
-            ValueError: a bad timeframe or ``covers``.
-            sqlite3.Error: the write failed; nothing of it was kept.
-        """
-        timeframe_ms = check_timeframe(timeframe)
-        check_symbol(symbol)
-        check_covers(covers)
-        span = covers if covers is not None else default_covers(timeframe_ms, candles)
-        rows = [(symbol, timeframe, *row) for row in candles.rows()]
-        with self._lock:
-            connection = self._connect()
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                connection.executemany(_UPSERT, rows)
-                if span is not None:
-                    _cover(connection, symbol, timeframe, span)
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-            connection.execute("COMMIT")
-        return len(rows)
-
-    async def write_async(
-        self,
-        symbol: str,
-        timeframe: str,
-        candles: Candles,
-        *,
-        covers: tuple[int, int] | None = None,
-    ) -> int:
-        """:meth:`write` in a worker thread.
-
-        Cancellation:
-            Waits for the transaction to end (``abandon_on_cancel=False``),
-            then raises :class:`trio.Cancelled`; the write is kept whole.
-        """
-        return await engine.to_thread(
-            self._write_kw, symbol, timeframe, candles, covers, abandon_on_cancel=False
-        )
-
-    def _write_kw(
-        self, symbol: str, timeframe: str, candles: Candles, covers: tuple[int, int] | None
-    ) -> int:
-        return self.write(symbol, timeframe, candles, covers=covers)
-
-    def covered(self, symbol: str, timeframe: str) -> list[tuple[int, int]]:
-        """The ``[start_ms, end_ms)`` ranges held completely, sorted and disjoint.
-
-        Raises:
-            ValueError: ``timeframe`` is not one of :data:`TIMEFRAMES`.
-            sqlite3.Error: the file cannot be read.
-        """
-        check_timeframe(timeframe)
-        with self._lock:
-            rows = self._connect().execute(_COVERAGE, (symbol, timeframe)).fetchall()
-        return [(int(start), int(end)) for start, end in rows]
-
-    async def covered_async(self, symbol: str, timeframe: str) -> list[tuple[int, int]]:
-        """:meth:`covered` in a worker thread."""
-        return await engine.to_thread(self.covered, symbol, timeframe, abandon_on_cancel=False)
+    @contextmanager
+    def _transaction(self, connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield connection
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
 
     def symbols(self, timeframe: str) -> list[str]:
         """The symbols with candles of ``timeframe``, sorted.
@@ -250,59 +115,3 @@ class SqliteCandleStore:
                 .fetchall()
             )
         return [str(row[0]) for row in rows]
-
-    def close(self) -> None:
-        """Close this process's connection; the next call opens a new one."""
-        with self._lock:
-            if self._connection is not None and self._pid == os.getpid():
-                self._connection.close()
-            self._connection = None
-
-    async def aclose(self) -> None:
-        """:meth:`close` in a worker thread, shielded from cancellation."""
-        with trio.CancelScope(shield=True):
-            await engine.to_thread(self.close, abandon_on_cancel=False)
-
-
-def _cover(connection: sqlite3.Connection, symbol: str, timeframe: str, span: Any) -> None:
-    """Merge ``span`` into the key's covered ranges (within the caller's transaction)."""
-    key = (symbol, timeframe)
-    ranges = connection.execute(_COVERAGE, key).fetchall()
-    merged = merge_ranges([*((int(s), int(e)) for s, e in ranges), (int(span[0]), int(span[1]))])
-    connection.execute("DELETE FROM candle_coverage WHERE symbol = ? AND timeframe = ?", key)
-    connection.executemany(
-        "INSERT INTO candle_coverage (symbol, timeframe, start_ms, end_ms) VALUES (?, ?, ?, ?)",
-        [(*key, start, end) for start, end in merged],
-    )
-
-
-def _migrate(connection: sqlite3.Connection) -> None:
-    """Bring the candle tables up to :data:`MIGRATIONS`, once per file, in one transaction."""
-    connection.execute(_VERSION_TABLE)
-    row = connection.execute(
-        "SELECT version FROM schema_version WHERE part = ?", (_PART,)
-    ).fetchone()
-    if row is not None and int(row[0]) == len(MIGRATIONS):
-        return
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        # Read again under the write lock: another process may have just migrated.
-        row = connection.execute(_VERSION, (_PART,)).fetchone()
-        version = 0 if row is None else int(row[0])
-        if version > len(MIGRATIONS):
-            raise ValueError(
-                f"the file's schema of {_PART!r} is version {version}, newer than this "
-                f"code's {len(MIGRATIONS)}: written by a newer release?"
-            )
-        for script in MIGRATIONS[version:]:
-            for statement in script.split(";"):
-                if statement.strip():
-                    connection.execute(statement)
-        connection.execute(
-            "INSERT OR REPLACE INTO schema_version (part, version) VALUES (?, ?)",
-            (_PART, len(MIGRATIONS)),
-        )
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
-    connection.execute("COMMIT")

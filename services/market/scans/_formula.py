@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import operator
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Final, TypeAlias
@@ -386,6 +387,14 @@ _COMPARE_FNS: Mapping[str, Callable[[float, float], bool]] = {
     "!=": float.__ne__,
 }
 
+# "+", "-" and "*", for a float or a numpy array alike; "/" is each evaluator's
+# own, since each divides by zero in its own way (to NaN).
+_ARITHMETIC_FNS: Mapping[str, Callable[[Any, Any], Any]] = {
+    "+": operator.add,
+    "-": operator.sub,
+    "*": operator.mul,
+}
+
 
 def _number(node: NumberExpr, values: Mapping[str, float]) -> float:
     match node:
@@ -400,13 +409,9 @@ def _number(node: NumberExpr, values: Mapping[str, float]) -> float:
             return -_number(operand, values)
         case Arithmetic(op=op, left=left, right=right):
             a, b = _number(left, values), _number(right, values)
-            if op == "+":
-                return a + b
-            if op == "-":
-                return a - b
-            if op == "*":
-                return a * b
-            return a / b if b != 0 else math.nan
+            if op == "/":
+                return a / b if b != 0 else math.nan
+            return float(_ARITHMETIC_FNS[op](a, b))
         case UnboundIndicator():
             raise ValueError(f"{node.key} is unbound: bind the formula's parameters first")
     raise TypeError(f"not a number node: {node!r}")
@@ -485,13 +490,10 @@ def _number_series(node: NumberExpr, series: Mapping[str, FloatArray]) -> _Serie
             return -_number_series(operand, series)
         case Arithmetic(op=op, left=left, right=right):
             a, b = _number_series(left, series), _number_series(right, series)
-            if op == "+":
-                return a + b
-            if op == "-":
-                return a - b
-            if op == "*":
-                return a * b
-            return np.where(b != 0, a / b, np.nan)
+            if op == "/":
+                return np.where(b != 0, a / b, np.nan)
+            result: _Series = _ARITHMETIC_FNS[op](a, b)
+            return result
         case UnboundIndicator():
             raise ValueError(f"{node.key} is unbound: bind the formula's parameters first")
     raise TypeError(f"not a number node: {node!r}")

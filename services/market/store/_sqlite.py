@@ -28,6 +28,8 @@ _VERSION_TABLE = (
     "CREATE TABLE IF NOT EXISTS schema_version (part TEXT PRIMARY KEY, version INTEGER NOT NULL)"
 )
 
+_VERSION = "SELECT version FROM schema_version WHERE part = ?"
+
 
 class Database:
     """An open SQLite file; made by :func:`open_database`.
@@ -92,7 +94,7 @@ class Database:
         if isinstance(migrations, str) or not all(isinstance(m, str) for m in migrations):
             raise TypeError(f"migrations must be a sequence of SQL strings, got {migrations!r}")
         return await engine.to_thread(
-            self._exclusive, _migrate, part, tuple(migrations), abandon_on_cancel=False
+            self._exclusive, migrate_sqlite, part, tuple(migrations), abandon_on_cancel=False
         )
 
     def _exclusive(self, fn: Callable[[sqlite3.Connection, *PosArgsT], T], *args: *PosArgsT) -> T:
@@ -128,22 +130,51 @@ def _connect(path: str) -> sqlite3.Connection:
     return connection
 
 
-def _migrate(connection: sqlite3.Connection, part: str, migrations: tuple[str, ...]) -> int:
-    """Apply ``part``'s migrations past its version in the file, in one transaction."""
+def pending_migrations(part: str, version: int, migrations: Sequence[str]) -> Sequence[str]:
+    """The migrations that take ``part`` from schema ``version`` to ``len(migrations)``.
+
+    The rule of every versioned schema here (SQLite's or PostgreSQL's):
+    ``migrations[i]`` takes a part from version ``i`` to ``i + 1``.
+
+    Raises:
+        ValueError: ``version`` is newer than ``migrations`` (a newer release wrote it).
+    """
+    if version > len(migrations):
+        raise ValueError(
+            f"the schema of {part!r} is version {version}, newer than this "
+            f"code's {len(migrations)}: written by a newer release?"
+        )
+    return migrations[version:]
+
+
+def migrate_sqlite(connection: sqlite3.Connection, part: str, migrations: Sequence[str]) -> int:
+    """Bring ``part``'s tables in ``connection``'s file up to date; return its version.
+
+    The synchronous core of :meth:`Database.migrate`, for a connection of the
+    caller's own (one per worker process, say). It holds a write
+    transaction (``BEGIN IMMEDIATE``) only when ``part`` is behind, and reads
+    the version again inside it, so processes migrating one file at once
+    migrate it once; all pending migrations run in that one transaction.
+    (Making sure the ``schema_version`` table exists is a short write of its
+    own, so even an up-to-date part waits out another connection's write.)
+
+    Args:
+        connection: a connection not inside a transaction.
+        part: the name of the tables' owner, such as ``"failures"``.
+        migrations: SQL scripts (statements separated by ``;``, with no
+            ``;`` inside a statement).
+
+    Raises:
+        ValueError: the file's version of ``part`` is newer than ``migrations``.
+        sqlite3.Error: a migration failed; the file is as it was.
+    """
     with connection:
         connection.execute(_VERSION_TABLE)
+    if _version(connection, part) == len(migrations):
+        return len(migrations)
     connection.execute("BEGIN IMMEDIATE")
     try:
-        row = connection.execute(
-            "SELECT version FROM schema_version WHERE part = ?", (part,)
-        ).fetchone()
-        version = 0 if row is None else int(row[0])
-        if version > len(migrations):
-            raise ValueError(
-                f"the file's schema of {part!r} is version {version}, newer than this "
-                f"code's {len(migrations)}: written by a newer release?"
-            )
-        for script in migrations[version:]:
+        for script in pending_migrations(part, _version(connection, part), migrations):
             for statement in script.split(";"):
                 if statement.strip():
                     connection.execute(statement)
@@ -156,6 +187,11 @@ def _migrate(connection: sqlite3.Connection, part: str, migrations: tuple[str, .
         raise
     connection.commit()
     return len(migrations)
+
+
+def _version(connection: sqlite3.Connection, part: str) -> int:
+    row = connection.execute(_VERSION, (part,)).fetchone()
+    return 0 if row is None else int(row[0])
 
 
 @asynccontextmanager
