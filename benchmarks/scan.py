@@ -121,12 +121,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--symbols", type=int, default=2500)
     parser.add_argument("--runs", type=int, default=5, help="timed rounds; medians are reported")
+    parser.add_argument(
+        "--candles",
+        help="a SQLite file to keep the filled store in, so that a later run fetches nothing"
+        " (default: a temporary file)",
+    )
     args = parser.parse_args()
     if args.runs < 1 or args.symbols < 1:
         parser.error("--runs and --symbols must be >= 1")
     symbols = universe(args.symbols)
     with tempfile.TemporaryDirectory(prefix="bench-scan-") as directory:
-        store = SqliteCandleStore(os.path.join(directory, "candles.sqlite"))
+        path = args.candles or os.path.join(directory, "candles.sqlite")
+        store = SqliteCandleStore(path)
         filled = trio.run(fill, store, symbols)
         load = os.getloadavg()[0]
         times = trio.run(bench, store, symbols, args.runs)
