@@ -308,7 +308,7 @@ async def test_429_waits_for_its_retry_after_then_goes_on(
     assert stored == 24
     assert exchange.times == [start, start, start + 7]  # asked again exactly 7 s later
     assert fetcher.statistics().rate_limit_waits == 1
-    assert fetcher.statistics().rate_limit_wait_s == 7
+    assert fetcher.statistics().rate_limit_wait_seconds == 7
     assert len(store.candles("BTCUSDT", "1h", bars_before_now("1h", 24))) == 24
 
 

@@ -67,7 +67,7 @@ class FetcherStatistics:
         ranges_fetched: missing ranges requested.
         ranges_skipped: covered ranges inside requested date ranges, not asked for again.
         rate_limit_waits: waits for the weight budget or an exchange's Retry-After.
-        rate_limit_wait_s: seconds spent in those waits.
+        rate_limit_wait_seconds: seconds spent in those waits.
     """
 
     requests: int = 0
@@ -75,7 +75,7 @@ class FetcherStatistics:
     ranges_fetched: int = 0
     ranges_skipped: int = 0
     rate_limit_waits: int = 0
-    rate_limit_wait_s: float = 0.0
+    rate_limit_wait_seconds: float = 0.0
 
 
 def _check_budget(instance: FetcherConfig, attribute: attrs.Attribute[Any], value: int) -> None:
@@ -362,7 +362,7 @@ class CandleFetcher:
             self._window.observe(int(used))
 
     async def _wait(self, seconds: float) -> None:
-        self._count(rate_limit_waits=1, rate_limit_wait_s=seconds)
+        self._count(rate_limit_waits=1, rate_limit_wait_seconds=seconds)
         await trio.sleep(seconds)
 
 
