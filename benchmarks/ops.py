@@ -17,6 +17,10 @@ Measures, in one process run:
   the fastest rounds minus one, in CPU time of the whole process (the watch
   thread included). Reported for the default (lag) detector and for the
   per-step instrument.
+* The observer page's cost: /health latency with five viewers streaming
+  ``/ui/events`` (each a reader in another process, as browsers are) against
+  none, in alternating rounds of the same run; p99 of each condition's
+  probes pooled, and their difference (target: within 1 ms).
 * How long a liveness request takes to get its 503 while a task blocks the
   loop with ``time.sleep(10)``: one request sent as the block begins (it
   waits out the detection) and one sent 5 s into it.
@@ -32,6 +36,7 @@ import http.client
 import json
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -46,8 +51,13 @@ PROBE_INTERVAL = 0.005  # 200 probes per second
 _TICK = 0.01  # the paced producer sends a burst every tick
 
 
-def probe(host: str, port: int, requests: int) -> list[float]:
-    """``requests`` GET /health, one new connection each, paced; latencies in ms."""
+def probe(host: str, port: int, requests: int, strict: bool = True) -> list[float]:
+    """``requests`` GET /health, one new connection each, paced; latencies in ms.
+
+    A non-200 answer raises, unless not ``strict``: then it is counted, as a
+    negative latency, so that a run on a busy machine (where the loop does
+    stall) still says how many there were.
+    """
     latencies = []
     next_at = time.perf_counter()
     for _ in range(requests):
@@ -60,16 +70,88 @@ def probe(host: str, port: int, requests: int) -> list[float]:
         response = conn.getresponse()
         response.read()
         conn.close()
-        latencies.append((time.perf_counter() - started) * 1000)
+        latency = (time.perf_counter() - started) * 1000
         if response.status != 200:
-            raise RuntimeError(f"/health answered {response.status}")
+            if strict:
+                raise RuntimeError(f"/health answered {response.status}")
+            latency = -latency
+        latencies.append(latency)
     return latencies
 
 
-async def probe_from_another_process(ops: engine.OpsServer, requests: int) -> list[float]:
+async def probe_from_another_process(
+    ops: engine.OpsServer, requests: int, strict: bool = True
+) -> list[float]:
     command = [sys.executable, __file__, "--probe", ops.host, str(ops.port), str(requests)]
+    command += [] if strict else ["--lenient"]
     done = await trio.run_process(command, capture_stdout=True)
     return [float(x) for x in json.loads(done.stdout)]
+
+
+def view(host: str, port: int, viewers: int) -> None:
+    """Stream /ui/events on ``viewers`` connections, reading every byte, until killed.
+
+    Prints ``ready`` once every connection has had its first snapshot.
+    """
+    first = threading.Barrier(viewers + 1)
+
+    def read() -> None:
+        conn = http.client.HTTPConnection(host, port, timeout=60)
+        conn.request("GET", "/ui/events")
+        response = conn.getresponse()
+        response.fp.readline()  # "retry: ..."
+        response.fp.readline()
+        response.fp.readline()  # the first event
+        first.wait()
+        while response.fp.read1(65536):
+            pass
+
+    for _ in range(viewers):
+        threading.Thread(target=read, daemon=True).start()
+    first.wait()
+    print("ready", flush=True)
+    threading.Event().wait()
+
+
+async def viewer_cost(requests: int, rounds: int, viewers: int = 5) -> dict[str, Any]:
+    """/health latency with ``viewers`` pages streaming against none, alternating rounds."""
+    idle: list[float] = []
+    viewed: list[float] = []
+    async with trio.open_nursery() as nursery, engine.open_supervisor(name="bench") as sup:
+        for name in ("feed", "watchlist", "scans"):
+            sup.start_soon(beating, name=name, stall_after=30)
+        send, receive = engine.open_channel[int](1000)
+        start = functools.partial(engine.serve_ops, sup, "127.0.0.1", 0, sources={"flow": send})
+        ops: engine.OpsServer = await nursery.start(start)
+        command = [sys.executable, __file__, "--view", ops.host, str(ops.port), str(viewers)]
+        for _ in range(rounds):
+            idle += await probe_from_another_process(ops, requests, strict=False)
+            proc = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
+            try:
+                assert proc.stdout is not None
+                with trio.fail_after(10):
+                    if b"ready" not in await proc.stdout.receive_some():
+                        raise RuntimeError("the viewers did not start")
+                viewed += await probe_from_another_process(ops, requests, strict=False)
+            finally:
+                proc.kill()
+                await proc.wait()
+        sup.cancel()
+        nursery.cancel_scope.cancel()
+    await receive.aclose()
+    failures = {"health_failures_0_viewers": sum(x < 0 for x in idle)}
+    failures["health_failures_5_viewers"] = sum(x < 0 for x in viewed)
+    idle, viewed = [abs(x) for x in idle], [abs(x) for x in viewed]
+    p99_idle, p99_viewed = percentile(idle, 0.99), percentile(viewed, 0.99)
+    return {
+        **failures,
+        "health_p50_ms_0_viewers": percentile(idle, 0.5),
+        "health_p50_ms_5_viewers": percentile(viewed, 0.5),
+        "health_p99_ms_0_viewers": p99_idle,
+        "health_p99_ms_5_viewers": p99_viewed,
+        "health_p99_delta_ms": p99_viewed - p99_idle,
+        "viewer_rounds": rounds,
+    }
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -278,11 +360,24 @@ def main() -> None:
     )
     parser.add_argument("--messages", type=int, default=100_000, help="per overhead round")
     parser.add_argument("--rounds", type=int, default=9, help="overhead rounds")
+    parser.add_argument("--viewer-rounds", type=int, default=6, help="observer cost rounds")
+    parser.add_argument("--only-viewers", action="store_true", help="measure the page's cost only")
     parser.add_argument("--probe", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--view", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--lenient", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
         host, port, requests = args.probe
-        print(json.dumps(probe(host, int(port), int(requests))))
+        print(json.dumps(probe(host, int(port), int(requests), strict=not args.lenient)))
+        return
+    if args.view:
+        host, port, viewers = args.view
+        view(host, int(port), int(viewers))
+        return
+    if args.only_viewers:
+        only = trio.run(viewer_cost, args.requests, args.viewer_rounds)
+        _report_viewers(only)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in only.items()}))
         return
 
     cores = os.cpu_count() or 1
@@ -296,8 +391,10 @@ def main() -> None:
     results.update(trio.run(health_latencies, args.requests, loads))
     results.update(overheads(args.messages, args.rounds))
     results.update(trio.run(blocked_loop_liveness))
+    results.update(trio.run(viewer_cost, args.requests, args.viewer_rounds))
     results["requests"] = args.requests
     _report(results)
+    _report_viewers(results)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
 
 
@@ -323,6 +420,17 @@ def _report(r: dict[str, Any]) -> None:
     print(
         f"liveness while blocked by time.sleep(10): {r['blocked_loop_liveness_s']:.3f} s "
         f"(sent as the block began), {r['blocked_loop_liveness_s_midway']:.3f} s (sent 5 s in)"
+    )
+
+
+def _report_viewers(r: dict[str, Any]) -> None:
+    print(
+        f"/health with 5 observer viewers: p50 {r['health_p50_ms_5_viewers']:.2f} ms  "
+        f"p99 {r['health_p99_ms_5_viewers']:.2f} ms; with none: p50 "
+        f"{r['health_p50_ms_0_viewers']:.2f} ms  p99 {r['health_p99_ms_0_viewers']:.2f} ms; "
+        f"p99 delta {r['health_p99_delta_ms']:+.2f} ms ({r['viewer_rounds']} rounds alternating; "
+        f"non-200 answers: {r['health_failures_0_viewers']} without viewers, "
+        f"{r['health_failures_5_viewers']} with)"
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Generic, Literal, TypeVar
 
@@ -244,6 +244,24 @@ class Subscription(Generic[T]):
         except trio.BrokenResourceError:
             pass  # the subscriber left while the message was on its way
 
+    def _offer_batch_nowait(self, items: list[tuple[str, T]]) -> None:
+        """``_offer_nowait`` for each item, in one call where the policy allows.
+
+        A ``block`` subscription must have room for all of them (the hub checks).
+        """
+        if self._overflow is HubOverflow.DISCONNECT or self._disconnected:
+            for item in items:  # "disconnect" must see the item that found it full
+                self._offer_nowait(item)
+            return
+        with contextlib.suppress(trio.BrokenResourceError):  # the subscriber left meanwhile
+            self._send.send_batch_nowait(items)
+
+    def _room(self) -> int:
+        # What send_batch_nowait takes at once: the buffer's room, the parked receivers'.
+        state = self._send._state
+        room = state.maxsize - len(state.buffer)
+        return room + sum(max_items or 1 for max_items in state.receive_waiters.values())
+
     def _full(self) -> bool:
         # Called per subscription per publish_nowait: read the state, build no snapshot.
         state = self._send._state
@@ -405,6 +423,39 @@ class Hub(Generic[T]):
             else:
                 subscription._offer_nowait(item)
         return len(routes)
+
+    def _publish_batch_nowait(self, items: Sequence[tuple[str, T]]) -> int:
+        """``publish_nowait`` for each ``(topic, message)`` in order, all or nothing.
+
+        Each subscription gets its messages in one channel operation: the
+        path of the bus readers, which hand over what one read brought.
+
+        Returns:
+            How many offers were made (a message to two subscriptions is two).
+
+        Raises:
+            trio.WouldBlock: a ``block`` subscription lacks room for its share; nobody got any.
+            ValueError: a topic is empty, has an empty token or a wildcard; nobody got any.
+            trio.ClosedResourceError: the hub is closed.
+        """
+        shares: dict[Subscription[T], list[tuple[str, T]]] = {}
+        offered = 0
+        for item in items:
+            routes = self._route(item[0])
+            offered += len(routes)
+            for subscription in routes:
+                share = shares.get(subscription)
+                if share is None:
+                    shares[subscription] = [item]
+                else:
+                    share.append(item)
+        for subscription, share in shares.items():
+            if subscription._blocking and subscription._room() < len(share):
+                raise trio.WouldBlock
+        self._published += len(items)
+        for subscription, share in shares.items():
+            subscription._offer_batch_nowait(share)
+        return offered
 
     @property
     def closed(self) -> bool:

@@ -21,7 +21,7 @@ import functools
 import logging
 import math
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, cast
 
@@ -33,14 +33,19 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from ._loopwatch import LoopStall, LoopWatch, open_loop_watch
-from ._metrics import EngineCollector, HasStatistics
+from ._metrics import EngineCollector, Families, HasStatistics
+from ._metrics import build as build_families
+from ._observer import Observer, snapshot
+from ._observer_app import ObserverApp
 from ._ops_stalled import StallAnswerer
 from ._opsapp import ENDPOINTS, ASGIApp, OpsApp
 from ._probes import loop_stalled, verdict_body
 from ._refusal import refuse
-from ._validation import check_count, check_duration, check_name
+from ._validation import check_count, check_duration, check_finite_duration, check_name
 
 if TYPE_CHECKING:
     from hypercorn.typing import ASGIFramework
@@ -101,6 +106,9 @@ async def serve_ops(
     drain_period: float = 1.0,
     read_timeout: float = 10.0,
     max_connections: int = 256,
+    ui: bool = True,
+    ui_token: str | None = None,
+    ui_interval: float = 0.5,
     task_status: trio.TaskStatus[OpsServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve /health, /ready, /metrics and /status until cancelled or stopped.
@@ -167,6 +175,11 @@ async def serve_ops(
             ``math.inf`` turns it off.
         max_connections: connections served at once; the excess is
             answered 503 and closed.
+        ui: serve the observer page at ``/ui``: the supervision tree, the
+            sources and the loop, live (see ``docs/observer.md``).
+        ui_token: the bearer token that allows the page's actions (stopping
+            a child); ``None`` disables them.
+        ui_interval: seconds between the page's snapshots.
 
     Raises:
         OSError: the address could not be bound.
@@ -178,6 +191,9 @@ async def serve_ops(
     check_duration("drain_period", drain_period, allow_zero=True)
     check_duration("read_timeout", read_timeout)
     check_count("max_connections", max_connections, minimum=1)
+    check_finite_duration("ui_interval", ui_interval)
+    if ui_token is not None:
+        check_name("ui_token", ui_token)
     checked_sources = _check_sources(sources or {})
     checked_routes = _check_routes(routes or {})
     registry = registry if registry is not None else CollectorRegistry()
@@ -185,6 +201,9 @@ async def serve_ops(
     try:
         async with _maybe_watch(stall_threshold, per_step) as watch:
             app = OpsApp(supervisor, checked_sources, checked_routes, registry, watch)
+            if ui:
+                app.ui = _observer_app(app, supervisor, ui_token, ui_interval)
+                registry.register(_ObserverCollector(app.ui.observer))
             registry.register(EngineCollector(supervisor, checked_sources, watch))
             bound_host, bound_port = sock.getsockname()[:2]
             server = OpsServer(bound_host, bound_port, registry, watch)
@@ -200,6 +219,27 @@ async def serve_ops(
     finally:
         trio.lowlevel.notify_closing(sock)
         sock.close()
+
+
+def _observer_app(
+    app: OpsApp, supervisor: HasStatistics | None, token: str | None, interval: float
+) -> ObserverApp:
+    def build() -> bytes:
+        return snapshot(app.status_body(), clock=trio.current_time())
+
+    return ObserverApp(Observer(build, interval=interval), supervisor, token)
+
+
+@attrs.define(eq=False)
+class _ObserverCollector(Collector):
+    """The observer's counters on /metrics."""
+
+    observer: Observer
+
+    def collect(self) -> Iterable[Metric]:
+        families = Families()
+        build_families(families, "", self.observer.statistics())
+        return families
 
 
 def _config(access_log: bool, read_timeout: float) -> Config:
@@ -244,10 +284,14 @@ async def _serve(
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as accepting:
             await accepting.start(functools.partial(serve, handler_nursery=connections))
+            if app.ui is not None:
+                accepting.start_soon(app.ui.observer.run)
             logger.info("ops server listening on %s", server.url)
             task_status.started(server)
             await app.shutdown.wait()
             accepting.cancel_scope.cancel()  # closes the listening socket
+        if app.ui is not None:
+            app.ui.observer.close()  # live feeds end now rather than at the drain deadline
         # Idle keep-alive connections close now, the others after their response.
         await context.terminated.set()
         connections.cancel_scope.deadline = trio.current_time() + drain_period

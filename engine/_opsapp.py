@@ -22,6 +22,7 @@ from ._bridgestats import bridge_statistics
 from ._health import HasHealth, SourceHealth
 from ._loopwatch import LoopWatch
 from ._metrics import HasStatistics
+from ._observer_app import ObserverApp
 from ._probes import (
     Problem,
     dumps,
@@ -59,6 +60,7 @@ class OpsApp:
     routes: list[tuple[str, ASGIApp]]
     registry: CollectorRegistry
     watch: LoopWatch | None
+    ui: ObserverApp | None = None
     shutdown: Shutdown = attrs.field(init=False, factory=current_shutdown)
     requests: Counter = attrs.field(init=False)
 
@@ -76,6 +78,10 @@ class OpsApp:
             await _lifespan(receive, send)
             return
         if scope["type"] == "http":
+            streamed = None if self.ui is None else await self.ui.streams(scope, receive, send)
+            if streamed is not None:
+                self.requests.labels("/ui/events", str(streamed)).inc()
+                return
             await Exchange.serve(self._route, scope, receive, send)
         else:
             await self._route(scope, receive, send)
@@ -84,6 +90,10 @@ class OpsApp:
         path: str = scope["path"]
         if scope["type"] == "http" and path in ENDPOINTS:
             await self._endpoint(scope["method"], path, send)
+            return
+        if scope["type"] == "http" and self.ui is not None and self.ui.handles(path):
+            status = await self.ui(scope, receive, send)
+            self.requests.labels("/ui", str(status)).inc()
             return
         for prefix, mounted in self.routes:
             if prefix == "/" or path == prefix or path.startswith(prefix + "/"):
@@ -131,6 +141,11 @@ class OpsApp:
             return None
         stats = self.supervisor.statistics()
         return stats if isinstance(stats, SupervisorStatistics) else None
+
+    def status_body(self) -> bytes:
+        """The body of ``/status`` now."""
+        loop = self.watch.statistics() if self.watch is not None else None
+        return self._status(self._tree(), loop)
 
     def _status(self, tree: SupervisorStatistics | None, loop: object) -> bytes:
         return dumps(

@@ -20,7 +20,7 @@ from engine._metrics import EngineCollector
 from engine.bus import Bus
 from engine.bus._redis import RedisBus, open_redis_bus
 from engine.bus._redis_outbox import Outbox, Slot
-from engine.bus._redis_readers import pattern_glob
+from engine.bus._redis_readers import _drain, pattern_glob
 from engine.bus._redis_url import parse_redis_url
 from tests._promlint import lint
 from tests.fixtures_redis import (
@@ -265,6 +265,60 @@ async def test_pubsub_counts_a_message_of_a_topic_it_cannot_have_published(
     assert (message.topic, message.data) == ("bt.ok", b"good")
     statistics = bus.statistics()
     assert (statistics.received, statistics.dropped) == (1, 1)
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_a_drain_reads_every_reply_that_arrived(
+    redis_server: RedisServer, protocol: int
+) -> None:
+    def run() -> list[Any]:
+        with redis.Redis.from_url(redis_server.url, protocol=protocol) as raw:
+            pubsub = raw.pubsub()
+            pubsub.psubscribe("dr.*")
+            assert pubsub.get_message(timeout=5)["type"] == "psubscribe"
+            assert _drain(pubsub, 0.01) is None  # nothing yet: None after the timeout
+            pipe = raw.pipeline(transaction=False)
+            for index in range(300):
+                pipe.publish(f"dr.{index % 3}", str(index).encode())
+            pipe.execute()
+            replies: list[Any] = []
+            while len(replies) < 300:
+                replies += _drain(pubsub, 5) or []
+            pubsub.close()
+            with pytest.raises(redis.ConnectionError, match="closed"):
+                _drain(pubsub, 0)
+            return replies
+
+    with trio.fail_after(20):
+        replies = await trio.to_thread.run_sync(run)
+    assert [bytes(reply[0]) for reply in replies] == [b"pmessage"] * 300
+    assert [(reply[2], reply[3]) for reply in replies] == [
+        (f"dr.{i % 3}".encode(), str(i).encode()) for i in range(300)
+    ]
+
+
+async def test_a_pipelined_burst_with_a_bad_topic_and_a_full_queue_loses_nothing_else(
+    bus: RedisBus, redis_server: RedisServer
+) -> None:
+    # One read brings many messages: a bad topic among them, and a "block"
+    # queue too small for them, send the read down the one-by-one path.
+    def burst(raw: redis.Redis) -> None:
+        pipe = raw.pipeline(transaction=False)
+        for index in range(500):
+            pipe.publish(f"{bus.prefix}pb.t", str(index).encode())
+            if index == 250:
+                pipe.publish(f"{bus.prefix}pb..x", b"bad")
+        pipe.execute()
+
+    got: list[bytes] = []
+    with trio.fail_after(20):
+        async with bus.subscribe("pb.*", maxsize=8, overflow="block") as sub:
+            await in_thread(redis_server, burst)
+            while len(got) < 500:
+                got.extend(message.data for message in await sub.receive_batch(100))
+    assert got == [str(i).encode() for i in range(500)]
+    statistics = bus.statistics()
+    assert (statistics.received, statistics.dropped) == (500, 1)
 
 
 # -- streams: acknowledgements and redelivery ---------------------------------

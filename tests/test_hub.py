@@ -264,3 +264,92 @@ async def test_publish_rejects_bad_topics() -> None:
             await hub.publish(topic, 1)
     with pytest.raises(ValueError, match="name must be a non-empty string"):
         engine.Hub[int](name="")
+
+
+# -- the hub's batch path (what the bus readers use) ------------------------------
+
+
+async def test_batch_publish_delivers_each_share_in_order_and_counts_offers() -> None:
+    hub = engine.Hub[int]()
+    async with (
+        hub.subscribe("a.*", maxsize=10) as star,
+        hub.subscribe("a.x", maxsize=10) as exact,
+        hub.subscribe("b.>", maxsize=10) as other,
+    ):
+        offered = hub._publish_batch_nowait([("a.x", 1), ("a.y", 2), ("a.x", 3), ("c.z", 4)])
+        hub.close()
+        assert offered == 5  # a.x twice to two, a.y once, c.z to nobody
+        assert [m async for _, m in star] == [1, 2, 3]
+        assert [m async for _, m in exact] == [1, 3]
+        assert [m async for _, m in other] == []
+    assert hub.statistics().published == 4
+
+
+async def test_batch_publish_is_all_or_nothing_when_a_block_subscription_lacks_room() -> None:
+    hub = engine.Hub[int]()
+    async with (
+        hub.subscribe("t", maxsize=10) as dropping,
+        hub.subscribe("t", maxsize=3, overflow="block") as blocking,
+    ):
+        hub.publish_nowait("t", 0)
+        with pytest.raises(trio.WouldBlock):
+            hub._publish_batch_nowait([("t", 1), ("t", 2), ("t", 3)])  # 3 > 2 left
+        assert hub._publish_batch_nowait([("t", 1), ("t", 2)]) == 4
+        hub.close()
+        assert [m async for _, m in dropping] == [0, 1, 2]
+        assert [m async for _, m in blocking] == [0, 1, 2]
+    assert hub.statistics().published == 3
+
+
+async def test_batch_publish_with_a_bad_topic_publishes_nothing() -> None:
+    hub = engine.Hub[int]()
+    async with hub.subscribe("t.*", maxsize=10) as sub:
+        with pytest.raises(ValueError, match="empty token"):
+            hub._publish_batch_nowait([("t.a", 1), ("t..b", 2)])
+        hub.close()
+        assert [m async for _, m in sub] == []
+        assert sub.statistics().offered == 0
+    assert hub.statistics().published == 0
+
+
+async def test_batch_publish_hands_a_parked_receiver_the_whole_share() -> None:
+    hub = engine.Hub[int]()
+    got: list[list[tuple[str, int]]] = []
+    async with hub.subscribe("t", maxsize=2, overflow="block") as sub:
+        async with trio.open_nursery() as nursery:
+
+            async def receive() -> None:
+                got.append(await sub.receive_batch(5))
+
+            nursery.start_soon(receive)
+            await trio.testing.wait_all_tasks_blocked()
+            # A parked receive_batch(5) takes up to 5 beyond the 2 of the buffer.
+            assert hub._publish_batch_nowait([("t", i) for i in range(7)]) == 7
+        assert got == [[("t", i) for i in range(5)]]
+        assert [m for _, m in sub.receive_batch_nowait(5)] == [5, 6]
+
+
+@pytest.mark.parametrize(
+    ("overflow", "kept", "dropped"),
+    [("drop_oldest", [3, 4], 3), ("drop_newest", [0, 1], 3)],
+)
+async def test_batch_publish_applies_the_drop_policies(
+    overflow: Any, kept: list[int], dropped: int
+) -> None:
+    hub = engine.Hub[int]()
+    async with hub.subscribe("t", maxsize=2, overflow=overflow) as sub:
+        assert hub._publish_batch_nowait([("t", i) for i in range(5)]) == 5
+        hub.close()
+        assert [m async for _, m in sub] == kept
+        assert sub.statistics().dropped == dropped
+
+
+async def test_batch_publish_disconnects_as_publish_nowait_does() -> None:
+    hub = engine.Hub[int]()
+    async with hub.subscribe("t", maxsize=2, overflow="disconnect") as sub:
+        hub._publish_batch_nowait([("t", i) for i in range(5)])
+        hub._publish_batch_nowait([("t", 5)])
+        assert sub.statistics().disconnected
+        assert [m for _, m in sub.receive_batch_nowait(5)] == [0, 1]
+        with pytest.raises(engine.SubscriberDisconnected, match="4 messages lost"):
+            await sub.receive()

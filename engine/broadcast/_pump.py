@@ -43,6 +43,12 @@ class Drain:
 
 
 async def _forward_all(inbox: SendChannel[BusMessage], batch: list[BusMessage]) -> None:
+    try:
+        inbox.send_batch_nowait(batch)  # all of them in one call when they fit
+    except trio.WouldBlock:
+        pass
+    else:
+        return
     for message in batch:
         try:
             inbox.send_nowait(message)  # no coroutine per message

@@ -206,26 +206,36 @@ class PubSubReader(Reader):
 
     async def read(self, handle: Any) -> None:
         pubsub = handle
-        skip = len(self.bus.prefix)
         try:
-            poll = functools.partial(pubsub.get_message, True)
             async with iterate_in_thread(
-                poll=poll, poll_interval=_POLL_INTERVAL, max_batch=_BATCH
-            ) as messages:
-                publish_nowait = self.hub.publish_nowait
-                tally = self.bus._tally
+                poll=functools.partial(_drain, pubsub),
+                poll_interval=_POLL_INTERVAL,
+                max_batch=16,
+                buffer=16,
+            ) as reads:
                 while True:
-                    for item in await messages.receive_batch():
-                        if item["type"] != "pmessage":
-                            continue
-                        topic = item["channel"][skip:].decode("utf-8", "replace")
-                        message = BusMessage(topic, item["data"])
-                        try:  # the common case without a coroutine per message
-                            tally.received += publish_nowait(topic, message)
-                        except (trio.WouldBlock, ValueError):
-                            await self.offer(topic, message)  # waits, or counts a bad topic
+                    for replies in await reads.receive_batch():
+                        await self._offer_replies(replies)
         finally:
             pubsub.close()
+
+    async def _offer_replies(self, replies: list[Any]) -> None:
+        """Hand one read's messages to the hub: at once if it takes them all, else one by one."""
+        skip = len(self.bus.prefix)
+        items = [
+            (reply[2][skip:].decode("utf-8", "replace"), reply[3])
+            for reply in replies
+            # Not a PONG or a confirmation; hiredis gives RESP3 pushes as a list subclass.
+            if isinstance(reply, list) and reply[0] == b"pmessage"
+        ]
+        batch = [(topic, BusMessage(topic, data)) for topic, data in items]
+        try:
+            self.bus._tally.received += self.hub._publish_batch_nowait(batch)
+        except (trio.WouldBlock, ValueError):
+            for topic, message in batch:  # waits for room, or counts a bad topic
+                await self.offer(topic, message)
+        else:
+            await trio.lowlevel.checkpoint()
 
     async def finish(self) -> None:
         if self._first is not _NOT_OPEN:  # connected, never read: the reader did not start
@@ -243,6 +253,26 @@ def _psubscribe(pubsub: Any, glob: str) -> None:
             return
         deadline -= _POLL_INTERVAL
     raise redis.TimeoutError(f"no confirmation of PSUBSCRIBE {glob!r}")
+
+
+def _drain(pubsub: Any, timeout: float) -> list[Any] | None:
+    """In the thread: the replies that arrived, up to ``_BATCH``; ``None`` if none in ``timeout``.
+
+    Each reply is ``[kind, pattern, channel, data]`` (bytes; a RESP3 push
+    has the same shape). They are read from the connection directly, one
+    ``can_read`` and one ``read_response`` each, as ``PubSub.parse_response``
+    reads them: its ``get_message`` adds, per message, a retry wrapper, a
+    health check, a dict and a telemetry hook.
+    """
+    connection = pubsub.connection
+    if connection is None:
+        raise redis.ConnectionError("the pub/sub connection is closed")
+    if not connection.can_read(timeout=timeout):
+        return None
+    replies = [connection.read_response(push_request=True)]
+    while len(replies) < _BATCH and connection.can_read(timeout=0):
+        replies.append(connection.read_response(push_request=True))
+    return replies
 
 
 def consumer_name() -> str:
