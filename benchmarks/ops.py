@@ -113,16 +113,24 @@ def view(host: str, port: int, viewers: int) -> None:
     threading.Event().wait()
 
 
+async def _serve_bench_ops(
+    nursery: trio.Nursery, sup: engine.Supervisor
+) -> tuple[engine.OpsServer, Any, Any]:
+    """Three beating children and a channel as a source, behind an ops server."""
+    for name in ("feed", "watchlist", "scans"):
+        sup.start_soon(beating, name=name, stall_after=30)
+    send, receive = engine.open_channel[int](1000)
+    start = functools.partial(engine.serve_ops, sup, "127.0.0.1", 0, sources={"flow": send})
+    ops: engine.OpsServer = await nursery.start(start)
+    return ops, send, receive
+
+
 async def viewer_cost(requests: int, rounds: int, viewers: int = 5) -> dict[str, Any]:
     """/health latency with ``viewers`` pages streaming against none, alternating rounds."""
     idle: list[float] = []
     viewed: list[float] = []
     async with trio.open_nursery() as nursery, engine.open_supervisor(name="bench") as sup:
-        for name in ("feed", "watchlist", "scans"):
-            sup.start_soon(beating, name=name, stall_after=30)
-        send, receive = engine.open_channel[int](1000)
-        start = functools.partial(engine.serve_ops, sup, "127.0.0.1", 0, sources={"flow": send})
-        ops: engine.OpsServer = await nursery.start(start)
+        ops, _send, receive = await _serve_bench_ops(nursery, sup)
         command = [sys.executable, __file__, "--view", ops.host, str(ops.port), str(viewers)]
         for _ in range(rounds):
             idle += await probe_from_another_process(ops, requests, strict=False)
@@ -209,11 +217,7 @@ async def health_latencies(requests: int, loads: dict[str, tuple[int, bool]]) ->
     """Idle, then under each load: ``{suffix: (workers, niced)}``."""
     results: dict[str, Any] = {}
     async with trio.open_nursery() as nursery, engine.open_supervisor(name="bench") as sup:
-        for name in ("feed", "watchlist", "scans"):
-            sup.start_soon(beating, name=name, stall_after=30)
-        send, receive = engine.open_channel[int](1000)
-        start = functools.partial(engine.serve_ops, sup, "127.0.0.1", 0, sources={"flow": send})
-        ops: engine.OpsServer = await nursery.start(start)
+        ops, send, receive = await _serve_bench_ops(nursery, sup)
         idle = await probe_from_another_process(ops, requests)
         results["health_p50_ms_idle"] = percentile(idle, 0.5)
         results["health_p99_ms_idle"] = percentile(idle, 0.99)

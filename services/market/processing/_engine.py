@@ -12,8 +12,8 @@ from typing import Any
 import engine
 from engine.lowlevel import check_choice, check_duration
 
-from ..candles import TIMEFRAME_MS, CandleRepository, DateRange
-from ..scans import FormulaService
+from ..candles import CandleRepository
+from ..scans import FormulaService, ScanJob
 from ._job import ProcessingJob, ProcessingResult
 from ._limits import SystemLimits, resolve_max_workers
 from ._task import SymbolTask
@@ -213,15 +213,20 @@ class ProcessingEngine:
             return await self._run(task, job, pool, progress_callback)
 
     def _task(self, job: ProcessingJob) -> SymbolTask:
-        start_ms = job.date_range.start_ms()
         reading = job.date_range
         if job.formula is not None:
-            bars = self._formula_service.warmup_bars(job.formula)
-            if bars:
-                lookback = bars * TIMEFRAME_MS[job.timeframe]
-                reading = DateRange.from_ms(start_ms - lookback, job.date_range.end_ms())
+            # The bars a scan of the same job reads: the range and its warm-up.
+            scan = ScanJob(
+                job.formula, self._candle_repo, job.timeframe, job.date_range, self._formula_service
+            )
+            reading = scan.reading()
         return SymbolTask(
-            self._candle_repo, self._formula_service, job.timeframe, reading, start_ms, job.formula
+            self._candle_repo,
+            self._formula_service,
+            job.timeframe,
+            reading,
+            job.date_range.start_ms(),
+            job.formula,
         )
 
     @asynccontextmanager
